@@ -1,0 +1,179 @@
+"""`trellis`: run controllers on a Trellis router and watch them stream.
+
+    trellis run --controller majority_vote --n 8 "What is 12 + 7?"
+    trellis controllers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import TextIO
+
+import grpc
+from google.protobuf import json_format
+
+from trellis_rpc.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+DEFAULT_ROUTER = os.environ.get("TRELLIS_ROUTER", "127.0.0.1:50051")
+
+
+def build_request(args: argparse.Namespace) -> router_pb2.RunRequest:
+    if args.raw:
+        prompt = common_pb2.Prompt(text=args.prompt)
+    else:
+        messages = [common_pb2.ChatMessage(role="system", content=args.system)] if args.system else []
+        messages.append(common_pb2.ChatMessage(role="user", content=args.prompt))
+        prompt = common_pb2.Prompt(chat=common_pb2.ChatMessages(messages=messages))
+    sampling = common_pb2.SamplingParams(max_tokens=args.max_tokens, stop=args.stop or [])
+    for name in ("temperature", "top_p", "top_k", "min_p", "seed"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(sampling, name, value)
+    request = router_pb2.RunRequest(controller=args.controller, prompt=prompt, sampling=sampling,
+                                    model=args.model, stream_tokens=True)
+    params = json.loads(args.params) if args.params else {}
+    if args.n is not None:
+        params["n"] = args.n
+    request.params.update(params)
+    return request
+
+
+class ProgressPrinter:
+    """Prints events as they arrive: progress and votes as lines, token streams as a live count
+    (or the text itself when there is only one branch)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.tty = out.isatty()
+        self.tokens: dict[str, int] = {}
+        self.single_branch_text = False
+        self.last_status = 0.0
+
+    def _line(self, elapsed_ms: float, text: str) -> None:
+        if self.single_branch_text:
+            self.out.write("\n")
+            self.single_branch_text = False
+        self.out.write(f"[{elapsed_ms / 1000:6.2f}s] {text}\n")
+        self.out.flush()
+
+    def event(self, ev: router_pb2.RunEvent, controller: str) -> None:
+        kind = ev.WhichOneof("event")
+        if kind == "started":
+            params = json_format.MessageToDict(ev.started.params)
+            self._line(ev.elapsed_ms, f"run {ev.run_id[:8]} started: {ev.started.controller} {params}")
+        elif kind == "progress":
+            p = ev.progress
+            self._line(ev.elapsed_ms, f"{p.stage}: {p.message} ({p.tasks_done}/{p.tasks_total})")
+        elif kind == "intermediate":
+            i = ev.intermediate
+            tally = json_format.MessageToDict(i.details).get("votes")
+            self._line(ev.elapsed_ms, f"{i.kind} {i.branch} -> {i.answer!r}" + (f"  tally {tally}" if tally else ""))
+        elif kind == "delta":
+            self._delta(ev, controller)
+
+    def _delta(self, ev: router_pb2.RunEvent, controller: str) -> None:
+        d = ev.delta
+        self.tokens[d.branch] = self.tokens.get(d.branch, 0) + d.token_count
+        if controller == "native_generation":
+            self.single_branch_text = True
+            self.out.write(d.text)
+            self.out.flush()
+            return
+        total = sum(self.tokens.values())
+        if self.tty:
+            self.out.write(f"\r[{ev.elapsed_ms / 1000:6.2f}s] streaming {len(self.tokens)} branches, {total} tokens")
+            self.out.flush()
+        elif ev.elapsed_ms - self.last_status >= 1000:
+            self.last_status = ev.elapsed_ms
+            self._line(ev.elapsed_ms, f"streaming {len(self.tokens)} branches, {total} tokens")
+
+    def result(self, r: router_pb2.RunResult) -> None:
+        if self.tty and self.tokens:
+            self.out.write("\n")
+        details = json_format.MessageToDict(r.details)
+        out = self.out
+        out.write("\n")
+        if r.controller == "majority_vote":
+            votes = details.get("votes", {})
+            top = votes.get(r.answer, 0)
+            share = details.get("share", 0.0)
+            out.write(f"answer: {r.answer!r}  ({int(top)} of {len(r.candidates)} votes, {share:.0%})\n")
+            out.write(f"votes:  {votes}\n")
+            out.write(f"winning sample: {r.text.strip()!r}\n")
+        else:
+            out.write(f"answer: {r.answer.strip()!r}\n")
+        u, t = r.usage, r.timings
+        out.write(f"tokens: prompt {u.prompt_tokens}, completion {u.completion_tokens} in {u.tasks} worker task(s)\n")
+        out.write(f"timings: first token {t.ttft_ms:.0f} ms, total {t.total_ms:.0f} ms"
+                  + (f", {u.completion_tokens / (t.total_ms / 1000):.1f} tokens/s\n" if t.total_ms else "\n"))
+        out.flush()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    request = build_request(args)
+    printer = ProgressPrinter(sys.stdout)
+    with grpc.insecure_channel(args.router) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        try:
+            for ev in stub.RunStream(request, timeout=args.timeout):
+                if ev.WhichOneof("event") == "result":
+                    printer.result(ev.result)
+                else:
+                    printer.event(ev, args.controller)
+        except grpc.RpcError as err:
+            print(f"\nerror: {err.code().name}: {err.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def cmd_controllers(args: argparse.Namespace) -> int:
+    with grpc.insecure_channel(args.router) as channel:
+        reply = router_pb2_grpc.RouterStub(channel).ListControllers(router_pb2.ListControllersRequest(),
+                                                                    timeout=args.timeout)
+    for c in reply.controllers:
+        print(f"{c.name}: {c.description}")
+        for p in c.params:
+            default = json_format.MessageToDict(p.default)
+            print(f"    {p.name} ({p.type}, default {default!r}): {p.description}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trellis", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--router", default=DEFAULT_ROUTER, help="router host:port (env TRELLIS_ROUTER)")
+    p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a controller and stream its progress")
+    run.add_argument("prompt")
+    run.add_argument("--controller", default="majority_vote")
+    run.add_argument("--n", type=int, help="samples (controller parameter n)")
+    run.add_argument("--params", help='other controller parameters as JSON, e.g. \'{"extractor": "boxed"}\'')
+    run.add_argument("--system", default="", help="system message (chat prompts)")
+    run.add_argument("--raw", action="store_true", help="send the prompt as raw text, without the chat template")
+    run.add_argument("--model", default="", help="worker pool model id (default: any)")
+    run.add_argument("--max-tokens", type=int, default=128)
+    run.add_argument("--temperature", type=float)
+    run.add_argument("--top-p", type=float)
+    run.add_argument("--top-k", type=int)
+    run.add_argument("--min-p", type=float)
+    run.add_argument("--seed", type=int)
+    run.add_argument("--stop", action="append", help="stop string (repeatable)")
+    run.set_defaults(func=cmd_run)
+
+    controllers = sub.add_parser("controllers", help="list controllers and their parameters")
+    controllers.set_defaults(func=cmd_controllers)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    started = time.monotonic()
+    code = args.func(args)
+    if args.command == "run":
+        print(f"(client wall time {time.monotonic() - started:.1f} s)")
+    sys.exit(code)

@@ -1,0 +1,13 @@
+"""Inference-time compute methods as plain Python generators. Imports neither grpc nor torch:
+the same controller objects run in the router against remote workers and in-process in tests."""
+
+from controllers.base import Controller, ControllerError, Param, ParamError, Result
+from controllers.registry import REGISTRY, controller_class
+from controllers.tasks import (Candidate, Generate, GenerateOutput, Intermediate, Message, Progress, Prompt,
+                               SampleOut, TaskFailure)
+
+__all__ = [
+    "Candidate", "Controller", "ControllerError", "Generate", "GenerateOutput", "Intermediate", "Message",
+    "Param", "ParamError", "Progress", "Prompt", "REGISTRY", "Result", "SampleOut", "TaskFailure",
+    "controller_class",
+]

@@ -1,0 +1,108 @@
+"""The controller programming model: a generator that yields tasks and events and returns a Result.
+
+    def run(self, prompt):
+        task = Generate(prompt, n=self.n)
+        yield [task]                  # a list of tasks runs concurrently; resumes when all are done
+        yield Progress("voting")      # events stream to the client, the generator resumes at once
+        return Result(answer=...)
+
+Failed tasks come back with `failure` set instead of `output`: the controller decides what a
+failure means, or raises ControllerError to fail the run with a status.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generator
+
+from controllers.tasks import Candidate, Generate, Intermediate, Progress, Prompt
+
+Step = list[Generate] | Generate | Progress | Intermediate
+
+
+@dataclass
+class Result:
+    answer: str
+    text: str = ""
+    candidates: list[Candidate] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class ControllerError(Exception):
+    """Fail the run. code is a gRPC status name ('UNAVAILABLE', 'INVALID_ARGUMENT', ...)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ParamError(ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: str                       # "int" | "float" | "str" | "bool"
+    default: Any
+    description: str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+
+    def check(self, value: Any, field: str) -> Any:
+        if self.type == "int" and isinstance(value, float) and value.is_integer():
+            value = int(value)  # protobuf Struct carries every number as a double
+        if (isinstance(value, bool) and self.type != "bool") or not isinstance(value, _TYPES[self.type]):
+            raise ParamError(field, f"must be of type {self.type}, got {type(value).__name__}")
+        if self.type == "float" and value != value:
+            raise ParamError(field, "must be a number, got NaN")
+        if self.minimum is not None and value < self.minimum:
+            raise ParamError(field, f"must be >= {self.minimum:g}, got {value}")
+        if self.maximum is not None and value > self.maximum:
+            raise ParamError(field, f"must be <= {self.maximum:g}, got {value}")
+        if self.choices and value not in self.choices:
+            raise ParamError(field, f"must be one of {', '.join(self.choices)}, got {value!r}")
+        return float(value) if self.type == "float" else value
+
+
+class Controller:
+    name: ClassVar[str]
+    description: ClassVar[str]
+    params: ClassVar[tuple[Param, ...]] = ()
+
+    def __init__(self, **params: Any) -> None:
+        for key, value in params.items():
+            setattr(self, key, value)
+
+    @classmethod
+    def from_params(cls, raw: dict[str, Any], limits: dict[str, float] | None = None,
+                    prefix: str = "params") -> "Controller":
+        """Validate raw parameters (unknown names rejected, defaults applied, router limits enforced)."""
+        known = {p.name: p for p in cls.params}
+        for key in raw:
+            if key not in known:
+                names = ", ".join(known) or "none"
+                raise ParamError(f"{prefix}.{key}", f"unknown parameter of {cls.name} (known: {names})")
+        values = {}
+        for p in cls.params:
+            field_name = f"{prefix}.{p.name}"
+            value = p.check(raw[p.name], field_name) if p.name in raw else p.default
+            cap = (limits or {}).get(p.name)
+            if cap is not None and value > cap:
+                raise ParamError(field_name, f"must be <= {cap:g} (this router's limit), got {value}")
+            values[p.name] = value
+        return cls(**values)
+
+    def param_values(self) -> dict[str, Any]:
+        return {p.name: getattr(self, p.name) for p in self.params}
+
+    def run(self, prompt: Prompt) -> Generator[Step, Any, Result]:
+        raise NotImplementedError

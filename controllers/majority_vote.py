@@ -1,0 +1,69 @@
+"""MajorityVote (self-consistency): sample n reasoning paths, extract each answer, return the most common.
+
+Wang et al., "Self-Consistency Improves Chain of Thought Reasoning in Language Models", ICLR 2023.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from controllers import extractors
+from controllers.base import Controller, ControllerError, Param, ParamError, Result
+from controllers.tasks import Candidate, Generate, Intermediate, Progress, Prompt
+
+
+class MajorityVote(Controller):
+    name = "majority_vote"
+    description = "Sample n answers and return the most frequent one (self-consistency)."
+    params = (
+        Param("n", "int", 8, "number of samples to vote over", minimum=1),
+        Param("extractor", "str", "auto", "how an answer is read from a sample: auto (boxed, else last "
+              "number), boxed, last_number, regex, or a registered name"),
+        Param("pattern", "str", "", "regular expression for extractor=regex (first group, or the whole match)"),
+    )
+
+    def __init__(self, **params) -> None:
+        super().__init__(**params)
+        if self.extractor == "regex" and not self.pattern:
+            raise ParamError("params.pattern", "is required when extractor is regex")
+        if self.extractor != "regex" and self.extractor not in extractors.EXTRACTORS:
+            raise ParamError("params.extractor",
+                             f"unknown extractor {self.extractor!r} (known: regex, {', '.join(extractors.EXTRACTORS)})")
+        try:
+            self.extract = extractors.get(self.extractor, self.pattern)
+        except Exception as exc:  # re.error from a bad pattern
+            raise ParamError("params.pattern", f"invalid regular expression: {exc}") from exc
+
+    def run(self, prompt: Prompt):
+        yield Progress("sampling", f"drawing {self.n} samples", 0, self.n)
+        task = Generate(prompt, n=self.n, branch="sample")
+        yield [task]
+        if not task.ok:
+            raise ControllerError(task.failure.code, task.failure.message)
+
+        votes: Counter[str] = Counter()
+        first_text: dict[str, str] = {}
+        candidates = []
+        for sample in task.output.samples:
+            answer = self.extract(sample.text)
+            branch = f"sample/{sample.index}"
+            candidates.append(Candidate(branch, sample.text, answer, finish_reason=sample.finish_reason))
+            if not answer:
+                continue  # no answer found: abstains rather than voting for ""
+            votes[answer] += 1
+            first_text.setdefault(answer, sample.text)
+            yield Intermediate("vote", branch, answer, float(votes[answer]), {"votes": dict(votes)})
+        yield Progress("voting", f"{sum(votes.values())} of {self.n} samples gave an answer", self.n, self.n)
+
+        if not votes:
+            return Result(answer="", text="", candidates=candidates,
+                          details={"votes": {}, "share": 0.0, "abstained": self.n})
+        # Ties go to the answer seen first, which makes the result deterministic for fixed samples.
+        top = max(votes.values())
+        winner = next(a for a in votes if votes[a] == top)
+        for c in candidates:
+            c.score = float(votes.get(c.answer, 0))
+        return Result(
+            answer=winner, text=first_text[winner], candidates=candidates,
+            details={"votes": dict(votes), "share": top / self.n, "abstained": self.n - sum(votes.values())},
+        )

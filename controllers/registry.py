@@ -1,0 +1,18 @@
+"""Controllers by name: what RunRequest.controller and ListControllers refer to."""
+
+from __future__ import annotations
+
+from controllers.base import Controller, ParamError
+from controllers.majority_vote import MajorityVote
+from controllers.native import NativeGeneration
+
+REGISTRY: dict[str, type[Controller]] = {c.name: c for c in (NativeGeneration, MajorityVote)}
+
+
+def controller_class(name: str) -> type[Controller]:
+    if not name:
+        raise ParamError("controller", f"must be set (one of: {', '.join(REGISTRY)})")
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ParamError("controller", f"unknown controller {name!r} (known: {', '.join(REGISTRY)})") from None

@@ -1,0 +1,1 @@
+"""The router: serves the public Router API, runs controllers, dispatches their tasks to workers."""

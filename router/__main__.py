@@ -1,0 +1,5 @@
+"""python -m router --workers host:port[,host:port] --port N"""
+
+from router.cli import main
+
+main()

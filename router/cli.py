@@ -1,0 +1,55 @@
+"""Command line of the router."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+
+import structlog
+
+from router.pool import WorkerPool
+from router.service import RouterService
+from trellis_rpc.logs import configure_logging
+from trellis_rpc.server import run_until_signalled, start_server
+from trellis_rpc.v1 import router_pb2, router_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m router", description="Trellis router")
+    p.add_argument("--workers", default=os.environ.get("TRELLIS_WORKERS", ""),
+                   help="comma-separated host:port of workers (env TRELLIS_WORKERS)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051, help="0 picks a free port (printed in the 'serving' log line)")
+    p.add_argument("--max-n", type=int, default=64, help="largest n a run or a generate call may ask for")
+    p.add_argument("--worker-wait-seconds", type=float, default=2.0,
+                   help="how long a task waits for a worker to connect before UNAVAILABLE (capped by its deadline)")
+    p.add_argument("--drain-seconds", type=float, default=30.0, help="grace period for in-flight runs on SIGTERM")
+    args = p.parse_args(argv)
+    args.worker_list = [w.strip() for w in args.workers.split(",") if w.strip()]
+    if not args.worker_list:
+        p.error("--workers: give at least one host:port")
+    return args
+
+
+async def serve(args: argparse.Namespace) -> None:
+    pool = WorkerPool(args.worker_list)
+    pool.start()
+    service = RouterService(pool, max_n=args.max_n, worker_wait_s=args.worker_wait_seconds)
+    served = await start_server(
+        args.host, args.port, lambda server: router_pb2_grpc.add_RouterServicer_to_server(service, server),
+        (router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,))
+    await served.set_serving(True)
+    log.info("serving", port=served.port, workers=args.worker_list, pid=os.getpid())
+    try:
+        await run_until_signalled(served, args.drain_seconds)
+    finally:
+        await pool.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    configure_logging("router")
+    asyncio.run(serve(args))

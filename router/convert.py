@@ -1,0 +1,87 @@
+"""Between the wire (protobuf) and the controllers' plain dataclasses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2
+
+from controllers import Candidate, Intermediate, Message, Progress, Prompt, Result
+from trellis_rpc.errors import invalid
+from trellis_rpc.v1 import common_pb2, router_pb2
+
+_FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH,
+           "cancelled": common_pb2.FINISH_REASON_CANCELLED}
+FINISH_NAMES = {v: k for k, v in _FINISH.items()}
+
+
+def prompt_from_pb(p: common_pb2.Prompt) -> Prompt:
+    kind = p.WhichOneof("kind")
+    if kind == "text":
+        return Prompt(text=p.text)
+    if kind == "chat":
+        return Prompt(messages=tuple(Message(m.role, m.content) for m in p.chat.messages),
+                      continue_final_message=p.chat.continue_final_message)
+    return Prompt(token_ids=tuple(p.token_ids.ids))
+
+
+def prompt_to_pb(p: Prompt) -> common_pb2.Prompt:
+    if p.text is not None:
+        return common_pb2.Prompt(text=p.text)
+    if p.messages is not None:
+        return common_pb2.Prompt(chat=common_pb2.ChatMessages(
+            messages=[common_pb2.ChatMessage(role=m.role, content=m.content) for m in p.messages],
+            continue_final_message=p.continue_final_message))
+    return common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=list(p.token_ids or ())))
+
+
+def struct_to_dict(s: struct_pb2.Struct) -> dict[str, Any]:
+    return json_format.MessageToDict(s)
+
+
+def dict_to_struct(d: dict[str, Any]) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(d)
+    return s
+
+
+def sampling_with_overrides(base: common_pb2.SamplingParams, overrides: dict[str, Any],
+                            n: int) -> common_pb2.SamplingParams:
+    merged = common_pb2.SamplingParams()
+    merged.CopyFrom(base)
+    for key, value in overrides.items():
+        if key in ("stop", "stop_token_ids"):
+            field = getattr(merged, key)
+            del field[:]
+            field.extend(value)
+        else:
+            try:
+                setattr(merged, key, value)
+            except (AttributeError, TypeError, ValueError) as exc:
+                raise invalid(f"sampling.{key}", f"controller override rejected: {exc}") from exc
+    merged.n = n
+    return merged
+
+
+def event_to_pb(event: Progress | Intermediate) -> dict[str, Any]:
+    """The RunEvent oneof field for a controller event, as keyword arguments."""
+    if isinstance(event, Progress):
+        return {"progress": router_pb2.Progress(stage=event.stage, message=event.message,
+                                                tasks_done=event.done, tasks_total=event.total)}
+    return {"intermediate": router_pb2.Intermediate(
+        kind=event.kind, branch=event.branch, answer=event.answer, value=event.value,
+        details=dict_to_struct(event.details))}
+
+
+def candidate_to_pb(c: Candidate) -> router_pb2.Candidate:
+    return router_pb2.Candidate(branch=c.branch, text=c.text, answer=c.answer, score=c.score,
+                                finish_reason=_FINISH.get(c.finish_reason, common_pb2.FINISH_REASON_UNSPECIFIED))
+
+
+def result_to_pb(run_id: str, controller: str, result: Result, usage: common_pb2.Usage,
+                 timings: router_pb2.RunTimings) -> router_pb2.RunResult:
+    return router_pb2.RunResult(
+        run_id=run_id, controller=controller, answer=result.answer, text=result.text,
+        candidates=[candidate_to_pb(c) for c in result.candidates], details=dict_to_struct(result.details),
+        usage=usage, timings=timings,
+    )

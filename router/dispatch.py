@@ -1,0 +1,101 @@
+"""The router's TaskRunner: sends a controller's generate tasks to workers and streams their tokens back."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import AsyncIterator
+
+import grpc
+
+from controllers import Generate, GenerateOutput, SampleOut, TaskFailure
+from controllers.runtime import DeltaSink, TaskFailed
+from router.convert import FINISH_NAMES, prompt_to_pb, sampling_with_overrides
+from router.pool import WorkerPool
+from trellis_rpc.errors import StatusError, code_from_number
+from trellis_rpc.v1 import common_pb2, worker_pb2
+
+
+async def dispatch(pool: WorkerPool, request: worker_pb2.WorkerRequest, model: str, capability: int,
+                   wait_s: float) -> AsyncIterator[worker_pb2.WorkerResponse]:
+    """Send one task to a worker of the pool; yield its responses; a worker error raises StatusError."""
+    worker = await pool.pick(model, capability, wait_s=wait_s)
+    async for response in worker.submit(request):
+        if response.WhichOneof("kind") == "error":
+            e = response.error
+            raise StatusError(code_from_number(e.code), e.message, e.field)
+        yield response
+
+
+class RunUsage:
+    """What one run cost, summed over its tasks."""
+
+    def __init__(self) -> None:
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.tasks = 0
+        self.first_token: float | None = None
+
+    def pb(self) -> common_pb2.Usage:
+        return common_pb2.Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                                tasks=self.tasks)
+
+
+class RemoteRunner:
+    def __init__(self, pool: WorkerPool, run_id: str, model: str, sampling: common_pb2.SamplingParams,
+                 deadline: float | None, worker_wait_s: float) -> None:
+        self.pool = pool
+        self.run_id = run_id
+        self.model = model
+        self.sampling = sampling
+        self.deadline = deadline  # time.monotonic() value, or None
+        self.worker_wait_s = worker_wait_s
+        self.usage = RunUsage()
+        self._ids = itertools.count()
+
+    def _timeout_ms(self) -> int:
+        if self.deadline is None:
+            return 0
+        return max(1, int((self.deadline - time.monotonic()) * 1000))
+
+    async def generate(self, task: Generate, on_delta: DeltaSink) -> GenerateOutput:
+        request = worker_pb2.WorkerRequest(
+            task_id=f"{self.run_id}/{next(self._ids)}",
+            timeout_ms=self._timeout_ms(),
+            generate=worker_pb2.GenerateTask(
+                prompt=prompt_to_pb(task.prompt), stream=True, branch=task.branch,
+                sampling=sampling_with_overrides(self.sampling, task.sampling, task.n)),
+        )
+        try:
+            async for response in dispatch(self.pool, request, self.model, common_pb2.CAPABILITY_GENERATE,
+                                           self._wait_s()):
+                kind = response.WhichOneof("kind")
+                if kind == "delta":
+                    if self.usage.first_token is None:
+                        self.usage.first_token = time.monotonic()
+                    d = response.delta
+                    if d.text or d.token_ids:
+                        on_delta(f"{task.branch}/{d.index}", d.text, len(d.token_ids))
+                elif kind == "generate_result":
+                    return self._output(response.generate_result)
+        except StatusError as err:
+            raise TaskFailed(TaskFailure(err.code.name, err.message, err.field)) from err
+        raise TaskFailed(TaskFailure(grpc.StatusCode.INTERNAL.name, "worker ended the task without a result"))
+
+    def _wait_s(self) -> float:
+        if self.deadline is None:
+            return self.worker_wait_s
+        return min(self.worker_wait_s, max(0.0, self.deadline - time.monotonic()))
+
+    def _output(self, result: common_pb2.GenerateResult) -> GenerateOutput:
+        self.usage.tasks += 1
+        self.usage.prompt_tokens += result.usage.prompt_tokens
+        self.usage.completion_tokens += result.usage.completion_tokens
+        samples = [
+            SampleOut(index=c.index, text=c.text, finish_reason=FINISH_NAMES.get(c.finish_reason, "stop"),
+                      token_count=len(c.token_ids), cumulative_logprob=c.cumulative_logprob,
+                      token_logprobs=[lp.logprob for lp in c.logprobs])
+            for c in result.completions
+        ]
+        return GenerateOutput(samples=samples, prompt_tokens=result.usage.prompt_tokens,
+                              completion_tokens=result.usage.completion_tokens, worker_id=result.worker_id)

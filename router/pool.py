@@ -1,0 +1,76 @@
+"""The workers a router knows and how it picks one for a task.
+
+This is the walking skeleton's policy: among connected workers that serve the model and capability,
+the least loaded (tasks this router has in flight there, plus the worker's reported queue and
+running sequences). KV-aware routing, DNS discovery and circuit breaking build on this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import grpc
+
+from router.worker_connection import WorkerConnection
+from trellis_rpc.errors import StatusError
+from trellis_rpc.v1 import common_pb2
+
+
+class WorkerPool:
+    def __init__(self, addresses: list[str]) -> None:
+        self._any_ready = asyncio.Event()
+        self.workers = [WorkerConnection(a, self._any_ready) for a in addresses]
+        self._turn = itertools.count()
+
+    def start(self) -> None:
+        for w in self.workers:
+            w.start()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(w.close() for w in self.workers))
+
+    def _candidates(self, model: str, capability: int) -> list[WorkerConnection]:
+        return [
+            w for w in self.workers
+            if w.ready and w.info is not None and capability in w.info.capabilities
+            and (not model or w.info.model_id == model)
+        ]
+
+    @staticmethod
+    def _cost(w: WorkerConnection) -> int:
+        reported = (w.load.queue_depth + w.load.running_sequences) if w.load else 0
+        return w.outstanding + reported
+
+    async def pick(self, model: str = "", capability: int = common_pb2.CAPABILITY_GENERATE,
+                   wait_s: float = 0.0) -> WorkerConnection:
+        """A worker for the task; waits up to wait_s for one to connect, then UNAVAILABLE with the reasons."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            candidates = self._candidates(model, capability)
+            if candidates:
+                start = next(self._turn) % len(candidates)  # rotate so equal costs spread out
+                rotated = candidates[start:] + candidates[:start]
+                return min(rotated, key=self._cost)
+            left = deadline - loop.time()
+            if left <= 0:
+                raise StatusError(grpc.StatusCode.UNAVAILABLE, self._why_none(model, capability))
+            self._any_ready.clear()
+            try:
+                await asyncio.wait_for(self._any_ready.wait(), timeout=min(left, 0.25))
+            except TimeoutError:
+                pass
+
+    def _why_none(self, model: str, capability: int) -> str:
+        cap = common_pb2.Capability.Name(capability)
+        what = f"{cap}" + (f" for model {model!r}" if model else "")
+        if not self.workers:
+            return f"no worker configured ({what})"
+        states = "; ".join(
+            f"{w.address}: " + (f"serves {w.info.model_id}" if w.ready and w.info else w.last_error)
+            for w in self.workers)
+        return f"no reachable worker offers {what} ({states})"
+
+    def models(self) -> list[str]:
+        return sorted({w.info.model_id for w in self.workers if w.ready and w.info})

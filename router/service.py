@@ -1,0 +1,266 @@
+"""The public Router service: validates requests, runs controllers, streams their events."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+import grpc
+import structlog
+from google.protobuf import json_format
+
+from controllers import REGISTRY, Controller, ControllerError, ParamError, Prompt, controller_class
+from controllers.runtime import drive
+from router.convert import dict_to_struct, event_to_pb, prompt_from_pb, result_to_pb, struct_to_dict
+from router.dispatch import RemoteRunner, dispatch
+from router.pool import WorkerPool
+from trellis_rpc.errors import StatusError, code_number, invalid
+from trellis_rpc.sampling import check_prompt, resolve_sampling
+from trellis_rpc.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2
+
+log = structlog.get_logger(__name__)
+
+Emit = Callable[[dict], None]
+_DONE = object()
+
+
+@dataclass
+class PreparedRun:
+    run_id: str
+    request: router_pb2.RunRequest
+    controller: Controller
+    prompt: Prompt
+    accepted: float
+
+
+def _status_of(name: str) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, name, grpc.StatusCode.UNKNOWN)
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class RouterService(router_pb2_grpc.RouterServicer):
+    def __init__(self, pool: WorkerPool, max_n: int = 64, worker_wait_s: float = 2.0) -> None:
+        self.pool = pool
+        self.max_n = max_n
+        self.worker_wait_s = worker_wait_s
+
+    # ---- validation ------------------------------------------------------------------------
+
+    def prepare(self, request: router_pb2.RunRequest, prefix: str = "") -> PreparedRun:
+        try:
+            cls = controller_class(request.controller)
+            check_prompt(request.prompt, f"{prefix}prompt")
+            resolve_sampling(request.sampling, max_n=1, prefix=f"{prefix}sampling")
+            controller = cls.from_params(struct_to_dict(request.params), limits={"n": self.max_n},
+                                         prefix=f"{prefix}params")
+        except ParamError as err:
+            field = err.field if err.field.startswith(prefix) else prefix + err.field
+            raise invalid(field, err.message) from err
+        except StatusError as err:
+            if err.field == f"{prefix}sampling.n":
+                raise invalid(err.field, "a run takes its sample count from the controller (params.n); "
+                                         "leave sampling.n unset or 1") from err
+            raise
+        return PreparedRun(run_id=request.run_id or uuid.uuid4().hex, request=request, controller=controller,
+                           prompt=prompt_from_pb(request.prompt), accepted=time.monotonic())
+
+    # ---- running ---------------------------------------------------------------------------
+
+    async def execute(self, run: PreparedRun, deadline: float | None, emit: Emit) -> router_pb2.RunResult:
+        """Run the controller; controller events and (if asked) token deltas go to emit as they happen."""
+        req = run.request
+        runner = RemoteRunner(self.pool, run.run_id, req.model, req.sampling, deadline, self.worker_wait_s)
+
+        def on_delta(branch: str, text: str, count: int) -> None:
+            if req.stream_tokens:
+                emit({"delta": router_pb2.BranchDelta(branch=branch, text=text, token_count=count)})
+
+        outcome = "ok"
+        try:
+            result = await drive(run.controller, run.prompt, runner, lambda e: emit(event_to_pb(e)), on_delta)
+        except ControllerError as err:
+            outcome = err.code
+            raise StatusError(_status_of(err.code), err.message) from err
+        except ParamError as err:
+            outcome = "INVALID_ARGUMENT"
+            raise invalid(err.field, err.message) from err
+        except asyncio.CancelledError:
+            outcome = "CANCELLED"
+            raise
+        finally:
+            total_ms = (time.monotonic() - run.accepted) * 1000
+            log.info("run", run_id=run.run_id, controller=run.controller.name, outcome=outcome,
+                     total_ms=round(total_ms, 1), tasks=runner.usage.tasks,
+                     completion_tokens=runner.usage.completion_tokens)
+        ttft = (runner.usage.first_token - run.accepted) * 1000 if runner.usage.first_token else 0.0
+        timings = router_pb2.RunTimings(queue_ms=0.0, ttft_ms=ttft, total_ms=(time.monotonic() - run.accepted) * 1000)
+        return result_to_pb(run.run_id, run.controller.name, result, runner.usage.pb(), timings)
+
+    def _event(self, run: PreparedRun, **fields) -> router_pb2.RunEvent:
+        return router_pb2.RunEvent(run_id=run.run_id, elapsed_ms=(time.monotonic() - run.accepted) * 1000, **fields)
+
+    async def _events(self, run: PreparedRun, deadline: float | None) -> AsyncIterator[router_pb2.RunEvent]:
+        """started, then controller events as they happen, then the result. Raises StatusError on failure;
+        closing the iterator early cancels the run and every worker task under it."""
+        queue: asyncio.Queue = asyncio.Queue()
+        yield self._event(run, started=router_pb2.RunStarted(
+            controller=run.controller.name, params=dict_to_struct(run.controller.param_values())))
+        task = asyncio.create_task(self.execute(run, deadline, lambda fields: queue.put_nowait(self._event(run, **fields))))
+        task.add_done_callback(lambda _t: queue.put_nowait(_DONE))
+        try:
+            while (item := await queue.get()) is not _DONE:
+                yield item
+            yield self._event(run, result=task.result())
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    # ---- RPCs ------------------------------------------------------------------------------
+
+    async def Run(self, request: router_pb2.RunRequest, context: grpc.aio.ServicerContext) -> router_pb2.RunResult:
+        try:
+            run = self.prepare(request)
+            return await self.execute(run, _deadline(context), lambda _fields: None)
+        except StatusError as err:
+            await context.abort(err.code, err.message)
+
+    async def RunStream(self, request: router_pb2.RunRequest,
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[router_pb2.RunEvent]:
+        try:
+            run = self.prepare(request)
+            async for event in self._events(run, _deadline(context)):
+                yield event
+        except StatusError as err:
+            await context.abort(err.code, err.message)
+
+    async def Session(self, request_iterator: AsyncIterator[router_pb2.SessionRequest],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[router_pb2.RunEvent]:
+        out: asyncio.Queue = asyncio.Queue()
+        runs: dict[str, asyncio.Task] = {}
+        deadline = _deadline(context)
+
+        def error_event(run_id: str, err: StatusError) -> router_pb2.RunEvent:
+            return router_pb2.RunEvent(run_id=run_id, error=router_pb2.RunError(
+                code=code_number(err.code), message=err.message, field=err.field))
+
+        async def one(run: PreparedRun) -> None:
+            try:
+                async for event in self._events(run, deadline):
+                    out.put_nowait(event)
+            except StatusError as err:
+                out.put_nowait(error_event(run.run_id, err))
+            except asyncio.CancelledError:
+                out.put_nowait(error_event(run.run_id, StatusError(grpc.StatusCode.CANCELLED, "cancelled by the client")))
+
+        async def read() -> None:
+            async for req in request_iterator:
+                kind = req.WhichOneof("kind")
+                if kind == "run":
+                    run_id = req.run.run_id
+                    try:
+                        if not run_id:
+                            raise invalid("run.run_id", "is required in a Session (events are matched by it)")
+                        if run_id in runs:
+                            raise invalid("run.run_id", f"{run_id!r} is already running in this session")
+                        prepared = self.prepare(req.run, prefix="run.")
+                    except StatusError as err:
+                        out.put_nowait(error_event(run_id, err))
+                        continue
+                    task = asyncio.create_task(one(prepared))
+                    runs[run_id] = task
+                    task.add_done_callback(lambda _t, rid=run_id: runs.pop(rid, None))
+                elif kind == "cancel":
+                    task = runs.get(req.cancel.run_id)
+                    if task is not None:
+                        task.cancel()
+                    else:
+                        out.put_nowait(error_event(req.cancel.run_id, StatusError(
+                            grpc.StatusCode.NOT_FOUND, f"cancel.run_id: no running run {req.cancel.run_id!r}",
+                            "cancel.run_id")))
+            if runs:  # the client half-closed: finish what it started, then end the stream
+                await asyncio.gather(*runs.values(), return_exceptions=True)
+
+        reader = asyncio.create_task(read())
+        reader.add_done_callback(lambda _t: out.put_nowait(_DONE))
+        try:
+            while (item := await out.get()) is not _DONE:
+                yield item
+            while not out.empty():
+                item = out.get_nowait()
+                if item is not _DONE:
+                    yield item
+            if not reader.cancelled() and reader.exception() is not None:
+                raise reader.exception()
+        finally:
+            reader.cancel()
+            for task in list(runs.values()):
+                task.cancel()
+
+    async def ListControllers(self, request: router_pb2.ListControllersRequest,
+                              context: grpc.aio.ServicerContext) -> router_pb2.ListControllersResponse:
+        specs = []
+        for cls in REGISTRY.values():
+            params = []
+            for p in cls.params:
+                spec = router_pb2.ParamSpec(name=p.name, type=p.type, description=p.description, choices=p.choices)
+                json_format.ParseDict(p.default, spec.default)
+                if p.minimum is not None:
+                    spec.minimum = p.minimum
+                maximum = self.max_n if p.name == "n" else p.maximum
+                if maximum is not None:
+                    spec.maximum = maximum
+                params.append(spec)
+            specs.append(router_pb2.ControllerSpec(name=cls.name, description=cls.description, params=params))
+        return router_pb2.ListControllersResponse(controllers=specs)
+
+    async def Generate(self, request: router_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> common_pb2.GenerateResult:
+        try:
+            check_prompt(request.prompt)
+            resolve_sampling(request.sampling, max_n=self.max_n)
+            task = worker_pb2.WorkerRequest(
+                task_id=f"gen-{uuid.uuid4().hex}", timeout_ms=self._timeout_ms(context),
+                generate=worker_pb2.GenerateTask(prompt=request.prompt, sampling=request.sampling))
+            async for response in dispatch(self.pool, task, request.model, common_pb2.CAPABILITY_GENERATE,
+                                           self.worker_wait_s):
+                if response.WhichOneof("kind") == "generate_result":
+                    return response.generate_result
+            raise StatusError(grpc.StatusCode.INTERNAL, "worker ended the task without a result")
+        except StatusError as err:
+            await context.abort(err.code, err.message)
+
+    async def Score(self, request: common_pb2.ScoreRequest,
+                    context: grpc.aio.ServicerContext) -> common_pb2.ScoreResult:
+        capability = {
+            common_pb2.SCORE_KIND_OUTCOME: common_pb2.CAPABILITY_SCORE_OUTCOME,
+            common_pb2.SCORE_KIND_PROCESS: common_pb2.CAPABILITY_SCORE_PROCESS,
+            common_pb2.SCORE_KIND_VERIFIER: common_pb2.CAPABILITY_SCORE_VERIFIER,
+        }
+        try:
+            check_prompt(request.prompt)
+            if not request.candidates:
+                raise invalid("candidates", "must not be empty")
+            if request.kind not in capability:
+                raise invalid("kind", "must be OUTCOME, PROCESS or VERIFIER")
+            task = worker_pb2.WorkerRequest(task_id=f"score-{uuid.uuid4().hex}", timeout_ms=self._timeout_ms(context),
+                                            score=worker_pb2.ScoreTask(request=request))
+            async for response in dispatch(self.pool, task, request.model, capability[request.kind],
+                                           self.worker_wait_s):
+                if response.WhichOneof("kind") == "score_result":
+                    return response.score_result
+            raise StatusError(grpc.StatusCode.INTERNAL, "worker ended the task without a result")
+        except StatusError as err:
+            await context.abort(err.code, err.message)
+
+    @staticmethod
+    def _timeout_ms(context: grpc.aio.ServicerContext) -> int:
+        remaining = context.time_remaining()
+        return 0 if remaining is None else max(1, int(remaining * 1000))

