@@ -79,11 +79,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     """Serves an engine once `attach(engine)` is called; UNAVAILABLE before that (model loading)."""
 
     def __init__(self, worker_id: str | None = None, version: str = "", max_n: int = 64,
-                 load_interval_s: float = 0.25) -> None:
+                 load_interval_s: float = 0.25, heartbeat_s: float = 1.0) -> None:
         self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:8]}"
         self.version = version
         self.max_n = max_n
         self.load_interval_s = load_interval_s
+        self.heartbeat_s = heartbeat_s
         self.engine: Engine | None = None
 
     def attach(self, engine: Engine) -> None:
@@ -210,10 +211,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             out.put_nowait(error_response(task_id, StatusError(grpc.StatusCode.INTERNAL, f"engine error: {exc!r}")))
 
     async def _report_load(self, engine: Engine, out: asyncio.Queue) -> None:
-        last = None
+        """A report whenever the load changes (checked every load_interval_s), and at least once per
+        heartbeat_s so the router can tell a live idle worker from a silent one."""
+        last, sent_at = None, 0.0
         while True:
             stats = engine.load()
-            if stats != last:
+            now = time.monotonic()
+            if stats != last or now - sent_at >= self.heartbeat_s:
                 out.put_nowait(self._load_pb(stats))
-                last = stats
+                last, sent_at = stats, now
             await asyncio.sleep(self.load_interval_s)

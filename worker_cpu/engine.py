@@ -93,7 +93,6 @@ class TorchEngine:
         self._groups: dict[str, Group] = {}
         self._waiting: collections.deque[Group] = collections.deque()
         self._running: list[Group] = []
-        self._kv_tokens = 0
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
@@ -161,10 +160,12 @@ class TorchEngine:
             group.cancelled = True
 
     def load(self) -> LoadStats:
-        used = math.ceil(self._kv_tokens / KV_ACCOUNTING_BLOCK)
+        running = list(self._running)
+        kv_tokens = sum(len(g.alive) * (len(g.prompt_ids) + g.steps) for g in running)
+        used = math.ceil(kv_tokens / KV_ACCOUNTING_BLOCK)
         return LoadStats(
             queue_depth=len(self._waiting) + self._inbox.qsize(),
-            running_sequences=sum(len(g.alive) for g in list(self._running)),
+            running_sequences=sum(len(g.alive) for g in running),
             kv_blocks_used=used, kv_blocks_free=max(0, self.kv_blocks_total - used),
         )
 
@@ -195,7 +196,6 @@ class TorchEngine:
                     if finished:
                         self._running.remove(group)
                         self._groups.pop(group.task_id, None)
-                self._kv_tokens = sum(len(g.alive) * (len(g.prompt_ids) + g.steps) for g in self._running)
 
     def _admit(self) -> None:
         while True:

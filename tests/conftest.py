@@ -1,0 +1,66 @@
+"""Fixtures that start real worker and router processes on free loopback ports."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import grpc
+import pytest
+
+from client.launcher import Process, start_router, start_worker
+from tests.tiny_model import build_tiny_llama
+from trellis_rpc.v1 import router_pb2_grpc, worker_pb2_grpc
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Router limit the tests check against (n above it is INVALID_ARGUMENT).
+ROUTER_MAX_N = 16
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def logs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def tiny_worker(tiny_model, logs) -> Process:
+    proc = start_worker(str(tiny_model), logs, name="tiny-worker", extra=["--threads", "1"])
+    try:
+        proc.wait_serving(timeout=120)
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_router(tiny_worker, logs) -> Process:
+    proc = start_router([tiny_worker.address], logs, name="tiny-router", extra=["--max-n", str(ROUTER_MAX_N)])
+    try:
+        proc.wait_serving(timeout=60)
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def router(tiny_router) -> router_pb2_grpc.RouterStub:
+    with grpc.insecure_channel(tiny_router.address) as channel:
+        yield router_pb2_grpc.RouterStub(channel)
+
+
+@pytest.fixture(scope="session")
+def worker_channel(tiny_worker) -> grpc.Channel:
+    with grpc.insecure_channel(tiny_worker.address) as channel:
+        yield channel
+
+
+@pytest.fixture
+def worker_stub(worker_channel) -> worker_pb2_grpc.WorkerStub:
+    return worker_pb2_grpc.WorkerStub(worker_channel)

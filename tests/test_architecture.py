@@ -1,0 +1,41 @@
+"""docs/ARCHITECTURE.md's import rules, checked on the source: which way imports may point."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# package -> top-level modules it must never import
+FORBIDDEN = {
+    "controllers": {"grpc", "grpc_health", "grpc_reflection", "google", "torch", "transformers", "trellis_rpc",
+                    "router", "worker_cpu", "worker_gpu", "client"},
+    "router": {"torch", "transformers", "worker_cpu", "worker_gpu", "client"},
+    "worker_cpu": {"router", "controllers", "worker_gpu", "client"},
+    "worker_gpu": {"router", "controllers", "worker_cpu", "client"},
+    "trellis_rpc": {"router", "controllers", "worker_cpu", "worker_gpu", "client", "torch", "transformers"},
+    "client": {"router", "controllers", "worker_cpu", "worker_gpu", "torch", "transformers"},
+}
+
+
+def imported_roots(path: Path) -> set[str]:
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_import_direction(package):
+    offenders = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        bad = imported_roots(path) & FORBIDDEN[package]
+        if bad:
+            offenders.append(f"{path.relative_to(ROOT)} imports {sorted(bad)}")
+    assert not offenders, "\n".join(offenders)

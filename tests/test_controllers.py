@@ -1,0 +1,105 @@
+"""Controllers against a scripted runner (no processes): the algorithm, failures, parameters."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from controllers import ControllerError, Generate, GenerateOutput, ParamError, Prompt, SampleOut, TaskFailure
+from controllers import extractors
+from controllers.majority_vote import MajorityVote
+from controllers.native import NativeGeneration
+from controllers.runtime import TaskFailed, drive
+
+
+class ScriptedRunner:
+    """Returns fixed texts for each generate task, in order; streams each text as one delta."""
+
+    def __init__(self, texts: list[str] | None = None, failure: TaskFailure | None = None) -> None:
+        self.texts = texts or []
+        self.failure = failure
+        self.tasks: list[Generate] = []
+
+    async def generate(self, task: Generate, on_delta) -> GenerateOutput:
+        self.tasks.append(task)
+        if self.failure:
+            raise TaskFailed(self.failure)
+        samples = []
+        for i in range(task.n):
+            text = self.texts[i % len(self.texts)]
+            on_delta(f"{task.branch}/{i}", text, 1)
+            samples.append(SampleOut(index=i, text=text, finish_reason="stop", token_count=1))
+        return GenerateOutput(samples=samples, prompt_tokens=3, completion_tokens=task.n)
+
+
+def run(controller, runner):
+    events, deltas = [], []
+    result = asyncio.run(drive(controller, Prompt(text="q"), runner, events.append,
+                               lambda b, t, c: deltas.append((b, t))))
+    return result, events, deltas
+
+
+def test_majority_vote_picks_the_most_common_answer():
+    texts = ["so 19", "it is \\boxed{19}", "maybe 20", "I think 19.0", "no idea"]
+    result, events, deltas = run(MajorityVote.from_params({"n": 5}), ScriptedRunner(texts))
+    assert result.answer == "19"
+    assert result.details["votes"] == {"19": 3, "20": 1}
+    assert result.details["share"] == pytest.approx(3 / 5)
+    assert result.details["abstained"] == 1
+    assert [c.answer for c in result.candidates] == ["19", "19", "20", "19", ""]
+    assert [e.answer for e in events if getattr(e, "kind", "") == "vote"] == ["19", "19", "20", "19"]
+    assert [b for b, _ in deltas] == [f"sample/{i}" for i in range(5)]
+
+
+def test_majority_vote_tie_goes_to_the_first_seen():
+    result, _, _ = run(MajorityVote.from_params({"n": 4}), ScriptedRunner(["7", "8", "8", "7"]))
+    assert result.answer == "7" and result.details["share"] == 0.5
+
+
+def test_majority_vote_with_no_answers_abstains():
+    result, _, _ = run(MajorityVote.from_params({"n": 2}), ScriptedRunner(["no numbers", "none"]))
+    assert result.answer == "" and result.details["abstained"] == 2
+
+
+def test_failed_task_fails_the_run_with_its_code():
+    with pytest.raises(ControllerError) as info:
+        run(MajorityVote.from_params({"n": 2}), ScriptedRunner(failure=TaskFailure("UNAVAILABLE", "gone")))
+    assert info.value.code == "UNAVAILABLE"
+    with pytest.raises(ControllerError):
+        run(NativeGeneration.from_params({}), ScriptedRunner(failure=TaskFailure("DEADLINE_EXCEEDED", "late")))
+
+
+def test_regex_extractor_and_custom_extractor():
+    result, _, _ = run(MajorityVote.from_params({"n": 3, "extractor": "regex", "pattern": r"ANSWER: (\w+)"}),
+                       ScriptedRunner(["ANSWER: yes", "ANSWER: no", "x ANSWER: no"]))
+    assert result.answer == "no"
+    extractors.register("first_word", lambda text: text.split()[0] if text.split() else "")
+    try:
+        result, _, _ = run(MajorityVote.from_params({"n": 3, "extractor": "first_word"}),
+                           ScriptedRunner(["cat sat", "dog ran", "cat ran"]))
+        assert result.answer == "cat"
+    finally:
+        del extractors.EXTRACTORS["first_word"]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("\\boxed{1,234}", "1234"), ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"), ("x = -3.50 then 4", "4"),
+    ("total: 1,000.0", "1000"), ("nothing", ""),
+])
+def test_auto_extractor(text, expected):
+    assert extractors.auto(text) == expected
+
+
+@pytest.mark.parametrize("params,field", [
+    ({"n": 0}, "params.n"), ({"n": "3"}, "params.n"), ({"n": True}, "params.n"), ({"x": 1}, "params.x"),
+    ({"extractor": "regex"}, "params.pattern"), ({"n": 65}, "params.n"),
+])
+def test_parameter_errors_name_the_field(params, field):
+    with pytest.raises(ParamError) as info:
+        MajorityVote.from_params(params, limits={"n": 64})
+    assert info.value.field == field
+
+
+def test_integral_floats_from_protobuf_struct_are_ints():
+    assert MajorityVote.from_params({"n": 4.0}).n == 4

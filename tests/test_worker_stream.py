@@ -1,0 +1,112 @@
+"""The worker contract directly: one Connect stream multiplexing tasks, cancellation, deadlines, load reports."""
+
+from __future__ import annotations
+
+import queue
+
+import grpc
+
+from tests.helpers import chat
+from trellis_rpc.v1 import common_pb2, worker_pb2
+
+
+class Stream:
+    """A Connect stream driven from a test: send requests, read responses by kind."""
+
+    def __init__(self, stub: "worker_pb2_grpc.WorkerStub") -> None:  # noqa: F821
+        self._out: queue.Queue = queue.Queue()
+        self._call = stub.Connect(iter(self._out.get, None), timeout=120)
+
+    def send(self, req: worker_pb2.WorkerRequest) -> None:
+        self._out.put(req)
+
+    def until(self, predicate, limit: int = 10_000) -> list[worker_pb2.WorkerResponse]:
+        seen = []
+        for response in self._call:
+            seen.append(response)
+            if predicate(response) or len(seen) >= limit:
+                return seen
+        return seen
+
+    def close(self) -> None:
+        self._out.put(None)
+        self._call.cancel()
+
+
+def generate(task_id: str, stream: bool = True, prompt: common_pb2.Prompt | None = None, timeout_ms: int = 0,
+             **sampling) -> worker_pb2.WorkerRequest:
+    return worker_pb2.WorkerRequest(task_id=task_id, timeout_ms=timeout_ms, generate=worker_pb2.GenerateTask(
+        prompt=prompt or chat("hello"), stream=stream, sampling=common_pb2.SamplingParams(**sampling)))
+
+
+def ends(task_id: str):
+    return lambda r: r.task_id == task_id and r.WhichOneof("kind") in ("generate_result", "error")
+
+
+def test_info(worker_stub):
+    info = worker_stub.Info(worker_pb2.InfoRequest(), timeout=10)
+    assert info.engine == "torch-cpu"
+    assert info.max_context_tokens == 256
+    assert common_pb2.CAPABILITY_GENERATE in info.capabilities
+    assert info.worker_id and info.model_id
+
+
+def test_two_tasks_interleave_on_one_stream(worker_stub):
+    s = Stream(worker_stub)
+    try:
+        s.send(generate("long", max_tokens=120, ignore_eos=True, seed=1))
+        s.send(generate("short", max_tokens=3, ignore_eos=True, seed=2))
+        seen = s.until(ends("long"))
+        order = [r.task_id for r in seen if r.WhichOneof("kind") == "generate_result"]
+        assert order == ["short", "long"], "a short task must not wait behind a long one"
+        deltas = [r for r in seen if r.task_id == "short" and r.WhichOneof("kind") == "delta"]
+        assert sum(len(d.delta.token_ids) for d in deltas) == 3
+    finally:
+        s.close()
+
+
+def test_cancel_frees_the_sequence(worker_stub):
+    s = Stream(worker_stub)
+    try:
+        s.send(generate("c1", max_tokens=250, ignore_eos=True, n=4, seed=1))
+        s.until(lambda r: r.task_id == "c1" and r.WhichOneof("kind") == "delta")
+        s.send(worker_pb2.WorkerRequest(task_id="x", cancel=worker_pb2.CancelTask(target_task_id="c1")))
+        seen = s.until(ends("c1"))
+        result = seen[-1].generate_result
+        assert all(c.finish_reason == common_pb2.FINISH_REASON_CANCELLED for c in result.completions)
+        assert all(len(c.token_ids) < 250 for c in result.completions)
+        # Load reports arrive at least every second; the next one shows the sequences and KV released.
+        load = s.until(lambda r: r.WhichOneof("kind") == "load", limit=50)[-1].load
+        assert load.running_sequences == 0 and load.kv_blocks_used == 0
+    finally:
+        s.close()
+
+
+def test_deadline_on_the_task(worker_stub):
+    s = Stream(worker_stub)
+    try:
+        s.send(generate("d1", max_tokens=250, ignore_eos=True, n=8, timeout_ms=1))
+        err = s.until(ends("d1"))[-1]
+        assert err.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    finally:
+        s.close()
+
+
+def test_bad_tasks_get_errors_and_the_stream_keeps_serving(worker_stub):
+    s = Stream(worker_stub)
+    try:
+        s.send(generate("neg", max_tokens=-1))
+        e = s.until(ends("neg"))[-1].error
+        assert e.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and e.field == "sampling.max_tokens"
+        s.send(generate("long-prompt", prompt=common_pb2.Prompt(text="word " * 400)))
+        e = s.until(ends("long-prompt"))[-1].error
+        assert e.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and e.field == "prompt"
+        assert "context" in e.message
+        s.send(generate("vocab", prompt=common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=[1, 99999]))))
+        e = s.until(ends("vocab"))[-1].error
+        assert e.field == "prompt.token_ids.ids"
+        s.send(generate("ok", max_tokens=2, ignore_eos=True))
+        r = s.until(ends("ok"))[-1]
+        assert r.WhichOneof("kind") == "generate_result" and len(r.generate_result.completions[0].token_ids) == 2
+    finally:
+        s.close()
