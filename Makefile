@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TRELLIS_CACHE ?= $(CURDIR)/.cache/trellis
 
-.PHONY: setup demo test protos clean
+.PHONY: setup demo test lint protos clean
 
 setup: $(STAMP)
 
@@ -24,8 +24,11 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) -m client.demo
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check .
 
 protos: setup
 	$(PY) -m trellis_rpc.codegen

@@ -143,7 +143,8 @@ def cmd_controllers(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="trellis", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="trellis", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--router", default=DEFAULT_ROUTER, help="router host:port (env TRELLIS_ROUTER)")
     p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
     sub = p.add_subparsers(dest="command", required=True)

@@ -3,8 +3,17 @@ the same controller objects run in the router against remote workers and in-proc
 
 from controllers.base import Controller, ControllerError, Param, ParamError, Result
 from controllers.registry import REGISTRY, controller_class
-from controllers.tasks import (Candidate, Generate, GenerateOutput, Intermediate, Message, Progress, Prompt,
-                               SampleOut, TaskFailure)
+from controllers.tasks import (
+                               Candidate,
+                               Generate,
+                               GenerateOutput,
+                               Intermediate,
+                               Message,
+                               Progress,
+                               Prompt,
+                               SampleOut,
+                               TaskFailure,
+)
 
 __all__ = [
     "Candidate", "Controller", "ControllerError", "Generate", "GenerateOutput", "Intermediate", "Message",

@@ -12,8 +12,9 @@ failure means, or raises ControllerError to fail the run with a status.
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generator
+from typing import Any, ClassVar
 
 from controllers.tasks import Candidate, Generate, Intermediate, Progress, Prompt
 
@@ -84,7 +85,7 @@ class Controller:
 
     @classmethod
     def from_params(cls, raw: dict[str, Any], limits: dict[str, float] | None = None,
-                    prefix: str = "params") -> "Controller":
+                    prefix: str = "params") -> Controller:
         """Validate raw parameters (unknown names rejected, defaults applied, router limits enforced)."""
         known = {p.name: p for p in cls.params}
         for key in raw:

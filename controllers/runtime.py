@@ -7,7 +7,8 @@ tasks to remote workers; tests use scripted runners).
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from controllers.base import Controller, ControllerError, Result
 from controllers.tasks import Generate, GenerateOutput, Intermediate, Progress, Prompt, TaskFailure
@@ -44,7 +45,8 @@ async def drive(controller: Controller, prompt: Prompt, runner: TaskRunner,
             step = gen.send(reply)
         except StopIteration as stop:
             if not isinstance(stop.value, Result):
-                raise ControllerError("INTERNAL", f"controller {controller.name} returned {stop.value!r}, not a Result")
+                raise ControllerError(
+                    "INTERNAL", f"controller {controller.name} returned {stop.value!r}, not a Result") from None
             return stop.value
         reply = None
         if isinstance(step, (Progress, Intermediate)):

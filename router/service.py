@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
 
 import grpc
 import structlog
@@ -112,7 +112,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         queue: asyncio.Queue = asyncio.Queue()
         yield self._event(run, started=router_pb2.RunStarted(
             controller=run.controller.name, params=dict_to_struct(run.controller.param_values())))
-        task = asyncio.create_task(self.execute(run, deadline, lambda fields: queue.put_nowait(self._event(run, **fields))))
+        emit = lambda fields: queue.put_nowait(self._event(run, **fields))  # noqa: E731
+        task = asyncio.create_task(self.execute(run, deadline, emit))
         task.add_done_callback(lambda _t: queue.put_nowait(_DONE))
         try:
             while (item := await queue.get()) is not _DONE:
@@ -158,7 +159,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
             except StatusError as err:
                 out.put_nowait(error_event(run.run_id, err))
             except asyncio.CancelledError:
-                out.put_nowait(error_event(run.run_id, StatusError(grpc.StatusCode.CANCELLED, "cancelled by the client")))
+                cancelled = StatusError(grpc.StatusCode.CANCELLED, "cancelled by the client")
+                out.put_nowait(error_event(run.run_id, cancelled))
 
         async def read() -> None:
             async for req in request_iterator:

@@ -5,7 +5,7 @@ UNAVAILABLE so no task waits forever."""
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 import structlog

@@ -6,8 +6,16 @@ import asyncio
 
 import pytest
 
-from controllers import ControllerError, Generate, GenerateOutput, ParamError, Prompt, SampleOut, TaskFailure
-from controllers import extractors
+from controllers import (
+    ControllerError,
+    Generate,
+    GenerateOutput,
+    ParamError,
+    Prompt,
+    SampleOut,
+    TaskFailure,
+    extractors,
+)
 from controllers.majority_vote import MajorityVote
 from controllers.native import NativeGeneration
 from controllers.runtime import TaskFailed, drive

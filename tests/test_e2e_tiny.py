@@ -98,7 +98,7 @@ def test_generate_logprobs(router):
     r = _generate(router, max_tokens=5, seed=5, logprobs=3, ignore_eos=True)
     c = r.completions[0]
     assert len(c.logprobs) == len(c.token_ids) == 5
-    for token_id, lp in zip(c.token_ids, c.logprobs):
+    for token_id, lp in zip(c.token_ids, c.logprobs, strict=True):
         assert lp.token_id == token_id and lp.logprob <= 0
         assert len(lp.top) == 3
         assert [t.logprob for t in lp.top] == sorted((t.logprob for t in lp.top), reverse=True)
@@ -179,7 +179,8 @@ def test_session_pipelines_runs_and_cancels_one(router):
 def test_health_and_reflection(tiny_router, tiny_worker):
     for proc, service in ((tiny_router, "trellis.v1.Router"), (tiny_worker, "trellis.v1.Worker")):
         with grpc.insecure_channel(proc.address) as channel:
-            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            health = health_pb2_grpc.HealthStub(channel)
+            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert status.status == health_pb2.HealthCheckResponse.SERVING
             stub = reflection_pb2_grpc.ServerReflectionStub(channel)
             replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),

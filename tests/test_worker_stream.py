@@ -13,7 +13,7 @@ from trellis_rpc.v1 import common_pb2, worker_pb2
 class Stream:
     """A Connect stream driven from a test: send requests, read responses by kind."""
 
-    def __init__(self, stub: "worker_pb2_grpc.WorkerStub") -> None:  # noqa: F821
+    def __init__(self, stub: worker_pb2_grpc.WorkerStub) -> None:  # noqa: F821
         self._out: queue.Queue = queue.Queue()
         self._call = stub.Connect(iter(self._out.get, None), timeout=120)
 

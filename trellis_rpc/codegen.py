@@ -24,8 +24,8 @@ _IMPORT = re.compile(r"^from trellis\.v1 import ", re.MULTILINE)
 
 def generate(out_dir: Path) -> list[Path]:
     """Write the stubs into out_dir and return the files written."""
-    from grpc_tools import protoc
     import grpc_tools
+    from grpc_tools import protoc
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     protos = sorted(PROTO_DIR.glob("*.proto"))

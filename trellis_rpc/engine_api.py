@@ -6,8 +6,9 @@ model. Engines raise trellis_rpc.errors.StatusError for requests they cannot ser
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+from typing import Protocol
 
 from trellis_rpc.sampling import SamplingConfig
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 import structlog
@@ -181,7 +181,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         try:
             if gen.WhichOneof("source") is not None:
                 raise StatusError(grpc.StatusCode.UNIMPLEMENTED,
-                                  "generate.source: continue/fork of kept sequences is not supported by this engine yet",
+                                  "generate.source: this engine cannot continue or fork kept sequences yet",
                                   "generate.source")
             check_prompt(gen.prompt, "prompt")
             sampling = resolve_sampling(gen.sampling, max_n=self.max_n)

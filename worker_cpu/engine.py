@@ -14,15 +14,23 @@ import math
 import queue
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
 
 import grpc
 import structlog
 import torch
 
-from trellis_rpc.engine_api import (CompletionOut, Delta, EngineInfo, Finished, LoadStats, PromptInput,
-                                    TokenLogprob, TopLogprob)
+from trellis_rpc.engine_api import (
+    CompletionOut,
+    Delta,
+    EngineInfo,
+    Finished,
+    LoadStats,
+    PromptInput,
+    TokenLogprob,
+    TopLogprob,
+)
 from trellis_rpc.errors import StatusError, invalid
 from trellis_rpc.sampling import SamplingConfig
 from worker_cpu.detokenizer import IncrementalDetokenizer
@@ -113,7 +121,8 @@ class TorchEngine:
         if prompt.token_ids is not None:
             bad = [t for t in prompt.token_ids if t >= self.vocab]
             if bad:
-                raise invalid("prompt.token_ids.ids", f"token id {bad[0]} is outside the vocabulary (size {self.vocab})")
+                raise invalid("prompt.token_ids.ids",
+                              f"token id {bad[0]} is outside the vocabulary (size {self.vocab})")
             return list(prompt.token_ids)
         if prompt.chat is not None:
             if not getattr(self.tokenizer, "chat_template", None):
@@ -136,7 +145,8 @@ class TorchEngine:
         group = Group(
             task_id=task_id, prompt_ids=ids, cfg=cfg,
             emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-            samples=[Sample(i, IncrementalDetokenizer(self.tokenizer), StopStringMatcher(cfg.stop)) for i in range(cfg.n)],
+            samples=[Sample(i, IncrementalDetokenizer(self.tokenizer), StopStringMatcher(cfg.stop))
+                     for i in range(cfg.n)],
             submitted=time.perf_counter(),
             generator=torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None,
         )
@@ -267,7 +277,8 @@ class TorchEngine:
             lp = []
             if cfg.logprobs is not None:
                 top = [] if top_ids is None else [
-                    TopLogprob(t, v, self.tokenizer.decode([t])) for t, v in zip(top_ids[row], top_lp[row])]
+                    TopLogprob(t, v, self.tokenizer.decode([t]))
+                    for t, v in zip(top_ids[row], top_lp[row], strict=True)]
                 lp = [TokenLogprob(token, chosen_lp[row], top)]
                 sample.logprobs.extend(lp)
             text = ""

