@@ -21,6 +21,15 @@ from trellis_rpc.v1 import common_pb2, router_pb2, router_pb2_grpc
 DEFAULT_ROUTER = os.environ.get("TRELLIS_ROUTER", "127.0.0.1:50051")
 
 
+def _plain(value):
+    """Struct carries every number as a double; show 8 rather than 8.0."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 def build_request(args: argparse.Namespace) -> router_pb2.RunRequest:
     if args.raw:
         prompt = common_pb2.Prompt(text=args.prompt)
@@ -63,14 +72,14 @@ class ProgressPrinter:
     def event(self, ev: router_pb2.RunEvent, controller: str) -> None:
         kind = ev.WhichOneof("event")
         if kind == "started":
-            params = json_format.MessageToDict(ev.started.params)
+            params = _plain(json_format.MessageToDict(ev.started.params))
             self._line(ev.elapsed_ms, f"run {ev.run_id[:8]} started: {ev.started.controller} {params}")
         elif kind == "progress":
             p = ev.progress
             self._line(ev.elapsed_ms, f"{p.stage}: {p.message} ({p.tasks_done}/{p.tasks_total})")
         elif kind == "intermediate":
             i = ev.intermediate
-            tally = json_format.MessageToDict(i.details).get("votes")
+            tally = _plain(json_format.MessageToDict(i.details).get("votes"))
             self._line(ev.elapsed_ms, f"{i.kind} {i.branch} -> {i.answer!r}" + (f"  tally {tally}" if tally else ""))
         elif kind == "delta":
             self._delta(ev, controller)
@@ -98,7 +107,7 @@ class ProgressPrinter:
         out = self.out
         out.write("\n")
         if r.controller == "majority_vote":
-            votes = details.get("votes", {})
+            votes = dict(sorted(_plain(details.get("votes", {})).items(), key=lambda kv: -kv[1]))
             top = votes.get(r.answer, 0)
             share = details.get("share", 0.0)
             out.write(f"answer: {r.answer!r}  ({int(top)} of {len(r.candidates)} votes, {share:.0%})\n")

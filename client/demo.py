@@ -11,7 +11,7 @@ from pathlib import Path
 from client import cli
 from client.launcher import start_router, start_worker
 
-QUESTION = "What is 15 + 27? Answer with just the number."
+QUESTION = "What is 9 times 3?"
 
 
 def main() -> int:

@@ -92,6 +92,9 @@ def convert_gguf(gguf: Path) -> Path:
 def load_model(spec: str, dtype: str = "float32") -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # progress bars would break the JSON log lines
 
     path = resolve(spec)
     model_id = path.stem if path.is_file() else path.name
