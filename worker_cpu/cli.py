@@ -24,7 +24,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=50061, help="0 picks a free port (printed in the 'serving' log line)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--max-batch-size", type=int, default=64, help="cap on running sequences")
-    p.add_argument("--kv-cache-tokens", type=int, default=65536, help="KV capacity reported in load reports")
+    p.add_argument("--kv-cache-tokens", type=int, default=65536,
+                   help="KV cache capacity in tokens, preallocated in blocks (SmolLM2-135M fp32: 46 KB per token)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--max-num-tokens", type=int, default=512,
+                   help="token budget per step; longer prompts are prefilled in chunks of at most this many")
     p.add_argument("--max-n", type=int, default=64, help="largest n one generate task may ask for")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--worker-id", default="", help="defaults to a random id")
@@ -44,7 +48,8 @@ async def serve(args: argparse.Namespace) -> None:
 
     loaded = await asyncio.to_thread(load_model, args.model, args.dtype)
     engine = TorchEngine(loaded, max_batch_size=args.max_batch_size, kv_cache_tokens=args.kv_cache_tokens,
-                         threads=args.threads or None)
+                         threads=args.threads or None, max_num_tokens=args.max_num_tokens,
+                         block_size=args.block_size)
     service.attach(engine)
     await served.set_serving(True)
     log.info("serving", port=served.port, model_id=loaded.model_id, worker_id=service.worker_id, pid=os.getpid())

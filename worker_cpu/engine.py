@@ -1,21 +1,20 @@
-"""A real, deliberately simple engine: Hugging Face forward passes with a DynamicCache per request.
+"""The CPU serving engine: continuous batching over a paged KV cache with prefix sharing.
 
-Scheduling is per step: every running request advances by one token per loop turn, new requests
-join between steps, finished or cancelled ones leave at once. The n samples of one request share
-one prefill and decode as one batch. Continuous batching across requests with a paged KV cache
-replaces this in the engine issue; the interface (trellis_rpc.engine_api.Engine) stays.
+A dedicated thread runs the loop (torch releases the GIL, so the asyncio side stays responsive):
+admit new requests, apply cancellations, schedule a step (token budget, chunked prefill,
+preemption), run one forward pass over every scheduled token, sample every sequence that reached
+the end of its pending tokens, stream the new tokens, retire finished sequences. Requests join and
+leave between steps.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import math
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 import structlog
@@ -33,81 +32,61 @@ from trellis_rpc.engine_api import (
 )
 from trellis_rpc.errors import StatusError, invalid
 from trellis_rpc.sampling import SamplingConfig
+from worker_cpu.block_manager import BlockManager
 from worker_cpu.detokenizer import IncrementalDetokenizer
+from worker_cpu.model import KVCache, PagedDecoder, decoder_from_hf
 from worker_cpu.model_loader import LoadedModel
-from worker_cpu.sampler import RowPenaltyState, pick
+from worker_cpu.model_runner import ModelRunner
+from worker_cpu.sampler import Row, sample
+from worker_cpu.scheduler import Scheduler
+from worker_cpu.sequence import Request, Sequence, Status
 from worker_cpu.stop_strings import StopStringMatcher
 
 log = structlog.get_logger(__name__)
 
-KV_ACCOUNTING_BLOCK = 16  # tokens; the load report counts KV in blocks of this size
-
 
 @dataclass
-class Sample:
-    index: int
-    detok: IncrementalDetokenizer
-    stops: StopStringMatcher
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    cumulative_logprob: float = 0.0
-    finish_reason: str = ""
-
-    def completion(self) -> CompletionOut:
-        return CompletionOut(index=self.index, text=self.stops.text, token_ids=self.token_ids,
-                             finish_reason=self.finish_reason or "cancelled", stop_reason=self.stops.matched,
-                             logprobs=self.logprobs, cumulative_logprob=self.cumulative_logprob)
-
-
-@dataclass
-class Group:
-    """One generate request: its n samples decode together over one shared prefill."""
-
-    task_id: str
-    prompt_ids: list[int]
-    cfg: SamplingConfig
-    emit: Callable[[object], None]
-    samples: list[Sample]
-    submitted: float
-    generator: torch.Generator | None
-    started: float = 0.0
-    first_token: float = 0.0
-    cancelled: bool = False
-    alive: list[int] = field(default_factory=list)   # sample index of each cache row
-    cache: object = None
-    next_logits: torch.Tensor | None = None
-    penalty: RowPenaltyState | None = None
+class EngineStats:
     steps: int = 0
+    prefill_tokens: int = 0       # prompt (and recomputed) tokens run through the model
+    decode_tokens: int = 0
+    preemptions: int = 0
 
 
 class TorchEngine:
     def __init__(self, loaded: LoadedModel, max_batch_size: int = 64, kv_cache_tokens: int = 65536,
-                 threads: int | None = None) -> None:
-        self.model = loaded.model
+                 threads: int | None = None, max_num_tokens: int = 512, block_size: int = 16) -> None:
         self.tokenizer = loaded.tokenizer
+        model = loaded.model
+        self.dtype = next(model.parameters()).dtype
+        self.decoder = PagedDecoder(decoder_from_hf(model, self.dtype), self.dtype)
+        spec = self.decoder.spec
+        self.max_context = spec.max_positions
+        self.vocab = spec.vocab
         self.max_batch_size = max_batch_size
-        config = self.model.config
-        self.max_context = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 2048))
-        self.vocab = int(config.vocab_size)
-        self.eos_ids = self._eos_ids()
-        self.kv_blocks_total = kv_cache_tokens // KV_ACCOUNTING_BLOCK
+        self.eos_ids = self._eos_ids(model)
+        num_blocks = max(1, kv_cache_tokens // block_size)
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.kv = KVCache(spec.num_layers, num_blocks, block_size, spec.num_kv_heads, spec.head_dim, self.dtype)
+        self.runner = ModelRunner(self.decoder, self.kv)
+        self.scheduler = Scheduler(self.blocks, max_num_tokens, max_batch_size)
+        self.stats = EngineStats()
         self.info = EngineInfo(
             model_id=loaded.model_id, engine="torch-cpu", max_context_tokens=self.max_context,
-            max_batch_size=max_batch_size, kv_block_size=KV_ACCOUNTING_BLOCK, kv_blocks_total=self.kv_blocks_total,
+            max_batch_size=max_batch_size, kv_block_size=block_size, kv_blocks_total=num_blocks,
             eos_token=self.tokenizer.eos_token or "",
         )
         self._threads = threads
-        self._inbox: queue.SimpleQueue[Group] = queue.SimpleQueue()
-        self._groups: dict[str, Group] = {}
-        self._waiting: collections.deque[Group] = collections.deque()
-        self._running: list[Group] = []
+        self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
+        self._requests: dict[str, Request] = {}
+        self._active: list[Request] = []
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
-    def _eos_ids(self) -> set[int]:
+    def _eos_ids(self, model) -> set[int]:
         ids: set[int] = set()
-        for source in (getattr(self.model, "generation_config", None), self.model.config, self.tokenizer):
+        for source in (getattr(model, "generation_config", None), model.config, self.tokenizer):
             value = getattr(source, "eos_token_id", None)
             if isinstance(value, int):
                 ids.add(value)
@@ -140,18 +119,16 @@ class TorchEngine:
                                     f"(at least one token must be left to generate)")
         if cfg.n > self.max_batch_size:
             raise invalid("sampling.n", f"must be <= the worker's max batch size {self.max_batch_size}, got {cfg.n}")
+        if self.blocks.blocks_for(len(ids) + 1) > self.blocks.num_blocks:
+            raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"prompt: {len(ids)} tokens need more KV blocks than this worker has "
+                              f"({self.blocks.num_blocks} of {self.blocks.block_size} tokens)", "prompt")
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        group = Group(
-            task_id=task_id, prompt_ids=ids, cfg=cfg,
-            emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-            samples=[Sample(i, IncrementalDetokenizer(self.tokenizer), StopStringMatcher(cfg.stop))
-                     for i in range(cfg.n)],
-            submitted=time.perf_counter(),
-            generator=torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None,
-        )
-        self._groups[task_id] = group
-        self._inbox.put(group)
+        request = Request(task_id=task_id, prompt_ids=ids, cfg=cfg, submitted=time.perf_counter(),
+                          emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        self._requests[task_id] = request
+        self._inbox.put(request)
         done = False
         try:
             while not done:
@@ -162,25 +139,24 @@ class TorchEngine:
                 yield event
         finally:
             if not done:
-                group.cancelled = True
+                request.cancelled = True
 
     def cancel(self, task_id: str) -> None:
-        group = self._groups.get(task_id)
-        if group is not None:
-            group.cancelled = True
+        request = self._requests.get(task_id)
+        if request is not None:
+            request.cancelled = True
 
     def load(self) -> LoadStats:
-        running = list(self._running)
-        kv_tokens = sum(len(g.alive) * (len(g.prompt_ids) + g.steps) for g in running)
-        used = math.ceil(kv_tokens / KV_ACCOUNTING_BLOCK)
         return LoadStats(
-            queue_depth=len(self._waiting) + self._inbox.qsize(),
-            running_sequences=sum(len(g.alive) for g in running),
-            kv_blocks_used=used, kv_blocks_free=max(0, self.kv_blocks_total - used),
+            queue_depth=len(self.scheduler.waiting) + self._inbox.qsize(),
+            running_sequences=len(self.scheduler.running),
+            kv_blocks_used=self.blocks.num_used, kv_blocks_free=self.blocks.num_free,
         )
 
     def close(self) -> None:
         self._stopped.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
 
     # ---- engine thread ---------------------------------------------------------------------
 
@@ -189,139 +165,173 @@ class TorchEngine:
             torch.set_num_threads(self._threads)
         with torch.inference_mode():
             while not self._stopped.is_set():
-                self._admit()
-                if not self._running:
-                    try:
-                        self._waiting.append(self._inbox.get(timeout=0.1))
-                    except queue.Empty:
-                        pass
-                    continue
-                for group in list(self._running):
-                    try:
-                        finished = self._step(group)
-                    except Exception as exc:  # one request's failure must not take the engine down
-                        log.exception("engine step failed", task_id=group.task_id)
-                        group.emit(StatusError(grpc.StatusCode.INTERNAL, f"engine step failed: {exc!r}"))
-                        finished = True
-                    if finished:
-                        self._running.remove(group)
-                        self._groups.pop(group.task_id, None)
+                self._admit(block=not self.scheduler.running and not self.scheduler.waiting)
+                self._reap_cancelled()
+                try:
+                    self._step()
+                except Exception as exc:  # a bug must fail the requests in flight, not hang them
+                    log.exception("engine step failed")
+                    for request in list(self._active):
+                        self._fail(request, StatusError(grpc.StatusCode.INTERNAL, f"engine step failed: {exc!r}"))
 
-    def _admit(self) -> None:
+    def _admit(self, block: bool) -> None:
+        try:
+            request = self._inbox.get(timeout=0.1) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
         while True:
+            self._active.append(request)
+            seq = Sequence(request=request, index=0, token_ids=list(request.prompt_ids),
+                           num_prompt=len(request.prompt_ids), detok=IncrementalDetokenizer(self.tokenizer),
+                           stops=StopStringMatcher(request.cfg.stop), generator=request.generator(0))
+            request.sequences.append(seq)
+            self.scheduler.add(seq)
             try:
-                self._waiting.append(self._inbox.get_nowait())
+                request = self._inbox.get_nowait()
             except queue.Empty:
-                break
-        rows = sum(len(g.alive) for g in self._running)
-        while self._waiting:
-            group = self._waiting[0]
-            if group.cancelled:
-                self._waiting.popleft()
-                self._finish(group)
-                self._groups.pop(group.task_id, None)
-                continue
-            if self._running and rows + group.cfg.n > self.max_batch_size:
-                break
-            self._waiting.popleft()
-            try:
-                self._prefill(group)
-            except Exception as exc:
-                log.exception("prefill failed", task_id=group.task_id)
-                group.emit(StatusError(grpc.StatusCode.INTERNAL, f"prefill failed: {exc!r}"))
-                self._groups.pop(group.task_id, None)
-                continue
-            self._running.append(group)
-            rows += group.cfg.n
+                return
 
-    def _forward(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :].float()
+    def _reap_cancelled(self) -> None:
+        for request in list(self._active):
+            if request.cancelled:
+                for seq in request.sequences:
+                    if seq.status is not Status.FINISHED:
+                        self.scheduler.finish(seq)
+                self._complete(request)
 
-    def _prefill(self, group: Group) -> None:
-        from transformers import DynamicCache
-
-        group.started = time.perf_counter()
-        cache = DynamicCache(config=self.model.config)
-        logits = self._forward(torch.tensor([group.prompt_ids], dtype=torch.long), cache)
-        n = group.cfg.n
-        if n > 1:
-            cache.batch_repeat_interleave(n)
-        group.cache = cache
-        group.next_logits = logits.expand(n, -1).contiguous()
-        group.alive = list(range(n))
-        group.penalty = RowPenaltyState(group.prompt_ids, n, logits.shape[-1])
-
-    def _step(self, group: Group) -> bool:
-        """Sample one token for every live row of the group, stream it, then run the next forward."""
-        if group.cancelled:
-            self._finish(group)
-            return True
-        cfg = group.cfg
-        stopping = set(cfg.stop_token_ids) | (set() if cfg.ignore_eos else self.eos_ids)
-        picked = pick(group.next_logits, cfg, group.penalty, group.steps, sorted(stopping), group.generator)
-        group.steps += 1
-        if not group.first_token:
-            group.first_token = time.perf_counter()
-        group.penalty.add(picked.tokens)
-        tokens = picked.tokens.tolist()
-        chosen_lp = picked.logprobs.tolist()
-        top_ids = picked.top_ids.tolist() if picked.top_ids is not None else None
-        top_lp = picked.top_logprobs.tolist() if picked.top_logprobs is not None else None
-        keep: list[int] = []
-        for row, index in enumerate(group.alive):
-            sample = group.samples[index]
-            token = tokens[row]
-            sample.token_ids.append(token)
-            sample.cumulative_logprob += chosen_lp[row]
-            lp = []
-            if cfg.logprobs is not None:
-                top = [] if top_ids is None else [
-                    TopLogprob(t, v, self.tokenizer.decode([t]))
-                    for t, v in zip(top_ids[row], top_lp[row], strict=True)]
-                lp = [TokenLogprob(token, chosen_lp[row], top)]
-                sample.logprobs.extend(lp)
-            text = ""
-            if token in stopping:
-                sample.finish_reason = "stop"
-            else:
-                text = sample.stops.feed(sample.detok.push(token))
-                if sample.stops.matched:
-                    sample.finish_reason = "stop"
-                elif (len(sample.token_ids) >= cfg.max_tokens
-                      or len(group.prompt_ids) + len(sample.token_ids) >= self.max_context):
-                    sample.finish_reason = "length"
-            if sample.finish_reason and not sample.stops.matched:
-                # Release what was held back: a partial character, or text that might have become a stop.
-                text += sample.stops.feed(sample.detok.flush())
-                text += sample.stops.flush()
-            group.emit(Delta(index, text, [token], lp))
-            if not sample.finish_reason:
-                keep.append(row)
-        if not keep:
-            self._finish(group)
-            return True
-        if len(keep) < len(group.alive):
-            index = torch.tensor(keep, dtype=torch.long)
-            group.cache.batch_select_indices(index)
-            group.penalty.keep_rows(index)
-            picked_tokens = picked.tokens[index]
-        else:
-            picked_tokens = picked.tokens
-        group.alive = [group.alive[r] for r in keep]
-        group.next_logits = self._forward(picked_tokens.unsqueeze(-1), group.cache)
-        return False
-
-    def _finish(self, group: Group) -> None:
+    def _step(self) -> None:
+        plan = self.scheduler.schedule()
+        self.stats.preemptions += plan.preempted
+        for seq in plan.exhausted:
+            seq.finish_reason = "length"
+            self.scheduler.finish(seq)
+            seq.request.emit(Delta(seq.index, self._release_text(seq), []))
+            self._maybe_complete(seq.request)
+        if not plan.items:
+            return
         now = time.perf_counter()
-        started = group.started or now
-        group.emit(Finished(
-            completions=[s.completion() for s in group.samples],
-            prompt_tokens=len(group.prompt_ids), cached_prompt_tokens=0,
-            queue_ms=(started - group.submitted) * 1000,
-            ttft_ms=((group.first_token or now) - group.submitted) * 1000,
-            latency_ms=(now - group.submitted) * 1000,
+        for item in plan.items:
+            if not item.seq.request.started:
+                item.seq.request.started = now
+            if item.tokens > 1 or item.seq.computed < item.seq.num_prompt:
+                self.stats.prefill_tokens += item.tokens
+            else:
+                self.stats.decode_tokens += item.tokens
+        logits, sampled = self.runner.run(plan)
+        self.stats.steps += 1
+        for item in plan.items:
+            seq = item.seq
+            seq.computed += item.tokens
+            self.blocks.seal(seq.table, seq.token_ids, seq.computed)
+        if not sampled:
+            return
+        seqs: list[Sequence] = []
+        row_of: list[int] = []
+        for r, item in enumerate(sampled):
+            for seq in self._fork_if_first(item.seq):
+                seqs.append(seq)
+                row_of.append(r)
+        picked = sample(logits[torch.tensor(row_of)], [self._row(seq) for seq in seqs])
+        for i, seq in enumerate(seqs):
+            self._accept(seq, picked.tokens[i], picked.logprobs[i], picked.top_ids[i], picked.top_logprobs[i])
+
+    def _fork_if_first(self, seq: Sequence) -> list[Sequence]:
+        """At a request's first sampled token, its prefilled sequence becomes n sharing the prompt's blocks."""
+        request = seq.request
+        if request.forked:
+            return [seq]
+        request.forked = True
+        family = [seq]
+        for index in range(1, request.cfg.n):
+            child = Sequence(request=request, index=index, token_ids=list(seq.token_ids), num_prompt=seq.num_prompt,
+                             detok=IncrementalDetokenizer(self.tokenizer), stops=StopStringMatcher(request.cfg.stop),
+                             generator=request.generator(index), status=Status.RUNNING, computed=seq.computed,
+                             table=self.blocks.fork(seq.table))
+            request.sequences.append(child)
+            self.scheduler.running.append(child)
+            family.append(child)
+        return family
+
+    def _stop_ids(self, cfg: SamplingConfig) -> set[int]:
+        return set(cfg.stop_token_ids) | (set() if cfg.ignore_eos else self.eos_ids)
+
+    def _row(self, seq: Sequence) -> Row:
+        cfg = seq.request.cfg
+        return Row(cfg=cfg, generator=seq.generator, generated=seq.generated, stop_ids=sorted(self._stop_ids(cfg)),
+                   prompt_ids=seq.token_ids[:seq.num_prompt], output_ids=seq.token_ids[seq.num_prompt:])
+
+    def _release_text(self, seq: Sequence) -> str:
+        """At the end of a sequence: what was held back (a partial character, a possible stop string)."""
+        if seq.stops.matched:
+            return ""
+        return seq.stops.feed(seq.detok.flush()) + seq.stops.flush()
+
+    def _accept(self, seq: Sequence, token: int, logprob: float, top_ids: list[int], top_lp: list[float]) -> None:
+        request, cfg = seq.request, seq.request.cfg
+        if not request.first_token:
+            request.first_token = time.perf_counter()
+        seq.token_ids.append(token)
+        seq.cumulative_logprob += logprob
+        lp = []
+        if cfg.logprobs is not None:
+            top = [TopLogprob(t, v, self.tokenizer.decode([t])) for t, v in zip(top_ids, top_lp, strict=True)]
+            lp = [TokenLogprob(token, logprob, top)]
+            seq.logprobs.extend(lp)
+        text = ""
+        if token in self._stop_ids(cfg):
+            seq.finish_reason = "stop"
+        else:
+            text = seq.stops.feed(seq.detok.push(token))
+            if seq.stops.matched:
+                seq.finish_reason = "stop"
+            elif seq.generated >= cfg.max_tokens or len(seq.token_ids) >= self.max_context:
+                seq.finish_reason = "length"
+        if seq.finish_reason:
+            text += self._release_text(seq)
+        request.emit(Delta(seq.index, text, [token], lp))
+        if seq.finish_reason:
+            self.scheduler.finish(seq)
+            self._maybe_complete(request)
+
+    def _maybe_complete(self, request: Request) -> None:
+        if request.forked and all(s.status is Status.FINISHED for s in request.sequences):
+            self._complete(request)
+
+    def _complete(self, request: Request) -> None:
+        if request.done:
+            return
+        request.done = True
+        now = time.perf_counter()
+        by_index = {s.index: s for s in request.sequences}
+        completions = []
+        for index in range(request.cfg.n):
+            seq = by_index.get(index)
+            if seq is None:
+                completions.append(CompletionOut(index, "", [], "cancelled"))
+            else:
+                completions.append(CompletionOut(
+                    index=index, text=seq.stops.text, token_ids=seq.token_ids[seq.num_prompt:],
+                    finish_reason=seq.finish_reason or "cancelled", stop_reason=seq.stops.matched,
+                    logprobs=seq.logprobs, cumulative_logprob=seq.cumulative_logprob))
+        started = request.started or now
+        request.emit(Finished(
+            completions=completions, prompt_tokens=len(request.prompt_ids),
+            cached_prompt_tokens=request.cached_prompt_tokens,
+            queue_ms=(started - request.submitted) * 1000,
+            ttft_ms=((request.first_token or now) - request.submitted) * 1000,
+            latency_ms=(now - request.submitted) * 1000,
         ))
-        group.alive = []
-        group.cache = None
-        group.next_logits = None
+        self._retire(request)
+
+    def _fail(self, request: Request, error: StatusError) -> None:
+        for seq in request.sequences:
+            if seq.status is not Status.FINISHED:
+                self.scheduler.finish(seq)
+        request.done = True
+        request.emit(error)
+        self._retire(request)
+
+    def _retire(self, request: Request) -> None:
+        if request in self._active:
+            self._active.remove(request)
+        self._requests.pop(request.task_id, None)

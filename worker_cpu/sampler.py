@@ -1,8 +1,10 @@
-"""Next-token selection for the rows of one request (its n samples), with every SamplingParams field.
+"""Next-token selection for a batch of rows, each with its own sampling parameters.
 
-Order follows common practice (vLLM, HF): min_tokens masking, repetition penalty over prompt and
-output, frequency/presence penalties over output, then greedy or temperature -> top_k -> top_p ->
-min_p -> draw. Reported logprobs come from the model's raw distribution, before any of this.
+Per row, in the usual order (vLLM, HF): min_tokens masking of stop tokens, repetition penalty over
+prompt and output, frequency/presence penalties over output, then greedy, or temperature -> top_k
+-> top_p -> min_p -> draw. Draws use the exponential race (argmax p / E, E ~ Exp(1)), so each row
+can take its noise from its own seeded generator while the arithmetic stays batched. Reported
+logprobs come from the model's raw distribution, before any of this.
 """
 
 from __future__ import annotations
@@ -15,72 +17,79 @@ from trellis_rpc.sampling import SamplingConfig
 
 
 @dataclass
+class Row:
+    cfg: SamplingConfig
+    generator: torch.Generator | None
+    generated: int                    # tokens generated so far
+    stop_ids: list[int]               # masked while generated < cfg.min_tokens
+    prompt_ids: list[int]             # for the repetition penalty
+    output_ids: list[int]             # for all penalties
+
+
+@dataclass
 class Picked:
-    tokens: torch.Tensor          # [rows] chosen ids
-    logprobs: torch.Tensor        # [rows] raw logprob of each chosen id
-    top_ids: torch.Tensor | None  # [rows, k]
-    top_logprobs: torch.Tensor | None
+    tokens: list[int]
+    logprobs: list[float]             # raw logprob of each chosen token
+    top_ids: list[list[int]]          # per row, cfg.logprobs alternatives (empty when not asked)
+    top_logprobs: list[list[float]]
 
 
-class RowPenaltyState:
-    """Token counts per row: output counts for frequency/presence, prompt+output presence for repetition."""
-
-    def __init__(self, prompt_ids: list[int], rows: int, vocab: int) -> None:
-        self.output_counts = torch.zeros(rows, vocab, dtype=torch.float32)
-        seen = torch.zeros(vocab, dtype=torch.bool)
-        if prompt_ids:
-            seen[torch.tensor(prompt_ids, dtype=torch.long).clamp_(0, vocab - 1)] = True
-        self.seen = seen.unsqueeze(0).repeat(rows, 1)
-
-    def add(self, tokens: torch.Tensor) -> None:
-        rows = torch.arange(tokens.shape[0])
-        self.output_counts[rows, tokens] += 1
-        self.seen[rows, tokens] = True
-
-    def keep_rows(self, keep: torch.Tensor) -> None:
-        self.output_counts = self.output_counts[keep]
-        self.seen = self.seen[keep]
+def _penalise(x: torch.Tensor, row: Row) -> None:
+    cfg, vocab = row.cfg, x.shape[0]
+    if cfg.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(row.prompt_ids) | set(row.output_ids)), dtype=torch.long)
+        seen = seen[seen < vocab]
+        vals = x[seen]
+        x[seen] = torch.where(vals > 0, vals / cfg.repetition_penalty, vals * cfg.repetition_penalty)
+    if (cfg.frequency_penalty or cfg.presence_penalty) and row.output_ids:
+        counts = torch.bincount(torch.tensor(row.output_ids, dtype=torch.long), minlength=vocab)[:vocab].float()
+        x -= cfg.frequency_penalty * counts + cfg.presence_penalty * (counts > 0).float()
 
 
-def pick(logits: torch.Tensor, cfg: SamplingConfig, state: RowPenaltyState, generated: int,
-         banned_until_min: list[int], generator: torch.Generator | None) -> Picked:
-    """logits: [rows, vocab] float32 for the last position of every live row."""
+def sample(logits: torch.Tensor, rows: list[Row]) -> Picked:
+    """logits: [R, vocab] float32, one row per entry of rows."""
+    R = logits.shape[0]
     raw = torch.log_softmax(logits, dim=-1)
     x = logits.clone()
-    if generated < cfg.min_tokens and banned_until_min:
-        x[:, banned_until_min] = float("-inf")
-    if cfg.repetition_penalty != 1.0:
-        p = cfg.repetition_penalty
-        penalised = torch.where(x > 0, x / p, x * p)
-        x = torch.where(state.seen, penalised, x)
-    if cfg.frequency_penalty:
-        x -= cfg.frequency_penalty * state.output_counts
-    if cfg.presence_penalty:
-        x -= cfg.presence_penalty * (state.output_counts > 0).float()
-
-    if cfg.greedy:
-        tokens = x.argmax(dim=-1)
-    else:
-        x = x / cfg.temperature
-        if cfg.top_k and cfg.top_k < x.shape[-1]:
-            kth = torch.topk(x, cfg.top_k, dim=-1).values[:, -1:]
-            x = x.masked_fill(x < kth, float("-inf"))
-        if cfg.top_p < 1.0:
-            sorted_x, order = torch.sort(x, dim=-1, descending=True)
-            probs = torch.softmax(sorted_x, dim=-1)
+    for r, row in enumerate(rows):
+        if row.generated < row.cfg.min_tokens and row.stop_ids:
+            x[r, row.stop_ids] = float("-inf")
+        if row.cfg.repetition_penalty != 1.0 or row.cfg.frequency_penalty or row.cfg.presence_penalty:
+            _penalise(x[r], row)
+    greedy = [row.cfg.greedy for row in rows]
+    tokens = x.argmax(dim=-1)
+    if not all(greedy):
+        temps = torch.tensor([row.cfg.temperature or 1.0 for row in rows], dtype=torch.float32)
+        z = x / temps[:, None]
+        top_k = [row.cfg.top_k for row in rows]
+        if any(top_k):
+            k = torch.tensor(top_k)
+            kmax = min(max(top_k), z.shape[-1])
+            kth = torch.topk(z, kmax, dim=-1).values.gather(1, (k.clamp(1, kmax) - 1)[:, None])
+            z = z.masked_fill((k > 0)[:, None] & (z < kth), float("-inf"))
+        top_p = torch.tensor([row.cfg.top_p for row in rows], dtype=torch.float32)
+        if bool((top_p < 1.0).any()):
+            sorted_z, order = torch.sort(z, dim=-1, descending=True)
+            probs = torch.softmax(sorted_z, dim=-1)
             # Drop a token when the mass before it already reaches top_p; the first always stays.
-            drop = (probs.cumsum(dim=-1) - probs) >= cfg.top_p
-            sorted_x = sorted_x.masked_fill(drop, float("-inf"))
-            x = torch.full_like(x, float("-inf")).scatter(-1, order, sorted_x)
-        probs = torch.softmax(x, dim=-1)
-        if cfg.min_p > 0.0:
-            floor = cfg.min_p * probs.max(dim=-1, keepdim=True).values
-            probs = probs.masked_fill(probs < floor, 0.0)
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-    chosen = raw.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    top_ids = top_lp = None
-    if cfg.logprobs:
-        top = torch.topk(raw, cfg.logprobs, dim=-1)
-        top_ids, top_lp = top.indices, top.values
-    return Picked(tokens=tokens, logprobs=chosen, top_ids=top_ids, top_logprobs=top_lp)
+            drop = (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+            z = z.scatter(-1, order, sorted_z.masked_fill(drop, float("-inf")))
+        probs = torch.softmax(z, dim=-1)
+        min_p = torch.tensor([row.cfg.min_p for row in rows], dtype=torch.float32)
+        if bool((min_p > 0).any()):
+            probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
+        noise = torch.empty_like(probs)
+        for r, row in enumerate(rows):
+            noise[r].exponential_(generator=row.generator)
+        drawn = (probs / noise).argmax(dim=-1)
+        tokens = torch.where(torch.tensor(greedy), tokens, drawn)
+    chosen = raw.gather(-1, tokens[:, None]).squeeze(-1)
+    top_ids: list[list[int]] = [[] for _ in range(R)]
+    top_lp: list[list[float]] = [[] for _ in range(R)]
+    want = [row.cfg.logprobs or 0 for row in rows]
+    if any(want):
+        top = torch.topk(raw, max(want), dim=-1)
+        ids, vals = top.indices.tolist(), top.values.tolist()
+        for r, k in enumerate(want):
+            top_ids[r], top_lp[r] = ids[r][:k], vals[r][:k]
+    return Picked(tokens=tokens.tolist(), logprobs=chosen.tolist(), top_ids=top_ids, top_logprobs=top_lp)

@@ -1,0 +1,205 @@
+"""The CPU engine in-process: greedy output equals Hugging Face generate across architectures and
+batching situations, blocks are shared, preempted, freed; seeds reproduce."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from trellis_rpc.engine_api import Delta, Finished, PromptInput
+from trellis_rpc.sampling import SamplingConfig
+from worker_cpu.engine import TorchEngine
+from worker_cpu.model_loader import LoadedModel
+
+VOCAB = 400
+
+
+def tiny(arch: str):
+    torch.manual_seed(0)
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            max_position_embeddings=256))
+    if arch == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            max_position_embeddings=256))
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                                      bos_token_id=1, eos_token_id=2))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model: Path):
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def make_engine(arch: str, tokenizer, **kw) -> tuple[TorchEngine, object]:
+    """The engine and the Hugging Face model it was built from (the reference)."""
+    model = tiny(arch).eval()
+    return TorchEngine(LoadedModel(model, tokenizer, f"tiny-{arch}", Path(".")), threads=1, **kw), model
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def prompts(count: int, length: int, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (length + 5 * i,), generator=g).tolist() for i in range(count)]
+
+
+async def _collect(engine: TorchEngine, task_id: str, ids: list[int], cfg: SamplingConfig):
+    deltas, final = [], None
+    async for event in engine.generate(task_id, PromptInput(token_ids=ids), cfg):
+        if isinstance(event, Delta):
+            deltas.append(event)
+        elif isinstance(event, Finished):
+            final = event
+    return deltas, final
+
+
+def run(engine: TorchEngine, jobs: list[tuple[list[int], SamplingConfig]]) -> list[Finished]:
+    async def main():
+        return await asyncio.gather(*(_collect(engine, f"t{i}", ids, cfg) for i, (ids, cfg) in enumerate(jobs)))
+    return [final for _, final in asyncio.run(main())]
+
+
+GREEDY = SamplingConfig(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_greedy_matches_hf_alone_and_batched(arch, tokenizer):
+    engine, model = make_engine(arch, tokenizer)
+    try:
+        ps = prompts(4, 20)
+        expected = [hf_greedy(model, p, 12) for p in ps]
+        alone = run(engine, [(ps[0], GREEDY)])[0]
+        assert alone.completions[0].token_ids == expected[0]
+        together = run(engine, [(p, GREEDY) for p in ps])
+        assert [f.completions[0].token_ids for f in together] == expected
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_chunked_prefill_and_prefix_hits_keep_greedy_output(arch, tokenizer):
+    engine, model = make_engine(arch, tokenizer, max_num_tokens=7, block_size=4)
+    try:
+        p = prompts(1, 30)[0]
+        expected = hf_greedy(model, p, 12)
+        first = run(engine, [(p, GREEDY)])[0]
+        assert first.completions[0].token_ids == expected
+        assert first.cached_prompt_tokens == 0
+        second = run(engine, [(p, GREEDY)])[0]
+        assert second.completions[0].token_ids == expected
+        assert second.cached_prompt_tokens == 28  # 7 full blocks of 4; the last token always runs
+        # A longer prompt sharing the prefix hits too and still matches HF.
+        longer = p + [5, 6, 7, 8, 9]
+        third = run(engine, [(longer, GREEDY)])[0]
+        assert third.cached_prompt_tokens >= 28
+        assert third.completions[0].token_ids == hf_greedy(model, longer, 12)
+    finally:
+        engine.close()
+
+
+def test_n_samples_prefill_once_and_share_blocks(tokenizer):
+    engine, model = make_engine("llama", tokenizer, block_size=8)
+    try:
+        p = prompts(1, 64)[0]
+        cfg = SamplingConfig(n=16, max_tokens=10, ignore_eos=True, seed=3)
+        done = run(engine, [(p, cfg)])[0]
+        assert len(done.completions) == 16
+        assert all(len(c.token_ids) == 10 for c in done.completions)
+        assert engine.stats.prefill_tokens == len(p), "the prompt is prefilled once for all 16 samples"
+        assert len({tuple(c.token_ids) for c in done.completions}) > 1
+        assert engine.blocks.num_used == 0
+        # Greedy n samples are all the HF greedy continuation.
+        greedy = run(engine, [(p, SamplingConfig(n=3, temperature=0.0, max_tokens=10, ignore_eos=True))])[0]
+        expected = hf_greedy(model, p, 10)
+        assert [c.token_ids for c in greedy.completions] == [expected] * 3
+    finally:
+        engine.close()
+
+
+def test_out_of_blocks_queues_and_preempts_instead_of_failing(tokenizer):
+    # 12 blocks of 4 tokens = 48 token slots; each request needs 20 + 16 = 36 at the end.
+    engine, model = make_engine("llama", tokenizer, block_size=4, kv_cache_tokens=48)
+    try:
+        ps = prompts(3, 20, seed=9)
+        cfg = SamplingConfig(temperature=0.0, max_tokens=16, ignore_eos=True)
+        expected = [hf_greedy(model, p, 16) for p in ps]
+        done = run(engine, [(p, cfg) for p in ps])
+        assert [f.completions[0].token_ids for f in done] == expected
+        assert engine.blocks.num_used == 0
+    finally:
+        engine.close()
+
+
+def test_seed_reproduces_whatever_else_is_in_the_batch(tokenizer):
+    engine, _ = make_engine("qwen2", tokenizer)
+    try:
+        p, other = prompts(2, 16, seed=4)
+        cfg = SamplingConfig(n=2, max_tokens=12, seed=42, ignore_eos=True, top_k=50, top_p=0.9)
+        alone = run(engine, [(p, cfg)])[0]
+        busy = run(engine, [(other, SamplingConfig(max_tokens=30, ignore_eos=True)), (p, cfg),
+                            (other, SamplingConfig(n=3, max_tokens=5, ignore_eos=True))])[1]
+        assert [c.token_ids for c in busy.completions] == [c.token_ids for c in alone.completions]
+    finally:
+        engine.close()
+
+
+def test_cancel_frees_blocks_at_the_next_step(tokenizer):
+    engine, _ = make_engine("llama", tokenizer)
+
+    async def main():
+        stream = engine.generate("long", PromptInput(token_ids=prompts(1, 30)[0]),
+                                 SamplingConfig(n=4, max_tokens=200, ignore_eos=True))
+        seen = 0
+        async for event in stream:
+            if isinstance(event, Delta):
+                seen += 1
+                if seen == 8:
+                    assert engine.load().kv_blocks_used > 0
+                    engine.cancel("long")
+            elif isinstance(event, Finished):
+                return event
+
+    try:
+        done = asyncio.run(main())
+        assert all(c.finish_reason == "cancelled" for c in done.completions)
+        assert engine.load().kv_blocks_used == 0 and engine.load().running_sequences == 0
+    finally:
+        engine.close()
+
+
+def test_bf16_agrees_with_fp32(tokenizer):
+    model = tiny("llama").eval()
+    ps = prompts(3, 24, seed=2)
+    with torch.inference_mode():
+        ref = [model(torch.tensor([p])).logits[0, -1].softmax(-1) for p in ps]
+    engine = TorchEngine(LoadedModel(model.to(torch.bfloat16), tokenizer, "tiny-bf16", Path(".")), threads=1)
+    try:
+        cfg = SamplingConfig(temperature=0.0, max_tokens=1, logprobs=5)
+        done = run(engine, [(p, cfg) for p in ps])
+        for probs, f in zip(ref, done, strict=True):
+            lp = f.completions[0].logprobs[0]
+            top_fp32 = probs.topk(5).indices.tolist()
+            assert lp.token_id == top_fp32[0] or probs[lp.token_id] > probs[top_fp32[0]] - 0.02
+            for alt in lp.top:
+                assert abs(torch.tensor(alt.logprob).exp() - probs[alt.token_id]) < 0.02
+    finally:
+        engine.close()

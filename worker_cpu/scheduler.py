@@ -1,0 +1,117 @@
+"""Which sequences run in the next step, and how many tokens each.
+
+Each step has a token budget (max_num_tokens). Running sequences go first, oldest first: a decode
+needs one token, a sequence still prefilling gets the next chunk of its prompt. Waiting sequences
+are admitted while budget, batch size and blocks last. When a running sequence needs a block and
+none is free, the newest running sequence is preempted: its blocks are freed and it is queued again
+to be recomputed (its prefix is probably still in the prefix cache).
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+from worker_cpu.block_manager import BlockManager
+from worker_cpu.sequence import Sequence, Status
+
+
+@dataclass
+class Scheduled:
+    seq: Sequence
+    tokens: int                 # how many of its pending tokens run this step
+
+
+@dataclass
+class Plan:
+    items: list[Scheduled] = field(default_factory=list)
+    copies: list[tuple[int, int, int]] = field(default_factory=list)  # (src, dst, tokens) block copies
+    preempted: int = 0
+    exhausted: list[Sequence] = field(default_factory=list)  # cannot grow even alone: the cache is full
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_tokens: int, max_batch_size: int) -> None:
+        self.blocks = blocks
+        self.max_num_tokens = max_num_tokens
+        self.max_batch_size = max_batch_size
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self.preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def _reserve(self, seq: Sequence, tokens: int, plan: Plan) -> bool:
+        copies = self.blocks.ensure(seq.table, seq.computed + tokens)
+        if copies is None:
+            return False
+        filled = seq.computed % self.blocks.block_size or self.blocks.block_size
+        plan.copies.extend((src, dst, filled) for src, dst in copies)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.table)
+        seq.computed = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def schedule(self) -> Plan:
+        plan = Plan()
+        budget = self.max_num_tokens
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq not in self.running:          # preempted below to make room for an older one
+                continue
+            tokens = min(seq.pending, budget)
+            while not self._reserve(seq, tokens, plan):
+                if len(self.running) == 1:
+                    plan.exhausted.append(seq)
+                    break
+                victim = self.running[-1]
+                self._preempt(victim)
+                plan.preempted += 1
+                if victim is seq:
+                    break
+            else:
+                plan.items.append(Scheduled(seq, tokens))
+                budget -= tokens
+        rows = sum(1 for s in self.running)
+        while self.waiting and budget > 0:
+            seq = self.waiting[0]
+            request = seq.request
+            reserve_rows = 1 if request.forked else request.cfg.n
+            if self.running and rows + reserve_rows > self.max_batch_size:
+                break
+            if not seq.table.blocks:
+                hit = self.blocks.match_prefix(seq.table, seq.token_ids)
+                seq.computed = hit
+                if not request.forked and seq.index == 0:
+                    request.cached_prompt_tokens = hit
+            tokens = min(seq.pending, budget)
+            if not self._reserve(seq, tokens, plan):
+                # Give the prefix blocks back while it waits: running sequences may need them.
+                self.blocks.free(seq.table)
+                seq.computed = 0
+                if not self.running:
+                    plan.exhausted.append(seq)  # nothing will free blocks: it cannot ever run
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            plan.items.append(Scheduled(seq, tokens))
+            budget -= tokens
+            rows += reserve_rows
+        return plan
+
+    def finish(self, seq: Sequence, keep_blocks: bool = False) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED
+        if not keep_blocks:
+            self.blocks.free(seq.table)

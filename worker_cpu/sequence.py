@@ -1,0 +1,76 @@
+"""A sequence being generated, and the request (n samples of one prompt) it belongs to."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from trellis_rpc.engine_api import TokenLogprob
+from trellis_rpc.sampling import SamplingConfig
+from worker_cpu.block_manager import BlockTable
+from worker_cpu.detokenizer import IncrementalDetokenizer
+from worker_cpu.stop_strings import StopStringMatcher
+
+_ids = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    """One generate task. Its first sequence prefills the prompt; at the first sampled token it forks
+    into n sequences that share the prompt's blocks."""
+
+    task_id: str
+    prompt_ids: list[int]
+    cfg: SamplingConfig
+    emit: Callable[[object], None]
+    submitted: float
+    sequences: list[Sequence] = field(default_factory=list)
+    started: float = 0.0
+    first_token: float = 0.0
+    cancelled: bool = False
+    forked: bool = False
+    cached_prompt_tokens: int = 0
+    done: bool = False
+
+    def generator(self, index: int) -> torch.Generator | None:
+        """One generator per sample, so a seeded request reproduces whatever else is in the batch."""
+        if self.cfg.seed is None:
+            return None
+        return torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + index) % (1 << 63))
+
+
+@dataclass
+class Sequence:
+    request: Request
+    index: int
+    token_ids: list[int]
+    num_prompt: int
+    detok: IncrementalDetokenizer
+    stops: StopStringMatcher
+    generator: torch.Generator | None
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    status: Status = Status.WAITING
+    computed: int = 0                       # tokens whose K/V are in the cache
+    table: BlockTable = field(default_factory=BlockTable)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    finish_reason: str = ""
+
+    @property
+    def generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt
+
+    @property
+    def pending(self) -> int:
+        """Tokens to run through the model before this sequence can sample again."""
+        return len(self.token_ids) - self.computed
