@@ -42,12 +42,13 @@ def test_majority_vote_on_arithmetic(smol):
     router, _ = smol
     events = list(router.RunStream(run_request(
         "majority_vote", prompt=chat("What is 2 + 2? Answer with just the number."),
-        params={"n": 4}, temperature=0.7, seed=3, max_tokens=32), timeout=300))
+        params={"n": 6}, temperature=0.3, seed=3, max_tokens=32), timeout=300))
     result = events[-1].result
     votes = json_format.MessageToDict(result.details)["votes"]
+    # At temperature 0.3 SmolLM2-135M answers 4 in most samples (checked over seeds 1-6: 4 of 6 or more).
     assert result.answer == "4", (votes, [c.text for c in result.candidates])
-    assert votes["4"] >= 2
-    assert {e.delta.branch for e in events if e.WhichOneof("event") == "delta"} == {f"sample/{i}" for i in range(4)}
+    assert votes["4"] >= 3
+    assert {e.delta.branch for e in events if e.WhichOneof("event") == "delta"} == {f"sample/{i}" for i in range(6)}
 
 
 def test_client_deadline_cancels_the_work_on_the_worker(smol):

@@ -88,11 +88,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _gather(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
-    """K or V of whole blocks: [*blocks.shape[:-1], blocks * block_size, Hkv, D]. Copying block-sized rows
-    is about 6x faster than indexing single slots."""
-    rows = cache.view(-1, block_size * cache.shape[1] * cache.shape[2])
-    out = rows.index_select(0, blocks.reshape(-1))
-    return out.view(*blocks.shape[:-1], blocks.shape[-1] * block_size, cache.shape[1], cache.shape[2])
+    """K or V of whole blocks, per KV head: cache [Hkv, slots, D], blocks [..., nb] ->
+    [Hkv, ..., nb * block_size, D], contiguous. Copying block-sized rows is ~6x faster than
+    indexing single slots."""
+    hkv, _, d = cache.shape
+    rows = cache.view(hkv, -1, block_size * d)
+    out = rows.index_select(1, blocks.reshape(-1))
+    return out.view(hkv, *blocks.shape[:-1], blocks.shape[-1] * block_size, d)
 
 
 class PagedDecoder:
@@ -101,27 +103,49 @@ class PagedDecoder:
         self.spec = weights.spec
         self.dtype = dtype
         self.scale = self.spec.head_dim ** -0.5
+        self.group = self.spec.num_heads // self.spec.num_kv_heads
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                causal: bool) -> torch.Tensor:
-        """q [B, H, n, D], k/v [B, Hkv, L, D], mask broadcastable to [B, H, n, L] (True = attend).
-
-        float32 uses torch's fused SDPA; for bfloat16 the CPU SDPA kernel is ~5x slower than plain
-        batched matmuls with a float32 softmax (measured in benchmarks), so those are used instead."""
-        grouped = k.shape[1] != q.shape[1]
-        if self.dtype == torch.float32:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=grouped)
-        B, H, n, D = q.shape
-        Hkv = k.shape[1]
-        qg = q.reshape(B, Hkv, (H // Hkv) * n, D)
-        scores = torch.matmul(qg, k.transpose(-1, -2)).view(B, H, n, -1).float() * self.scale
-        if causal:
-            L = k.shape[2]
-            mask = torch.ones(n, L, dtype=torch.bool).tril(L - n)
+    def _softmax_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        mask: torch.Tensor | None) -> torch.Tensor:
+        """q [..., m, D] against k, v [..., L, D]; mask broadcastable to [..., m, L] (True = attend).
+        Plain batched matmuls with a float32 softmax: on this CPU torch's fused SDPA is ~5x slower in
+        bfloat16 and needs copies of the gathered K/V in either dtype (docs/ARCHITECTURE.md)."""
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.scale
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(q.dtype).view(B, Hkv, (H // Hkv) * n, -1)
-        return torch.matmul(probs, v).view(B, H, n, D)
+        return torch.matmul(torch.softmax(scores, dim=-1).to(q.dtype), v)
+
+    def _decode_attention(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, step: StepInput,
+                          block_size: int) -> torch.Tensor:
+        """q [B, H, D] of one token per sequence -> [B, H, D]."""
+        B, H, D = q.shape
+        hkv = kc.shape[0]
+        keys = _gather(kc, step.decode_blocks, block_size)                 # [Hkv, B, L, D]
+        values = _gather(vc, step.decode_blocks, block_size)
+        qg = q.view(B, hkv, self.group, D).transpose(0, 1)                 # [Hkv, B, G, D]
+        mask = step.decode_mask.view(1, B, 1, -1)
+        out = self._softmax_attend(qg, keys, values, mask)                 # [Hkv, B, G, D]
+        return out.transpose(0, 1).reshape(B, H, D)
+
+    def _prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor,
+                           vc: torch.Tensor, chunk: PrefillChunk, block_size: int) -> torch.Tensor:
+        """q [n, H, D] of one sequence's chunk -> [n, H, D], causal over its cached context and itself."""
+        n, H, D = q.shape
+        hkv = kc.shape[0]
+        if chunk.context_blocks is None:                                   # the chunk is the whole context
+            keys, values = k.transpose(0, 1), v.transpose(0, 1)            # [Hkv, n, D]
+            if self.dtype == torch.float32:
+                o = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0),
+                                                   values.unsqueeze(0), is_causal=True, enable_gqa=hkv != H)
+                return o[0].transpose(0, 1)
+            mask = torch.ones(n, n, dtype=torch.bool).tril()
+        else:
+            keys = _gather(kc, chunk.context_blocks, block_size)           # [Hkv, L, D]
+            values = _gather(vc, chunk.context_blocks, block_size)
+            mask = chunk.mask
+        qg = q.view(n, hkv, self.group, D).permute(1, 2, 0, 3)             # [Hkv, G, n, D]
+        out = self._softmax_attend(qg, keys.unsqueeze(1), values.unsqueeze(1), mask)  # [Hkv, G, n, D]
+        return out.permute(2, 0, 1, 3).reshape(n, H, D)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.spec.norm == "layer":
@@ -159,25 +183,15 @@ class PagedDecoder:
             if cos is not None:
                 q = q * cos + _rotate_half(q) * sin
                 k = k * cos + _rotate_half(k) * sin
-            kc, vc = kv.k[i], kv.v[i]
-            kc.index_copy_(0, step.slot_mapping, k)
-            vc.index_copy_(0, step.slot_mapping, v)
+            kc, vc = kv.k[i], kv.v[i]                                       # [Hkv, slots, D]
+            kc.index_copy_(1, step.slot_mapping, k.transpose(0, 1))
+            vc.index_copy_(1, step.slot_mapping, v.transpose(0, 1))
             attn = torch.empty(T, H, D, dtype=x.dtype)
             if nd:
-                keys = _gather(kc, step.decode_blocks, kv.block_size).transpose(1, 2)   # [B, Hkv, L, D]
-                values = _gather(vc, step.decode_blocks, kv.block_size).transpose(1, 2)
-                attn[:nd] = self._attend(q[:nd].unsqueeze(2), keys, values, step.decode_mask, False).squeeze(2)
+                attn[:nd] = self._decode_attention(q[:nd], kc, vc, step, kv.block_size)
             for chunk in step.prefills:
                 a, b = chunk.start, chunk.start + chunk.length
-                qc = q[a:b].transpose(0, 1).unsqueeze(0)                  # [1, H, n, D]
-                if chunk.context_blocks is None:
-                    keys, values = k[a:b], v[a:b]
-                else:
-                    keys = _gather(kc, chunk.context_blocks, kv.block_size)
-                    values = _gather(vc, chunk.context_blocks, kv.block_size)
-                o = self._attend(qc, keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
-                                 chunk.mask, chunk.context_blocks is None)
-                attn[a:b] = o[0].transpose(0, 1)
+                attn[a:b] = self._prefill_attention(q[a:b], k[a:b], v[a:b], kc, vc, chunk, kv.block_size)
             x = x + F.linear(attn.view(T, H * D), layer.out, layer.out_bias)
             h = self._norm(x, layer.norm2, layer.norm2_bias)
             if s.gated_mlp:
