@@ -7,7 +7,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-from trellis_rpc.engine_api import CompletionOut, Delta, EngineInfo, Finished, LoadStats, PromptInput
+from trellis_rpc.engine_api import CompletionOut, Delta, EngineInfo, Finished, LoadStats, PromptInput, SequenceSource
 from trellis_rpc.sampling import SamplingConfig
 
 
@@ -19,7 +19,8 @@ class ConstantSpeedEngine:
         self._cancelled: set[str] = set()
         self._running = 0
 
-    async def generate(self, task_id: str, prompt: PromptInput, cfg: SamplingConfig
+    async def generate(self, task_id: str, prompt: PromptInput, cfg: SamplingConfig,
+                       source: SequenceSource | None = None, keep_ttl_s: float | None = None
                        ) -> AsyncIterator[Delta | Finished]:
         start = time.perf_counter()
         self._running += cfg.n

@@ -47,6 +47,8 @@ class GenerateOutput:
     prompt_tokens: int
     completion_tokens: int
     worker_id: str = ""
+    handles: list[str] = field(default_factory=list)   # per sample, when the task set keep_s
+    cached_prompt_tokens: int = 0
 
 
 @dataclass
@@ -55,12 +57,19 @@ class Generate:
 
     `sampling` overrides the run's sampling parameters for this task (e.g. {"temperature": 0}).
     `branch` names the branch in streamed events, e.g. "sample"; sample i streams as "sample/i".
+    `keep_s` > 0 asks the worker to keep each finished sample (KV included) that long; the output's
+    `handles` name them. A later task with `continue_from` (uses the handle up) or `fork_from`
+    (leaves it) starts from that sample on the same worker, appending `prompt.text` (may be empty)
+    without prefilling the sample again.
     """
 
     prompt: Prompt
     n: int = 1
     sampling: dict[str, Any] = field(default_factory=dict)
     branch: str = "main"
+    keep_s: float = 0.0
+    continue_from: str = ""
+    fork_from: str = ""
     output: GenerateOutput | None = None
     failure: TaskFailure | None = None
 

@@ -17,9 +17,10 @@ from trellis_rpc.v1 import common_pb2, worker_pb2
 
 
 async def dispatch(pool: WorkerPool, request: worker_pb2.WorkerRequest, model: str, capability: int,
-                   wait_s: float) -> AsyncIterator[worker_pb2.WorkerResponse]:
-    """Send one task to a worker of the pool; yield its responses; a worker error raises StatusError."""
-    worker = await pool.pick(model, capability, wait_s=wait_s)
+                   wait_s: float, worker_id: str = "") -> AsyncIterator[worker_pb2.WorkerResponse]:
+    """Send one task to a worker of the pool (to worker_id, if given); yield its responses; a worker
+    error raises StatusError."""
+    worker = await pool.pick(model, capability, wait_s=wait_s, worker_id=worker_id)
     async for response in worker.submit(request):
         if response.WhichOneof("kind") == "error":
             e = response.error
@@ -59,16 +60,23 @@ class RemoteRunner:
         return max(1, int((self.deadline - time.monotonic()) * 1000))
 
     async def generate(self, task: Generate, on_delta: DeltaSink) -> GenerateOutput:
-        request = worker_pb2.WorkerRequest(
-            task_id=f"{self.run_id}/{next(self._ids)}",
-            timeout_ms=self._timeout_ms(),
-            generate=worker_pb2.GenerateTask(
-                prompt=prompt_to_pb(task.prompt), stream=True, branch=task.branch,
-                sampling=sampling_with_overrides(self.sampling, task.sampling, task.n)),
-        )
+        generate = worker_pb2.GenerateTask(
+            prompt=prompt_to_pb(task.prompt), stream=True, branch=task.branch,
+            sampling=sampling_with_overrides(self.sampling, task.sampling, task.n))
+        if task.keep_s > 0:
+            generate.keep.keep = True
+            generate.keep.ttl_ms = int(task.keep_s * 1000)
+        if task.continue_from:
+            generate.continue_from.handle = task.continue_from
+        elif task.fork_from:
+            generate.fork_from.handle = task.fork_from
+        request = worker_pb2.WorkerRequest(task_id=f"{self.run_id}/{next(self._ids)}",
+                                           timeout_ms=self._timeout_ms(), generate=generate)
+        # A continuation or fork must run where its KV lives: the handle names the worker.
+        holder = (task.continue_from or task.fork_from).partition(":")[0]
         try:
             async for response in dispatch(self.pool, request, self.model, common_pb2.CAPABILITY_GENERATE,
-                                           self._wait_s()):
+                                           self._wait_s(), worker_id=holder):
                 kind = response.WhichOneof("kind")
                 if kind == "delta":
                     if self.usage.first_token is None:
@@ -98,4 +106,6 @@ class RemoteRunner:
             for c in result.completions
         ]
         return GenerateOutput(samples=samples, prompt_tokens=result.usage.prompt_tokens,
-                              completion_tokens=result.usage.completion_tokens, worker_id=result.worker_id)
+                              completion_tokens=result.usage.completion_tokens, worker_id=result.worker_id,
+                              handles=list(result.sequence_handles),
+                              cached_prompt_tokens=result.usage.cached_prompt_tokens)

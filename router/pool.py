@@ -30,11 +30,11 @@ class WorkerPool:
     async def close(self) -> None:
         await asyncio.gather(*(w.close() for w in self.workers))
 
-    def _candidates(self, model: str, capability: int) -> list[WorkerConnection]:
+    def _candidates(self, model: str, capability: int, worker_id: str = "") -> list[WorkerConnection]:
         return [
             w for w in self.workers
             if w.ready and w.info is not None and capability in w.info.capabilities
-            and (not model or w.info.model_id == model)
+            and (not model or w.info.model_id == model) and (not worker_id or w.info.worker_id == worker_id)
         ]
 
     @staticmethod
@@ -43,19 +43,23 @@ class WorkerPool:
         return w.outstanding + reported
 
     async def pick(self, model: str = "", capability: int = common_pb2.CAPABILITY_GENERATE,
-                   wait_s: float = 0.0) -> WorkerConnection:
-        """A worker for the task; waits up to wait_s for one to connect, then UNAVAILABLE with the reasons."""
+                   wait_s: float = 0.0, worker_id: str = "") -> WorkerConnection:
+        """A worker for the task (the one named worker_id, if given); waits up to wait_s for one to
+        connect, then UNAVAILABLE with the reasons."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         while True:
-            candidates = self._candidates(model, capability)
+            candidates = self._candidates(model, capability, worker_id)
             if candidates:
                 start = next(self._turn) % len(candidates)  # rotate so equal costs spread out
                 rotated = candidates[start:] + candidates[:start]
                 return min(rotated, key=self._cost)
             left = deadline - loop.time()
             if left <= 0:
-                raise StatusError(grpc.StatusCode.UNAVAILABLE, self._why_none(model, capability))
+                why = self._why_none(model, capability)
+                if worker_id:
+                    why = f"worker {worker_id!r}, which holds the sequence to continue, is not connected; {why}"
+                raise StatusError(grpc.StatusCode.UNAVAILABLE, why)
             self._any_ready.clear()
             try:
                 await asyncio.wait_for(self._any_ready.wait(), timeout=min(left, 0.25))

@@ -203,3 +203,65 @@ def test_bf16_agrees_with_fp32(tokenizer):
                 assert abs(torch.tensor(alt.logprob).exp() - probs[alt.token_id]) < 0.02
     finally:
         engine.close()
+
+
+def _generate(engine, task_id, ids, cfg, source=None, keep=None):
+    async def main():
+        final = None
+        async for event in engine.generate(task_id, PromptInput(token_ids=ids), cfg, source, keep):
+            if isinstance(event, Finished):
+                final = event
+        return final
+    return asyncio.run(main())
+
+
+def test_kept_sequence_continues_and_forks_without_prefilling_again(tokenizer):
+    from trellis_rpc.engine_api import SequenceSource
+    from trellis_rpc.errors import StatusError
+
+    engine, model = make_engine("llama", tokenizer, block_size=4)
+    try:
+        p = prompts(1, 22)[0]
+        first = _generate(engine, "a", p, GREEDY, keep=30.0)
+        handle = first.handles[0]
+        kept_tokens = p + first.completions[0].token_ids
+        assert engine.load().kept_sequences == 1 and engine.load().kv_blocks_used > 0
+        before = engine.stats.prefill_tokens
+        appended = [7, 8, 9]
+        forked = _generate(engine, "b", appended, SamplingConfig(n=3, temperature=0.0, max_tokens=8, ignore_eos=True),
+                           source=SequenceSource(handle, fork=True))
+        expected = hf_greedy(model, kept_tokens + appended, 8)
+        assert [c.token_ids for c in forked.completions] == [expected] * 3
+        # Only the last generated token (never run) and the appended ones went through the model.
+        assert engine.stats.prefill_tokens - before == 1 + len(appended)
+        assert forked.cached_prompt_tokens == len(kept_tokens) - 1
+        # The fork left the kept sequence in place; a continuation uses it up.
+        cont = _generate(engine, "c", [], SamplingConfig(temperature=0.0, max_tokens=5, ignore_eos=True),
+                         source=SequenceSource(handle))
+        assert cont.completions[0].token_ids == hf_greedy(model, kept_tokens, 5)
+        with pytest.raises(StatusError) as info:
+            _generate(engine, "d", [], GREEDY, source=SequenceSource(handle))
+        assert info.value.field == "generate.source"
+        assert engine.load().kept_sequences == 0 and engine.blocks.num_used == 0
+    finally:
+        engine.close()
+
+
+def test_kept_sequences_are_evicted_first_and_fall_back_to_the_prefix_cache(tokenizer):
+    from trellis_rpc.engine_api import SequenceSource
+
+    # 16 blocks of 4 tokens: the kept sequence (~34 tokens, 9 blocks) must give way to a 40-token request.
+    engine, model = make_engine("llama", tokenizer, block_size=4, kv_cache_tokens=64)
+    try:
+        p = prompts(1, 22, seed=5)[0]
+        kept = _generate(engine, "k", p, GREEDY, keep=30.0)
+        kept_tokens = p + kept.completions[0].token_ids
+        other = prompts(1, 40, seed=6)[0]
+        big = _generate(engine, "big", other, SamplingConfig(temperature=0.0, max_tokens=8, ignore_eos=True))
+        assert big.completions[0].token_ids == hf_greedy(model, other, 8)
+        assert engine.load().kept_sequences == 0, "the kept sequence's blocks were reclaimed"
+        cont = _generate(engine, "c", [11], SamplingConfig(temperature=0.0, max_tokens=6, ignore_eos=True),
+                         source=SequenceSource(kept.handles[0]))
+        assert cont.completions[0].token_ids == hf_greedy(model, kept_tokens + [11], 6)
+    finally:
+        engine.close()

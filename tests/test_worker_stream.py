@@ -110,3 +110,68 @@ def test_bad_tasks_get_errors_and_the_stream_keeps_serving(worker_stub):
         assert r.WhichOneof("kind") == "generate_result" and len(r.generate_result.completions[0].token_ids) == 2
     finally:
         s.close()
+
+
+def test_keep_then_fork_and_continue_over_the_stream(worker_stub):
+    s = Stream(worker_stub)
+    try:
+        req = generate("k1", max_tokens=6, ignore_eos=True, temperature=0.0)
+        req.generate.keep.keep = True
+        req.generate.keep.ttl_ms = 30_000
+        s.send(req)
+        kept = s.until(ends("k1"))[-1].generate_result
+        handle = kept.sequence_handles[0]
+        assert handle.startswith(kept.worker_id + ":")
+        fork = generate("f1", prompt=common_pb2.Prompt(text=" more"), max_tokens=4, ignore_eos=True,
+                        temperature=0.0, n=2)
+        fork.generate.fork_from.handle = handle
+        s.send(fork)
+        forked = s.until(ends("f1"))[-1].generate_result
+        assert [len(c.token_ids) for c in forked.completions] == [4, 4]
+        assert forked.completions[0].token_ids == forked.completions[1].token_ids
+        assert forked.usage.cached_prompt_tokens >= kept.usage.prompt_tokens
+        cont = generate("c1", max_tokens=3, ignore_eos=True, temperature=0.0)
+        cont.generate.ClearField("prompt")
+        cont.generate.continue_from.handle = handle
+        s.send(cont)
+        assert len(s.until(ends("c1"))[-1].generate_result.completions[0].token_ids) == 3
+        again = generate("c2", prompt=common_pb2.Prompt(text=""), max_tokens=3)
+        again.generate.continue_from.handle = handle
+        s.send(again)
+        err = s.until(ends("c2"))[-1].error
+        assert err.code == grpc.StatusCode.NOT_FOUND.value[0] and err.field == "generate.source"
+        foreign = generate("c3", prompt=common_pb2.Prompt(text=""), max_tokens=3)
+        foreign.generate.fork_from.handle = "some-other-worker:k1/0"
+        s.send(foreign)
+        err = s.until(ends("c3"))[-1].error
+        assert err.code == grpc.StatusCode.NOT_FOUND.value[0] and err.field == "fork_from.handle"
+    finally:
+        s.close()
+
+
+def test_router_runner_routes_a_fork_to_the_worker_holding_the_kv(tiny_worker):
+    import asyncio
+
+    from controllers import Generate, Prompt
+    from router.dispatch import RemoteRunner
+    from router.pool import WorkerPool
+
+    async def main():
+        pool = WorkerPool([tiny_worker.address])
+        pool.start()
+        try:
+            runner = RemoteRunner(pool, "run-keep", "", common_pb2.SamplingParams(temperature=0.0, ignore_eos=True,
+                                                                                  max_tokens=5), None, 5.0)
+            first = Generate(Prompt(text="hello there"), keep_s=30.0)
+            first.output = await runner.generate(first, lambda *a: None)
+            handle = first.output.handles[0]
+            assert handle.startswith(first.output.worker_id + ":")
+            branch = Generate(Prompt(text=" and"), n=2, fork_from=handle)
+            out = await runner.generate(branch, lambda *a: None)
+            assert out.worker_id == first.output.worker_id
+            assert out.cached_prompt_tokens >= first.output.prompt_tokens
+            assert len(out.samples) == 2
+        finally:
+            await pool.close()
+
+    asyncio.run(main())

@@ -24,6 +24,15 @@ class PromptInput:
 
 
 @dataclass
+class SequenceSource:
+    """Start from a sequence an earlier task kept (KV included): continue it (the handle is used up)
+    or fork it (the kept sequence stays for more forks)."""
+
+    handle: str
+    fork: bool = False
+
+
+@dataclass
 class TopLogprob:
     token_id: int
     logprob: float
@@ -66,6 +75,7 @@ class Finished:
     queue_ms: float
     ttft_ms: float
     latency_ms: float
+    handles: list[str] = field(default_factory=list)  # per completion, when the task asked to keep them
 
 
 @dataclass
@@ -87,14 +97,17 @@ class EngineInfo:
     kv_blocks_total: int = 0
     eos_token: str = ""
     can_score: bool = False
+    keeps_sequences: bool = False   # continue/fork of kept sequences, and a prefix cache
 
 
 class Engine(Protocol):
     info: EngineInfo
 
-    def generate(self, task_id: str, prompt: PromptInput, sampling: SamplingConfig
+    def generate(self, task_id: str, prompt: PromptInput, sampling: SamplingConfig,
+                 source: SequenceSource | None = None, keep_ttl_s: float | None = None
                  ) -> AsyncIterator[Delta | Finished]:
-        """Yield deltas as tokens are produced, then exactly one Finished. Raise StatusError on bad input."""
+        """Yield deltas as tokens are produced, then exactly one Finished. Raise StatusError on bad input.
+        source: start from a kept sequence; keep_ttl_s: keep the finished sequences under handles."""
         ...
 
     def cancel(self, task_id: str) -> None:

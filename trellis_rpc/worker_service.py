@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import grpc
 import structlog
 
-from trellis_rpc.engine_api import Delta, Engine, Finished, LoadStats, PromptInput, TokenLogprob
+from trellis_rpc.engine_api import Delta, Engine, Finished, LoadStats, PromptInput, SequenceSource, TokenLogprob
 from trellis_rpc.errors import StatusError, code_number
 from trellis_rpc.sampling import check_prompt, resolve_sampling
 from trellis_rpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -28,6 +28,8 @@ _FINISH = {
     "cancelled": common_pb2.FINISH_REASON_CANCELLED,
 }
 _END = object()
+DEFAULT_KEEP_TTL_S = 60.0
+MAX_KEEP_TTL_S = 3600.0
 
 
 def prompt_input(prompt: common_pb2.Prompt) -> PromptInput:
@@ -51,6 +53,7 @@ def logprobs_pb(items: list[TokenLogprob]) -> list[common_pb2.TokenLogprob]:
 
 
 def result_pb(done: Finished, model_id: str, worker_id: str) -> common_pb2.GenerateResult:
+    """Handles go out as '<worker_id>:<engine handle>' so the router can route a continuation back."""
     completions = [
         common_pb2.Completion(
             index=c.index, text=c.text, token_ids=c.token_ids, finish_reason=_FINISH[c.finish_reason],
@@ -67,6 +70,7 @@ def result_pb(done: Finished, model_id: str, worker_id: str) -> common_pb2.Gener
         ),
         timings=common_pb2.Timings(queue_ms=done.queue_ms, ttft_ms=done.ttft_ms, latency_ms=done.latency_ms),
         model_id=model_id, worker_id=worker_id,
+        sequence_handles=[f"{worker_id}:{h}" if h else "" for h in done.handles],
     )
 
 
@@ -100,6 +104,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         caps = [common_pb2.CAPABILITY_GENERATE]
         if info.can_score:
             caps.append(common_pb2.CAPABILITY_SCORE_OUTCOME)
+        if info.keeps_sequences:
+            caps += [common_pb2.CAPABILITY_KEEP_SEQUENCES, common_pb2.CAPABILITY_PREFIX_CACHE]
         return worker_pb2.WorkerInfo(
             worker_id=self.worker_id, model_id=info.model_id, capabilities=caps, engine=info.engine,
             max_context_tokens=info.max_context_tokens, max_batch_size=info.max_batch_size,
@@ -179,15 +185,19 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         task_id = req.task_id
         gen = req.generate
         try:
-            if gen.WhichOneof("source") is not None:
-                raise StatusError(grpc.StatusCode.UNIMPLEMENTED,
-                                  "generate.source: this engine cannot continue or fork kept sequences yet",
-                                  "generate.source")
-            check_prompt(gen.prompt, "prompt")
+            source = self._source(gen)
+            if source is None or gen.prompt.WhichOneof("kind") == "chat":
+                check_prompt(gen.prompt, "prompt")
             sampling = resolve_sampling(gen.sampling, max_n=self.max_n)
+            keep_ttl_s = None
+            if gen.keep.keep:
+                if gen.keep.ttl_ms < 0:
+                    raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, "keep.ttl_ms: must be >= 0", "keep.ttl_ms")
+                keep_ttl_s = min(gen.keep.ttl_ms / 1000 if gen.keep.ttl_ms else DEFAULT_KEEP_TTL_S, MAX_KEEP_TTL_S)
             timeout = req.timeout_ms / 1000.0 if req.timeout_ms > 0 else None
+            prompt = prompt_input(gen.prompt) if gen.prompt.WhichOneof("kind") else PromptInput(text="")
             async with asyncio.timeout(timeout):
-                async for event in engine.generate(task_id, prompt_input(gen.prompt), sampling):
+                async for event in engine.generate(task_id, prompt, sampling, source, keep_ttl_s):
                     if isinstance(event, Delta):
                         if gen.stream:
                             out.put_nowait(worker_pb2.WorkerResponse(task_id=task_id, delta=worker_pb2.TokenDelta(
@@ -209,6 +219,17 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             log.exception("generate failed", task_id=task_id)
             engine.cancel(task_id)
             out.put_nowait(error_response(task_id, StatusError(grpc.StatusCode.INTERNAL, f"engine error: {exc!r}")))
+
+    def _source(self, gen: worker_pb2.GenerateTask) -> SequenceSource | None:
+        which = gen.WhichOneof("source")
+        if which is None:
+            return None
+        handle = getattr(gen, which).handle
+        owner, _, local = handle.partition(":")
+        if owner != self.worker_id or not local:
+            raise StatusError(grpc.StatusCode.NOT_FOUND, f"{which}.handle: {handle!r} was not kept by this worker "
+                              f"({self.worker_id})", f"{which}.handle")
+        return SequenceSource(local, fork=which == "fork_from")
 
     async def _report_load(self, engine: Engine, out: asyncio.Queue) -> None:
         """A report whenever the load changes (checked every load_interval_s), and at least once per

@@ -32,11 +32,14 @@ def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
 
 @dataclass
 class BlockTable:
-    """The blocks of one sequence and how many of its leading blocks are sealed (full and hashed)."""
+    """The blocks of one sequence, and the chain hashes of its leading sealed (full, computed) blocks."""
 
     blocks: list[int] = field(default_factory=list)
-    sealed: int = 0
-    last_hash: int | None = None
+    hashes: list[int] = field(default_factory=list)
+
+    @property
+    def sealed(self) -> int:
+        return len(self.hashes)
 
 
 class BlockManager:
@@ -104,8 +107,8 @@ class BlockManager:
                 self._cached.pop(block_id, None)
             block.ref += 1
             table.blocks.append(block_id)
-            table.sealed += 1
-            table.last_hash = parent = h
+            table.hashes.append(h)
+            parent = h
         hit = table.sealed * bs
         self.prefix.hit_tokens += hit
         return hit
@@ -135,24 +138,27 @@ class BlockManager:
         while table.sealed < min(computed // bs, len(table.blocks)):
             i = table.sealed
             chunk = tuple(tokens[i * bs:(i + 1) * bs])
-            h = chain_hash(table.last_hash, chunk)
+            h = chain_hash(table.hashes[-1] if table.hashes else None, chunk)
             block = self.blocks[table.blocks[i]]
             if block.hash is None and h not in self._by_hash:
                 block.hash, block.tokens = h, chunk
                 self._by_hash[h] = block.block_id
-            table.last_hash = h
-            table.sealed += 1
+            table.hashes.append(h)
+
+    def rewind(self, table: BlockTable, computed: int) -> None:
+        """Only the first `computed` tokens stay valid: a block holding later ones is no longer sealed,
+        so the next write into it goes through copy-on-write if it is shared."""
+        del table.hashes[computed // self.block_size:]
 
     def fork(self, table: BlockTable) -> BlockTable:
         """A child sharing every block; the first write into a shared partial tail block copies it."""
         for block_id in table.blocks:
             self.blocks[block_id].ref += 1
-        return BlockTable(list(table.blocks), table.sealed, table.last_hash)
+        return BlockTable(list(table.blocks), list(table.hashes))
 
     def free(self, table: BlockTable) -> None:
         # Tail blocks first, so the LRU evicts a sequence's end before its (more shareable) beginning.
         for block_id in reversed(table.blocks):
             self._release(block_id)
         table.blocks.clear()
-        table.sealed = 0
-        table.last_hash = None
+        table.hashes.clear()

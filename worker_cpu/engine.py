@@ -10,6 +10,7 @@ leave between steps.
 from __future__ import annotations
 
 import asyncio
+import collections
 import queue
 import threading
 import time
@@ -27,6 +28,7 @@ from trellis_rpc.engine_api import (
     Finished,
     LoadStats,
     PromptInput,
+    SequenceSource,
     TokenLogprob,
     TopLogprob,
 )
@@ -39,7 +41,7 @@ from worker_cpu.model_loader import LoadedModel
 from worker_cpu.model_runner import ModelRunner
 from worker_cpu.sampler import Row, sample
 from worker_cpu.scheduler import Scheduler
-from worker_cpu.sequence import Request, Sequence, Status
+from worker_cpu.sequence import Kept, Request, Sequence, Status
 from worker_cpu.stop_strings import StopStringMatcher
 
 log = structlog.get_logger(__name__)
@@ -69,12 +71,13 @@ class TorchEngine:
         self.blocks = BlockManager(num_blocks, block_size)
         self.kv = KVCache(spec.num_layers, num_blocks, block_size, spec.num_kv_heads, spec.head_dim, self.dtype)
         self.runner = ModelRunner(self.decoder, self.kv)
-        self.scheduler = Scheduler(self.blocks, max_num_tokens, max_batch_size)
+        self.scheduler = Scheduler(self.blocks, max_num_tokens, max_batch_size, reclaim=self._evict_kept)
+        self._kept: collections.OrderedDict[str, Kept] = collections.OrderedDict()
         self.stats = EngineStats()
         self.info = EngineInfo(
             model_id=loaded.model_id, engine="torch-cpu", max_context_tokens=self.max_context,
             max_batch_size=max_batch_size, kv_block_size=block_size, kv_blocks_total=num_blocks,
-            eos_token=self.tokenizer.eos_token or "",
+            eos_token=self.tokenizer.eos_token or "", keeps_sequences=True,
         )
         self._threads = threads
         self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
@@ -112,9 +115,19 @@ class TorchEngine:
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self.tokenizer(prompt.text)["input_ids"]
 
-    async def generate(self, task_id: str, prompt: PromptInput, cfg: SamplingConfig) -> AsyncIterator[Delta | Finished]:
-        ids = self.tokenize(prompt)
-        if len(ids) >= self.max_context:
+    def _appended(self, prompt: PromptInput) -> list[int]:
+        """Tokens to add to a kept sequence: raw text (no special tokens) or token ids."""
+        if prompt.chat is not None:
+            raise invalid("prompt.chat", "a continuation or fork appends text or token_ids, not a chat")
+        if prompt.text is not None:
+            return self.tokenizer(prompt.text, add_special_tokens=False)["input_ids"] if prompt.text else []
+        return self.tokenize(prompt) if prompt.token_ids else []
+
+    async def generate(self, task_id: str, prompt: PromptInput, cfg: SamplingConfig,
+                       source: SequenceSource | None = None,
+                       keep_ttl_s: float | None = None) -> AsyncIterator[Delta | Finished]:
+        ids = self._appended(prompt) if source else self.tokenize(prompt)
+        if source is None and len(ids) >= self.max_context:
             raise invalid("prompt", f"{len(ids)} tokens do not fit the model's context of {self.max_context} tokens "
                                     f"(at least one token must be left to generate)")
         if cfg.n > self.max_batch_size:
@@ -126,7 +139,8 @@ class TorchEngine:
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         request = Request(task_id=task_id, prompt_ids=ids, cfg=cfg, submitted=time.perf_counter(),
-                          emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+                          emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+                          source=source, appended=ids if source else [], keep_ttl_s=keep_ttl_s)
         self._requests[task_id] = request
         self._inbox.put(request)
         done = False
@@ -151,6 +165,7 @@ class TorchEngine:
             queue_depth=len(self.scheduler.waiting) + self._inbox.qsize(),
             running_sequences=len(self.scheduler.running),
             kv_blocks_used=self.blocks.num_used, kv_blocks_free=self.blocks.num_free,
+            kept_sequences=sum(1 for k in list(self._kept.values()) if k.table.blocks),
         )
 
     def close(self) -> None:
@@ -167,6 +182,7 @@ class TorchEngine:
             while not self._stopped.is_set():
                 self._admit(block=not self.scheduler.running and not self.scheduler.waiting)
                 self._reap_cancelled()
+                self._expire_kept()
                 try:
                     self._step()
                 except Exception as exc:  # a bug must fail the requests in flight, not hang them
@@ -185,11 +201,62 @@ class TorchEngine:
                            num_prompt=len(request.prompt_ids), detok=IncrementalDetokenizer(self.tokenizer),
                            stops=StopStringMatcher(request.cfg.stop), generator=request.generator(0))
             request.sequences.append(seq)
-            self.scheduler.add(seq)
+            if request.source is None or self._attach_source(request, seq):
+                self.scheduler.add(seq)
             try:
                 request = self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _attach_source(self, request: Request, seq: Sequence) -> bool:
+        """Start seq from a kept sequence: its tokens, and its KV blocks while they are still held."""
+        source = request.source
+        kept = self._kept.get(source.handle)
+        if kept is None:
+            self._fail(request, StatusError(grpc.StatusCode.NOT_FOUND, f"generate.source: no kept sequence "
+                                            f"{source.handle!r} (expired, used up or never kept)", "generate.source"))
+            return False
+        tokens = kept.token_ids + request.appended
+        if len(tokens) >= self.max_context:
+            self._fail(request, invalid("prompt", f"the kept sequence plus the appended tokens ({len(tokens)}) do not "
+                                                  f"fit the model's context of {self.max_context} tokens"))
+            return False
+        if kept.table.blocks:
+            seq.table = self.blocks.fork(kept.table) if source.fork else kept.table
+            # The model must run at least the last token to produce logits.
+            seq.computed = min(kept.computed, len(tokens) - 1)
+            self.blocks.rewind(seq.table, seq.computed)
+        if not source.fork:
+            del self._kept[source.handle]
+        seq.token_ids = tokens
+        seq.num_prompt = len(tokens)
+        request.prompt_ids = tokens
+        request.cached_prompt_tokens = seq.computed
+        return True
+
+    def _keep(self, seq: Sequence) -> None:
+        """Hold a finished sequence's blocks under a handle instead of freeing them."""
+        request = seq.request
+        tokens = seq.token_ids
+        if seq.finish_reason == "stop" and not seq.stops.matched:
+            tokens = tokens[:-1]  # the end-of-sequence token is not part of what a continuation extends
+        handle = f"{request.task_id}/{seq.index}"
+        self._kept[handle] = Kept(tokens, seq.table, min(seq.computed, len(tokens)),
+                                  time.monotonic() + request.keep_ttl_s)
+        request.handles[seq.index] = handle
+
+    def _evict_kept(self) -> bool:
+        """Free the blocks of the oldest kept sequence that still holds any (KV pressure)."""
+        for kept in self._kept.values():
+            if kept.table.blocks:
+                self.blocks.free(kept.table)
+                return True
+        return False
+
+    def _expire_kept(self) -> None:
+        now = time.monotonic()
+        for handle in [h for h, k in self._kept.items() if k.expires <= now]:
+            self.blocks.free(self._kept.pop(handle).table)
 
     def _reap_cancelled(self) -> None:
         for request in list(self._active):
@@ -290,7 +357,10 @@ class TorchEngine:
             text += self._release_text(seq)
         request.emit(Delta(seq.index, text, [token], lp))
         if seq.finish_reason:
-            self.scheduler.finish(seq)
+            keep = bool(request.keep_ttl_s)
+            self.scheduler.finish(seq, keep_blocks=keep)
+            if keep:
+                self._keep(seq)
             self._maybe_complete(request)
 
     def _maybe_complete(self, request: Request) -> None:
@@ -320,6 +390,7 @@ class TorchEngine:
             queue_ms=(started - request.submitted) * 1000,
             ttft_ms=((request.first_token or now) - request.submitted) * 1000,
             latency_ms=(now - request.submitted) * 1000,
+            handles=[request.handles.get(i, "") for i in range(request.cfg.n)] if request.keep_ttl_s else [],
         ))
         self._retire(request)
 

@@ -10,6 +10,7 @@ to be recomputed (its prefix is probably still in the prefix cache).
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from worker_cpu.block_manager import BlockManager
@@ -31,8 +32,10 @@ class Plan:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_tokens: int, max_batch_size: int) -> None:
+    def __init__(self, blocks: BlockManager, max_num_tokens: int, max_batch_size: int,
+                 reclaim: Callable[[], bool] = lambda: False) -> None:
         self.blocks = blocks
+        self.reclaim = reclaim  # frees blocks of kept sequences, oldest first; False when none is left
         self.max_num_tokens = max_num_tokens
         self.max_batch_size = max_batch_size
         self.waiting: collections.deque[Sequence] = collections.deque()
@@ -44,8 +47,10 @@ class Scheduler:
 
     def _reserve(self, seq: Sequence, tokens: int, plan: Plan) -> bool:
         copies = self.blocks.ensure(seq.table, seq.computed + tokens)
-        if copies is None:
-            return False
+        while copies is None:
+            if not self.reclaim():
+                return False
+            copies = self.blocks.ensure(seq.table, seq.computed + tokens)
         filled = seq.computed % self.blocks.block_size or self.blocks.block_size
         plan.copies.extend((src, dst, filled) for src, dst in copies)
         return True

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trellis_rpc.engine_api import TokenLogprob
+from trellis_rpc.engine_api import SequenceSource, TokenLogprob
 from trellis_rpc.sampling import SamplingConfig
 from worker_cpu.block_manager import BlockTable
 from worker_cpu.detokenizer import IncrementalDetokenizer
@@ -41,12 +41,28 @@ class Request:
     forked: bool = False
     cached_prompt_tokens: int = 0
     done: bool = False
+    source: SequenceSource | None = None
+    appended: list[int] = field(default_factory=list)   # tokens to add to the source sequence
+    keep_ttl_s: float | None = None
+    handles: dict[int, str] = field(default_factory=dict)
 
     def generator(self, index: int) -> torch.Generator | None:
         """One generator per sample, so a seeded request reproduces whatever else is in the batch."""
         if self.cfg.seed is None:
             return None
         return torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + index) % (1 << 63))
+
+
+@dataclass
+class Kept:
+    """A finished sequence kept with its KV for later continue/fork. Under KV pressure its blocks go
+    first (table emptied); its tokens stay until it expires, so a later task still finds its prefix
+    through the prefix cache."""
+
+    token_ids: list[int]
+    table: BlockTable
+    computed: int
+    expires: float
 
 
 @dataclass
