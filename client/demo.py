@@ -29,7 +29,7 @@ def main() -> int:
               f"{router.address} (ready in {time.monotonic() - started:.1f} s)\n", flush=True)
         print(f"$ trellis --router {router.address} run --controller majority_vote --n 8 {QUESTION!r}\n", flush=True)
         args = cli.parser().parse_args(["--router", router.address, "run", "--controller", "majority_vote",
-                                        "--n", "8", "--temperature", "0.7", "--seed", "7", QUESTION])
+                                        "--n", "8", "--temperature", "0.5", "--seed", "7", QUESTION])
         return cli.cmd_run(args)
     finally:
         for proc in (router, worker):
