@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
+import threading
 
 import structlog
 
 from trellis_rpc.logs import configure_logging
-from trellis_rpc.server import run_until_signalled, start_server
+from trellis_rpc.server import start_server
 from trellis_rpc.v1 import worker_pb2, worker_pb2_grpc
 from trellis_rpc.worker_service import WorkerService
 
@@ -36,30 +38,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def serve(args: argparse.Namespace) -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The gRPC server runs on an asyncio loop in a helper thread; the engine loop gets the main thread
+    (torch is ~2x faster there, see worker_cpu/engine.py). SIGTERM drains: NOT_SERVING at once,
+    in-flight tasks get --drain-seconds, then the engine stops."""
+    args = parse_args(argv)
+    configure_logging("worker_cpu")
+    loop = asyncio.new_event_loop()
+    rpc = threading.Thread(target=loop.run_forever, name="grpc", daemon=True)
+    rpc.start()
+
+    def call(coro):
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
     service = WorkerService(worker_id=args.worker_id or None, max_n=args.max_n)
-    served = await start_server(
+    served = call(start_server(
         args.host, args.port, lambda server: worker_pb2_grpc.add_WorkerServicer_to_server(service, server),
-        (worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name,))
+        (worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name,)))
     log.info("listening", port=served.port, model=args.model, state="loading")
+
+    engine = None
+    stopping = threading.Event()
+
+    async def drain() -> None:
+        log.info("draining", grace_s=args.drain_seconds)
+        await served.set_serving(False)
+        await served.server.stop(args.drain_seconds)
+        if engine is not None:
+            engine.close()
+
+    def on_signal(signum, frame) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            asyncio.run_coroutine_threadsafe(drain(), loop)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
 
     from worker_cpu.engine import TorchEngine
     from worker_cpu.model_loader import load_model
 
-    loaded = await asyncio.to_thread(load_model, args.model, args.dtype)
-    engine = TorchEngine(loaded, max_batch_size=args.max_batch_size, kv_cache_tokens=args.kv_cache_tokens,
-                         threads=args.threads or None, max_num_tokens=args.max_num_tokens,
-                         block_size=args.block_size)
-    service.attach(engine)
-    await served.set_serving(True)
-    log.info("serving", port=served.port, model_id=loaded.model_id, worker_id=service.worker_id, pid=os.getpid())
     try:
-        await run_until_signalled(served, args.drain_seconds)
+        loaded = load_model(args.model, args.dtype)
+        if not stopping.is_set():
+            engine = TorchEngine(loaded, max_batch_size=args.max_batch_size, kv_cache_tokens=args.kv_cache_tokens,
+                                 threads=args.threads or None, max_num_tokens=args.max_num_tokens,
+                                 block_size=args.block_size, start_thread=False)
+            service.attach(engine)
+            call(served.set_serving(True))
+            log.info("serving", port=served.port, model_id=loaded.model_id, worker_id=service.worker_id,
+                     pid=os.getpid())
+            engine.run()
     finally:
-        engine.close()
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    configure_logging("worker_cpu")
-    asyncio.run(serve(args))
+        if not stopping.is_set():  # the engine or the loader failed: stop serving before exiting
+            call(served.server.stop(0))
+        loop.call_soon_threadsafe(loop.stop)
+        rpc.join(timeout=5)
