@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=64, help="cap on running sequences")
     p.add_argument("--kv-cache-tokens", type=int, default=65536,
                    help="KV cache capacity in tokens, preallocated in blocks (SmolLM2-135M fp32: 46 KB per token)")
+    p.add_argument("--kv-cache-gib", type=float, default=0.0,
+                   help="KV cache capacity as memory instead (GiB); overrides --kv-cache-tokens when set")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--max-num-tokens", type=int, default=512,
                    help="token budget per step; longer prompts are prefilled in chunks of at most this many")
@@ -81,7 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         loaded = load_model(args.model, args.dtype)
         if not stopping.is_set():
-            engine = TorchEngine(loaded, max_batch_size=args.max_batch_size, kv_cache_tokens=args.kv_cache_tokens,
+            kv_tokens = args.kv_cache_tokens
+            if args.kv_cache_gib > 0:
+                kv_tokens = int(args.kv_cache_gib * 2**30) // TorchEngine.kv_bytes_per_token(loaded.model)
+            engine = TorchEngine(loaded, max_batch_size=args.max_batch_size, kv_cache_tokens=kv_tokens,
                                  threads=args.threads or None, max_num_tokens=args.max_num_tokens,
                                  block_size=args.block_size, start_thread=False)
             service.attach(engine)

@@ -92,6 +92,12 @@ class TorchEngine:
             self._thread = threading.Thread(target=self.run, name="engine", daemon=True)
             self._thread.start()
 
+    @staticmethod
+    def kv_bytes_per_token(model) -> int:
+        spec = decoder_from_hf(model, next(model.parameters()).dtype).spec
+        return KVCache.bytes_per_token(spec.num_layers, spec.num_kv_heads, spec.head_dim,
+                                       next(model.parameters()).dtype)
+
     def _eos_ids(self, model) -> set[int]:
         ids: set[int] = set()
         for source in (getattr(model, "generation_config", None), model.config, self.tokenizer):
