@@ -19,6 +19,7 @@ from router.dispatch import RemoteRunner, dispatch
 from router.pool import WorkerPool
 from trellis_rpc.errors import StatusError, code_number, invalid
 from trellis_rpc.sampling import check_prompt, resolve_sampling
+from trellis_rpc.scoring import CAPABILITY_OF_KIND, check_score_request
 from trellis_rpc.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2
 
 log = structlog.get_logger(__name__)
@@ -241,20 +242,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     async def Score(self, request: common_pb2.ScoreRequest,
                     context: grpc.aio.ServicerContext) -> common_pb2.ScoreResult:
-        capability = {
-            common_pb2.SCORE_KIND_OUTCOME: common_pb2.CAPABILITY_SCORE_OUTCOME,
-            common_pb2.SCORE_KIND_PROCESS: common_pb2.CAPABILITY_SCORE_PROCESS,
-            common_pb2.SCORE_KIND_VERIFIER: common_pb2.CAPABILITY_SCORE_VERIFIER,
-        }
         try:
-            check_prompt(request.prompt)
-            if not request.candidates:
-                raise invalid("candidates", "must not be empty")
-            if request.kind not in capability:
-                raise invalid("kind", "must be OUTCOME, PROCESS or VERIFIER")
+            kind = check_score_request(request)
             task = worker_pb2.WorkerRequest(task_id=f"score-{uuid.uuid4().hex}", timeout_ms=self._timeout_ms(context),
                                             score=worker_pb2.ScoreTask(request=request))
-            async for response in dispatch(self.pool, task, request.model, capability[request.kind],
+            # Routed by capability: a reward model's worker for OUTCOME/PROCESS, a causal LM's for VERIFIER.
+            async for response in dispatch(self.pool, task, request.model, CAPABILITY_OF_KIND[kind],
                                            self.worker_wait_s):
                 if response.WhichOneof("kind") == "score_result":
                     return response.score_result

@@ -20,10 +20,10 @@ CORPUS = [
 ] * 20
 
 
-def build_tiny_llama(target: Path, max_position_embeddings: int = 256, seed: int = 0) -> Path:
-    import torch
+def build_tiny_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
+    """A byte-level BPE (vocabulary 400) trained on CORPUS, with the ChatML-like template above."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
@@ -34,7 +34,16 @@ def build_tiny_llama(target: Path, max_position_embeddings: int = 256, seed: int
     tok.train_from_iterator(CORPUS, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                         unk_token="<|endoftext|>", pad_token="<|endoftext|>")
-    tokenizer.chat_template = CHAT_TEMPLATE
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def build_tiny_llama(target: Path, max_position_embeddings: int = 256, seed: int = 0) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
 
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -44,6 +53,38 @@ def build_tiny_llama(target: Path, max_position_embeddings: int = 256, seed: int
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(config)
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def build_tiny_reward_model(target: Path, head: str = "sequence", num_labels: int = 1, arch: str = "llama",
+                            seed: int = 0, chat_template: str | None = CHAT_TEMPLATE,
+                            pad_in_config: bool = True, max_position_embeddings: int = 256) -> Path:
+    """A tiny randomly initialised reward model: head "sequence" (*ForSequenceClassification, an
+    outcome reward model) or "token" (*ForTokenClassification, a process reward model), on a Llama
+    or Qwen2 backbone, with the same tokenizer as build_tiny_llama."""
+    import torch
+    import transformers
+
+    tokenizer = build_tiny_tokenizer(chat_template)
+    torch.manual_seed(seed)
+    prefix = {"llama": "Llama", "qwen2": "Qwen2"}[arch]
+    config_cls = getattr(transformers, f"{prefix}Config")
+    task = "SequenceClassification" if head == "sequence" else "TokenClassification"
+    model_cls = getattr(transformers, f"{prefix}For{task}")
+    config = config_cls(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id if pad_in_config else None, num_labels=num_labels,
+    )
+    model = model_cls(config)
+    with torch.no_grad():  # a visible spread of scores: the default head init is tiny
+        for p in model.parameters():
+            if p.dim() == 2 and p.shape[0] == num_labels:
+                p.normal_(0.0, 0.1)
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)

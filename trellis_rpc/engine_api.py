@@ -96,7 +96,6 @@ class EngineInfo:
     kv_block_size: int = 0
     kv_blocks_total: int = 0
     eos_token: str = ""
-    can_score: bool = False
     keeps_sequences: bool = False   # continue/fork of kept sequences, and a prefix cache
 
 
@@ -115,3 +114,59 @@ class Engine(Protocol):
         ...
 
     def load(self) -> LoadStats: ...
+
+
+# ---- scoring (reward models and verifiers) -------------------------------------------------------
+
+SCORE_KINDS = ("outcome", "process", "verifier")
+DEFAULT_STEP_SEPARATOR = "\n\n"
+
+
+@dataclass
+class ScoreInput:
+    """One score task: every candidate is scored against the same prompt, together in one batch.
+    prompt holds text or chat (token ids are rejected before a scorer sees them)."""
+
+    prompt: PromptInput
+    candidates: list[str]
+    kind: str                                     # one of SCORE_KINDS
+    step_separator: str = DEFAULT_STEP_SEPARATOR  # process: where one reasoning step ends
+
+
+@dataclass
+class CandidateScoreOut:
+    index: int
+    score: float                                  # process: the minimum over step_scores
+    step_scores: list[float] = field(default_factory=list)
+
+
+@dataclass
+class ScoreOutput:
+    scores: list[CandidateScoreOut]               # in candidate order
+    prompt_tokens: int                            # tokens run through the model, all candidates together
+    queue_ms: float
+    latency_ms: float
+
+
+@dataclass
+class ScorerInfo:
+    model_id: str
+    kinds: tuple[str, ...]                        # subset of SCORE_KINDS
+    engine: str
+    max_context_tokens: int                       # per candidate (prompt + candidate); 0 = no known limit
+    max_candidates: int
+    eos_token: str = ""
+
+
+class Scorer(Protocol):
+    """Scores candidates with a reward model or a verifier; runs the model off the event loop."""
+
+    info: ScorerInfo
+
+    async def score(self, task_id: str, request: ScoreInput) -> ScoreOutput:
+        """Raise StatusError for requests the model cannot take (e.g. a candidate longer than the context)."""
+        ...
+
+    def load(self) -> LoadStats:
+        """queue_depth: tasks waiting; running_sequences: candidates in the batch being scored."""
+        ...

@@ -2,7 +2,8 @@
 
 One Connect stream per router multiplexes many tasks. Each generate task runs as its own asyncio
 task pumping engine events onto the stream; a cancel message, a deadline or the stream's end
-cancels it in the engine so its KV is freed.
+cancels it in the engine so its KV is freed. Score tasks go to the Scorer (a reward model, or a
+verifier on the generation model); a worker may have an engine, a scorer or both.
 """
 
 from __future__ import annotations
@@ -15,9 +16,22 @@ from collections.abc import AsyncIterator
 import grpc
 import structlog
 
-from trellis_rpc.engine_api import Delta, Engine, Finished, LoadStats, PromptInput, SequenceSource, TokenLogprob
+from trellis_rpc.engine_api import (
+    DEFAULT_STEP_SEPARATOR,
+    Delta,
+    Engine,
+    Finished,
+    LoadStats,
+    PromptInput,
+    ScoreInput,
+    ScoreOutput,
+    Scorer,
+    SequenceSource,
+    TokenLogprob,
+)
 from trellis_rpc.errors import StatusError, code_number
 from trellis_rpc.sampling import check_prompt, resolve_sampling
+from trellis_rpc.scoring import CAPABILITY_OF_KIND, check_score_request
 from trellis_rpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -74,13 +88,23 @@ def result_pb(done: Finished, model_id: str, worker_id: str) -> common_pb2.Gener
     )
 
 
+def score_result_pb(done: ScoreOutput, model_id: str, worker_id: str) -> common_pb2.ScoreResult:
+    return common_pb2.ScoreResult(
+        scores=[common_pb2.CandidateScore(index=c.index, score=c.score, step_scores=c.step_scores)
+                for c in done.scores],
+        usage=common_pb2.Usage(prompt_tokens=done.prompt_tokens, tasks=1),
+        timings=common_pb2.Timings(queue_ms=done.queue_ms, latency_ms=done.latency_ms),
+        model_id=model_id, worker_id=worker_id,
+    )
+
+
 def error_response(task_id: str, err: StatusError) -> worker_pb2.WorkerResponse:
     return worker_pb2.WorkerResponse(
         task_id=task_id, error=worker_pb2.TaskError(code=code_number(err.code), message=err.message, field=err.field))
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
-    """Serves an engine once `attach(engine)` is called; UNAVAILABLE before that (model loading)."""
+    """Serves an engine and/or a scorer once `attach` is called; UNAVAILABLE before that (model loading)."""
 
     def __init__(self, worker_id: str | None = None, version: str = "", max_n: int = 64,
                  load_interval_s: float = 0.25, heartbeat_s: float = 1.0) -> None:
@@ -90,26 +114,50 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.load_interval_s = load_interval_s
         self.heartbeat_s = heartbeat_s
         self.engine: Engine | None = None
+        self.scorer: Scorer | None = None
+        self._attached = False
 
-    def attach(self, engine: Engine) -> None:
+    def attach(self, engine: Engine | None, scorer: Scorer | None = None) -> None:
+        """engine: generation (None on a reward-model worker); scorer: score tasks (None: score tasks are refused)."""
+        if engine is None and scorer is None:
+            raise ValueError("a worker needs an engine, a scorer or both")
         self.engine = engine
+        self.scorer = scorer
+        self._attached = True
 
-    def _engine(self) -> Engine:
-        if self.engine is None:
+    def _check_attached(self) -> None:
+        if not self._attached:
             raise StatusError(grpc.StatusCode.UNAVAILABLE, "model is still loading")
-        return self.engine
+
+    def capabilities(self) -> list[int]:
+        self._check_attached()
+        caps = []
+        if self.engine is not None:
+            caps.append(common_pb2.CAPABILITY_GENERATE)
+        if self.scorer is not None:
+            caps += [CAPABILITY_OF_KIND[k] for k in self.scorer.info.kinds]
+        if self.engine is not None and self.engine.info.keeps_sequences:
+            caps += [common_pb2.CAPABILITY_KEEP_SEQUENCES, common_pb2.CAPABILITY_PREFIX_CACHE]
+        return caps
+
+    @property
+    def model_id(self) -> str:
+        return self.engine.info.model_id if self.engine is not None else self.scorer.info.model_id
 
     def info_pb(self) -> worker_pb2.WorkerInfo:
-        info = self._engine().info
-        caps = [common_pb2.CAPABILITY_GENERATE]
-        if info.can_score:
-            caps.append(common_pb2.CAPABILITY_SCORE_OUTCOME)
-        if info.keeps_sequences:
-            caps += [common_pb2.CAPABILITY_KEEP_SEQUENCES, common_pb2.CAPABILITY_PREFIX_CACHE]
+        caps = self.capabilities()
+        if self.engine is not None:
+            info = self.engine.info
+            return worker_pb2.WorkerInfo(
+                worker_id=self.worker_id, model_id=info.model_id, capabilities=caps, engine=info.engine,
+                max_context_tokens=info.max_context_tokens, max_batch_size=info.max_batch_size,
+                kv_block_size=info.kv_block_size, kv_blocks_total=info.kv_blocks_total,
+                version=self.version, eos_token=info.eos_token,
+            )
+        info = self.scorer.info
         return worker_pb2.WorkerInfo(
             worker_id=self.worker_id, model_id=info.model_id, capabilities=caps, engine=info.engine,
-            max_context_tokens=info.max_context_tokens, max_batch_size=info.max_batch_size,
-            kv_block_size=info.kv_block_size, kv_blocks_total=info.kv_blocks_total,
+            max_context_tokens=info.max_context_tokens, max_batch_size=info.max_candidates,
             version=self.version, eos_token=info.eos_token,
         )
 
@@ -119,25 +167,37 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         except StatusError as err:
             await context.abort(err.code, err.message)
 
+    def _load(self) -> LoadStats:
+        """The engine's load plus the scorer's queue and batch."""
+        stats = self.engine.load() if self.engine is not None else LoadStats(0, 0, 0, 0)
+        if self.scorer is not None:
+            scoring = self.scorer.load()
+            stats = LoadStats(
+                queue_depth=stats.queue_depth + scoring.queue_depth,
+                running_sequences=stats.running_sequences + scoring.running_sequences,
+                kv_blocks_used=stats.kv_blocks_used, kv_blocks_free=stats.kv_blocks_free,
+                kept_sequences=stats.kept_sequences)
+        return stats
+
     def _load_pb(self, stats: LoadStats) -> worker_pb2.WorkerResponse:
-        info = self._engine().info
         return worker_pb2.WorkerResponse(load=worker_pb2.LoadReport(
             queue_depth=stats.queue_depth, running_sequences=stats.running_sequences,
             kv_blocks_used=stats.kv_blocks_used, kv_blocks_free=stats.kv_blocks_free,
-            kept_sequences=stats.kept_sequences, model_id=info.model_id,
-            capabilities=self.info_pb().capabilities, timestamp_unix=time.time(),
+            kept_sequences=stats.kept_sequences, model_id=self.model_id,
+            capabilities=self.capabilities(), timestamp_unix=time.time(),
         ))
 
     async def Connect(self, request_iterator: AsyncIterator[worker_pb2.WorkerRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.WorkerResponse]:
         try:
-            engine = self._engine()
+            self._check_attached()
         except StatusError as err:
             await context.abort(err.code, err.message)
+        engine = self.engine
         out: asyncio.Queue = asyncio.Queue()
         running: dict[str, asyncio.Task] = {}
         reader = asyncio.create_task(self._read(request_iterator, engine, out, running))
-        reporter = asyncio.create_task(self._report_load(engine, out))
+        reporter = asyncio.create_task(self._report_load(out))
         try:
             while True:
                 item = await out.get()
@@ -149,27 +209,44 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             reporter.cancel()
             # The router went away: nobody will read these results, so free their KV now.
             for task_id, task in list(running.items()):
-                engine.cancel(task_id)
+                if engine is not None:
+                    engine.cancel(task_id)
                 task.cancel()
 
-    async def _read(self, requests: AsyncIterator[worker_pb2.WorkerRequest], engine: Engine,
+    async def _read(self, requests: AsyncIterator[worker_pb2.WorkerRequest], engine: Engine | None,
                     out: asyncio.Queue, running: dict[str, asyncio.Task]) -> None:
+        scoring: set[str] = set()  # task ids in `running` that are score tasks
         try:
             async for req in requests:
                 kind = req.WhichOneof("kind")
-                if kind == "generate":
+                if kind in ("generate", "score"):
                     if req.task_id in running:
                         out.put_nowait(error_response(req.task_id, StatusError(
                             grpc.StatusCode.ALREADY_EXISTS, f"task_id: {req.task_id} is already running", "task_id")))
                         continue
-                    task = asyncio.create_task(self._generate(engine, req, out))
+                    if kind == "generate" and engine is None:
+                        out.put_nowait(error_response(req.task_id, StatusError(
+                            grpc.StatusCode.FAILED_PRECONDITION,
+                            "this worker serves a reward model and cannot generate", "generate")))
+                        continue
+                    if kind == "generate":
+                        task = asyncio.create_task(self._generate(engine, req, out))
+                    else:
+                        task = asyncio.create_task(self._score(req, out))
+                        scoring.add(req.task_id)
                     running[req.task_id] = task
-                    task.add_done_callback(lambda _t, tid=req.task_id: running.pop(tid, None))
+
+                    def done(_t, tid=req.task_id):
+                        running.pop(tid, None)
+                        scoring.discard(tid)
+
+                    task.add_done_callback(done)
                 elif kind == "cancel":
-                    engine.cancel(req.cancel.target_task_id)
-                elif kind == "score":
-                    out.put_nowait(error_response(req.task_id, StatusError(
-                        grpc.StatusCode.UNIMPLEMENTED, "this worker has no reward model; score tasks need a scorer")))
+                    target = req.cancel.target_task_id
+                    if target in scoring:
+                        running[target].cancel()
+                    elif engine is not None:
+                        engine.cancel(target)
                 else:
                     out.put_nowait(error_response(req.task_id, StatusError(
                         grpc.StatusCode.INVALID_ARGUMENT, "kind: one of generate, score, cancel must be set", "kind")))
@@ -220,6 +297,44 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             engine.cancel(task_id)
             out.put_nowait(error_response(task_id, StatusError(grpc.StatusCode.INTERNAL, f"engine error: {exc!r}")))
 
+    def _score_input(self, request: common_pb2.ScoreRequest) -> ScoreInput:
+        """Checks that need this worker: a scorer of the requested kind, the requested model."""
+        scorer = self.scorer
+        kind = check_score_request(request, scorer.info.max_candidates if scorer is not None else None)
+        if scorer is None:
+            raise StatusError(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"kind: this worker ({self.model_id}) has no reward model or verifier", "kind")
+        if kind not in scorer.info.kinds:
+            raise StatusError(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"kind: this worker's model {scorer.info.model_id} scores "
+                              f"{' and '.join(scorer.info.kinds)}, not {kind}", "kind")
+        if request.model and request.model != scorer.info.model_id:
+            raise StatusError(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"model: this worker serves {scorer.info.model_id}, not {request.model}", "model")
+        return ScoreInput(prompt=prompt_input(request.prompt), candidates=list(request.candidates), kind=kind,
+                          step_separator=request.step_separator or DEFAULT_STEP_SEPARATOR)
+
+    async def _score(self, req: worker_pb2.WorkerRequest, out: asyncio.Queue) -> None:
+        task_id = req.task_id
+        try:
+            request = self._score_input(req.score.request)
+            timeout = req.timeout_ms / 1000.0 if req.timeout_ms > 0 else None
+            async with asyncio.timeout(timeout):
+                done = await self.scorer.score(task_id, request)
+            out.put_nowait(worker_pb2.WorkerResponse(
+                task_id=task_id, score_result=score_result_pb(done, self.scorer.info.model_id, self.worker_id)))
+        except StatusError as err:
+            out.put_nowait(error_response(task_id, err))
+        except TimeoutError:
+            out.put_nowait(error_response(task_id, StatusError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"task {task_id} ran past its {req.timeout_ms} ms deadline")))
+        except asyncio.CancelledError:
+            out.put_nowait(error_response(task_id, StatusError(grpc.StatusCode.CANCELLED, f"task {task_id} cancelled")))
+            raise
+        except Exception as exc:  # a scorer bug must fail this task, not the stream
+            log.exception("score failed", task_id=task_id)
+            out.put_nowait(error_response(task_id, StatusError(grpc.StatusCode.INTERNAL, f"scorer error: {exc!r}")))
+
     def _source(self, gen: worker_pb2.GenerateTask) -> SequenceSource | None:
         which = gen.WhichOneof("source")
         if which is None:
@@ -231,12 +346,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                               f"({self.worker_id})", f"{which}.handle")
         return SequenceSource(local, fork=which == "fork_from")
 
-    async def _report_load(self, engine: Engine, out: asyncio.Queue) -> None:
+    async def _report_load(self, out: asyncio.Queue) -> None:
         """A report whenever the load changes (checked every load_interval_s), and at least once per
         heartbeat_s so the router can tell a live idle worker from a silent one."""
         last, sent_at = None, 0.0
         while True:
-            stats = engine.load()
+            stats = self._load()
             now = time.monotonic()
             if stats != last or now - sent_at >= self.heartbeat_s:
                 out.put_nowait(self._load_pb(stats))

@@ -36,6 +36,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-n", type=int, default=64, help="largest n one generate task may ask for")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--worker-id", default="", help="defaults to a random id")
+    p.add_argument("--no-verifier", action="store_true",
+                   help="a causal LM worker does not offer SCORE_VERIFIER (yes/no verification on its model)")
+    p.add_argument("--max-candidates", type=int, default=64,
+                   help="largest number of candidates one score task may carry")
+    p.add_argument("--score-batch-tokens", type=int, default=16384,
+                   help="padded tokens per scoring forward pass; a score task that needs more runs in several")
     p.add_argument("--drain-seconds", type=float, default=30.0, help="grace period for in-flight work on SIGTERM")
     return p.parse_args(argv)
 
@@ -60,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     log.info("listening", port=served.port, model=args.model, state="loading")
 
     engine = None
+    scorer = None
     stopping = threading.Event()
 
     async def drain() -> None:
@@ -68,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
         await served.server.stop(args.drain_seconds)
         if engine is not None:
             engine.close()
+        if scorer is not None:
+            scorer.close()
 
     def on_signal(signum, frame) -> None:
         if not stopping.is_set():
@@ -78,18 +87,34 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, on_signal)
 
     from worker_cpu.engine import TorchEngine
-    from worker_cpu.model_loader import load_model
+    from worker_cpu.model_loader import load_any
+    from worker_cpu.scoring import scorer_for
 
+    score_options = dict(max_candidates=args.max_candidates, max_batch_tokens=args.score_batch_tokens,
+                         threads=args.threads or None)
     try:
-        loaded = load_model(args.model, args.dtype)
-        if not stopping.is_set():
+        loaded = load_any(args.model, args.dtype)
+        if not stopping.is_set() and loaded.kind != "causal":
+            # A reward model: no generation engine; the scoring loop gets the main thread.
+            scorer = scorer_for(loaded, start_thread=False, **score_options)
+            service.attach(None, scorer)
+            call(served.set_serving(True))
+            log.info("serving", port=served.port, model_id=loaded.model_id, worker_id=service.worker_id,
+                     pid=os.getpid(), scores=loaded.kind)
+            scorer.run()
+        elif not stopping.is_set():
             kv_tokens = args.kv_cache_tokens
             if args.kv_cache_gib > 0:
                 kv_tokens = int(args.kv_cache_gib * 2**30) // TorchEngine.kv_bytes_per_token(loaded.model)
             engine = TorchEngine(loaded, max_batch_size=args.max_batch_size, kv_cache_tokens=kv_tokens,
                                  threads=args.threads or None, max_num_tokens=args.max_num_tokens,
                                  block_size=args.block_size, start_thread=False)
-            service.attach(engine)
+            if not args.no_verifier:
+                try:  # the verifier runs the Hugging Face model on a thread of its own
+                    scorer = scorer_for(loaded, **score_options)
+                except ValueError as err:
+                    log.warning("no verifier", reason=str(err))
+            service.attach(engine, scorer)
             call(served.set_serving(True))
             log.info("serving", port=served.port, model_id=loaded.model_id, worker_id=service.worker_id,
                      pid=os.getpid())

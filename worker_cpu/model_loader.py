@@ -1,4 +1,6 @@
-"""Find and load a causal LM: a local Hugging Face directory, a .gguf file, or the bundled default.
+"""Find and load a model: a causal LM (a local Hugging Face directory, a .gguf file, or the bundled
+default) or a reward model (a directory whose config names a *ForSequenceClassification or
+*ForTokenClassification architecture).
 
 A .gguf file is de-quantised once (about 25 s for SmolLM2-135M) into a safetensors directory under
 the cache, keyed by the file's size and mtime, and that directory is loaded from then on.
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import importlib.util
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ class LoadedModel:
     tokenizer: object    # transformers PreTrainedTokenizerBase
     model_id: str
     path: Path
+    kind: str = "causal"  # "causal", or a reward model: "outcome" (sequence classification), "process" (token)
 
 
 def cache_root() -> Path:
@@ -105,3 +109,50 @@ def load_model(spec: str, dtype: str = "float32") -> LoadedModel:
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, path=path)
+
+
+# Architecture name suffix -> reward model kind (see worker_cpu.scoring).
+REWARD_ARCHITECTURES = {"ForSequenceClassification": "outcome", "ForTokenClassification": "process"}
+
+
+def model_kind(path: Path) -> str:
+    """'outcome' or 'process' for a reward model directory (by config.json's architectures), else 'causal'."""
+    if path.is_file():
+        return "causal"  # a .gguf holds a causal LM
+    try:
+        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return "causal"
+    for arch in architectures:
+        for suffix, kind in REWARD_ARCHITECTURES.items():
+            if arch.endswith(suffix):
+                return kind
+    return "causal"
+
+
+def load_reward_model(spec: str, dtype: str = "float32") -> LoadedModel:
+    """A reward model directory: AutoModelForSequenceClassification (outcome) or
+    AutoModelForTokenClassification (process). No generation engine is built for these."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    path = resolve(spec)
+    kind = model_kind(path)
+    if kind == "causal":
+        raise ValueError(f"--model {spec}: not a reward model (config.json architectures must end in "
+                         f"{' or '.join(REWARD_ARCHITECTURES)})")
+    auto = AutoModelForSequenceClassification if kind == "outcome" else AutoModelForTokenClassification
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    model = auto.from_pretrained(path, dtype=torch_dtype)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=path.name, path=path, kind=kind)
+
+
+def load_any(spec: str, dtype: str = "float32") -> LoadedModel:
+    """A reward model if the directory holds one, else the causal LM (load_model)."""
+    if model_kind(resolve(spec)) == "causal":
+        return load_model(spec, dtype)
+    return load_reward_model(spec, dtype)
