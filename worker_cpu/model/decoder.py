@@ -87,13 +87,18 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _gather(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+def _gather(cache: torch.Tensor, blocks: torch.Tensor, block_size: int, out: torch.Tensor) -> torch.Tensor:
     """K or V of whole blocks, per KV head: cache [Hkv, slots, D], blocks [..., nb] ->
-    [Hkv, ..., nb * block_size, D], contiguous. Copying block-sized rows is ~6x faster than
-    indexing single slots."""
+    [Hkv, ..., nb * block_size, D], contiguous, written into `out` ([Hkv, blocks, block_size * D]).
+    Block-sized rows, one 2-D index_select per head: measured 16x faster in float32 than one
+    index_select along dim 1 (a strided kernel), ~6x faster than indexing single slots. `out` is
+    allocated once per step and reused by every layer: a fresh multi-MB tensor per layer costs
+    page faults that made the gather 10x slower."""
     hkv, _, d = cache.shape
+    flat = blocks.reshape(-1)
     rows = cache.view(hkv, -1, block_size * d)
-    out = rows.index_select(1, blocks.reshape(-1))
+    for h in range(hkv):
+        torch.index_select(rows[h], 0, flat, out=out[h])
     return out.view(hkv, *blocks.shape[:-1], blocks.shape[-1] * block_size, d)
 
 
@@ -116,19 +121,20 @@ class PagedDecoder:
         return torch.matmul(torch.softmax(scores, dim=-1).to(q.dtype), v)
 
     def _decode_attention(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, step: StepInput,
-                          block_size: int) -> torch.Tensor:
+                          block_size: int, buffers: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """q [B, H, D] of one token per sequence -> [B, H, D]."""
         B, H, D = q.shape
         hkv = kc.shape[0]
-        keys = _gather(kc, step.decode_blocks, block_size)                 # [Hkv, B, L, D]
-        values = _gather(vc, step.decode_blocks, block_size)
+        keys = _gather(kc, step.decode_blocks, block_size, buffers[0])     # [Hkv, B, L, D]
+        values = _gather(vc, step.decode_blocks, block_size, buffers[1])
         qg = q.view(B, hkv, self.group, D).transpose(0, 1)                 # [Hkv, B, G, D]
         mask = step.decode_mask.view(1, B, 1, -1)
         out = self._softmax_attend(qg, keys, values, mask)                 # [Hkv, B, G, D]
         return out.transpose(0, 1).reshape(B, H, D)
 
     def _prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor,
-                           vc: torch.Tensor, chunk: PrefillChunk, block_size: int) -> torch.Tensor:
+                           vc: torch.Tensor, chunk: PrefillChunk, block_size: int,
+                           buffers: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """q [n, H, D] of one sequence's chunk -> [n, H, D], causal over its cached context and itself."""
         n, H, D = q.shape
         hkv = kc.shape[0]
@@ -140,8 +146,8 @@ class PagedDecoder:
                 return o[0].transpose(0, 1)
             mask = torch.ones(n, n, dtype=torch.bool).tril()
         else:
-            keys = _gather(kc, chunk.context_blocks, block_size)           # [Hkv, L, D]
-            values = _gather(vc, chunk.context_blocks, block_size)
+            keys = _gather(kc, chunk.context_blocks, block_size, buffers[0])   # [Hkv, L, D]
+            values = _gather(vc, chunk.context_blocks, block_size, buffers[1])
             mask = chunk.mask
         qg = q.view(n, hkv, self.group, D).permute(1, 2, 0, 3)             # [Hkv, G, n, D]
         out = self._softmax_attend(qg, keys.unsqueeze(1), values.unsqueeze(1), mask)  # [Hkv, G, n, D]
@@ -173,6 +179,16 @@ class PagedDecoder:
             cos = w.rope_cos[step.positions].to(self.dtype).unsqueeze(1)   # [T, 1, D]
             sin = w.rope_sin[step.positions].to(self.dtype).unsqueeze(1)
         nd = step.num_decode
+        bs, hkv_row = kv.block_size, kv.block_size * D
+
+        def buffers(blocks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+            if blocks is None:
+                return None
+            return (torch.empty(Hkv, blocks.numel(), hkv_row, dtype=kv.k.dtype),
+                    torch.empty(Hkv, blocks.numel(), hkv_row, dtype=kv.k.dtype))
+
+        decode_buffers = buffers(step.decode_blocks) if nd else None
+        prefill_buffers = [buffers(chunk.context_blocks) for chunk in step.prefills]
         for i, layer in enumerate(w.layers):
             h = self._norm(x, layer.norm1, layer.norm1_bias)
             qkv = F.linear(h, layer.qkv, layer.qkv_bias)
@@ -188,10 +204,10 @@ class PagedDecoder:
             vc.index_copy_(1, step.slot_mapping, v.transpose(0, 1))
             attn = torch.empty(T, H, D, dtype=x.dtype)
             if nd:
-                attn[:nd] = self._decode_attention(q[:nd], kc, vc, step, kv.block_size)
-            for chunk in step.prefills:
+                attn[:nd] = self._decode_attention(q[:nd], kc, vc, step, bs, decode_buffers)
+            for chunk, chunk_buffers in zip(step.prefills, prefill_buffers, strict=True):
                 a, b = chunk.start, chunk.start + chunk.length
-                attn[a:b] = self._prefill_attention(q[a:b], k[a:b], v[a:b], kc, vc, chunk, kv.block_size)
+                attn[a:b] = self._prefill_attention(q[a:b], k[a:b], v[a:b], kc, vc, chunk, bs, chunk_buffers)
             x = x + F.linear(attn.view(T, H * D), layer.out, layer.out_bias)
             h = self._norm(x, layer.norm2, layer.norm2_bias)
             if s.gated_mlp:
