@@ -1,308 +1,621 @@
-"""The CPU engine against what a user would otherwise run, same model and requests, one run.
+"""The CPU engine against what a user would otherwise run: same model, same requests, one run.
 
-    .venv/bin/python -m benchmarks.engine [--dtype float32|bfloat16] [--requests 32] [--prompt-tokens 128]
-                                          [--new-tokens 128] [--only trellis,hf_static,hf_cb,hf_single,n16]
+    .venv/bin/python -m benchmarks.engine                       # defaults below, about 5 minutes on 2 cores
+    .venv/bin/python -m benchmarks.engine --dtype bfloat16 --repeats 3 --only trellis,hf_static
+    .venv/bin/python -m benchmarks.engine --engine-arg max_num_tokens=1024 --engine-arg block_size=32
 
-Systems, each in a child process of its own (so peak RSS is its own):
-- trellis:   worker_cpu's engine, all requests submitted at once (engine loop on the main thread,
-             as in the worker process);
-- hf_static: Hugging Face `generate`, one static batch of all requests (left padding);
-- hf_cb:     transformers' continuous batching (`generate_batch`);
-- trellis_single, hf_single: one request at a time (only --single requests, to bound time): the
-             decode step at batch 1;
-- n16:       trellis with n=16 samples of one 512-token prompt against n=1 of it.
-Every request samples (temperature 1) exactly --new-tokens tokens (EOS ignored). Reported: aggregate
-output tokens/s, TTFT p50/p99, time per output token p50, peak RSS; and the roofline of a decode
-step measured on this machine (weight bytes / memory bandwidth; FLOPs / matmul peak).
+Model: the bundled SmolLM2-135M-Instruct (`load_model("default")`). Workload: --requests distinct
+prompts of about --prompt-tokens tokens (lengths vary +-12.5% around it, built deterministically
+from varied text with the model's tokenizer), each sampling (temperature --temperature, no top-k /
+top-p) exactly --new-tokens tokens: EOS is ignored (`ignore_eos` for Trellis, `min_new_tokens` for
+`generate`, EOS id -1 for continuous batching).
+
+Systems (--only), each measured in a child process of its own (`--child SYSTEM`, one JSON line back),
+so peak RSS is the system's own; with --repeats the systems are interleaved and medians reported:
+- trellis:        worker_cpu's TorchEngine, all requests submitted at once from asyncio (the engine loop on
+                  the main thread, as in the worker process, when the engine can run there);
+- hf_static:      HF `generate`, one static batch of all requests (left padding, attention mask);
+- hf_cb:          transformers' continuous batching (`init_continuous_batching` manager: add_requests,
+                  get_result), its KV cache sized like ours (by default it takes 60% of RAM on CPU);
+- trellis_single: TorchEngine, one request at a time (the first --single requests): decode at batch 1;
+- hf_single:      HF `generate`, one request at a time (the first --single requests; timing all of
+                  them would take ~10 minutes on 2 cores);
+- n16:            TorchEngine, n=16 samples of one --n16-prompt-tokens prompt against n=1 of it;
+- roofline:       this machine's memory bandwidth (sum of a 256 MiB tensor) and fp32 / bf16 matmul
+                  peak (2048^3), giving a lower bound on a decode step:
+                  max(weight bytes / bandwidth, 2 * params * batch / matmul peak).
+
+Reported: aggregate output tokens/s (all output tokens / wall time from first submission to last
+token), TTFT p50 / p99 (from submission; static `generate` gives every row the time of its first
+step, taken by a streamer), time per output token p50 (per request: (latency - TTFT) / (tokens - 1)),
+peak RSS, and the decode step (median gap between a request's consecutive tokens) at batch 1 and at
+batch --requests next to the roofline. Every system is warmed up first (same shapes, other prompts,
+2 tokens), and engine / manager construction is not timed.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
+import inspect
 import json
+import math
 import os
+import random
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
-import torch
+SYSTEMS = ("trellis", "hf_static", "hf_cb", "trellis_single", "hf_single", "n16", "roofline")
+REPO = Path(__file__).resolve().parent.parent
 
-SYSTEMS = ("trellis", "hf_static", "hf_cb", "trellis_single", "hf_single", "n16")
+# Varied text for the prompts; every prompt starts with its own numbered header, so no two share a KV block.
+PASSAGES = (
+    "The river rose for three days after the storm, and the ferry that usually crossed at dawn stayed tied "
+    "to its post while farmers on both banks moved their animals to higher ground.",
+    "To prove that the square root of two is irrational, assume it equals a fraction in lowest terms and "
+    "show that both the numerator and the denominator must then be even.",
+    "A sourdough starter is a culture of wild yeast and lactic acid bacteria; feed it flour and water at "
+    "the same hour every day and it will double within a few hours of each feeding.",
+    "The compiler first turns the source into tokens, then builds a syntax tree, checks the types, lowers "
+    "the tree into an intermediate form and finally allocates registers for the target machine.",
+    "In the spring of 1854 a physician in London mapped the cholera cases around Broad Street and "
+    "persuaded the parish to remove the handle of the water pump.",
+    "Quartz is a hard crystalline mineral made of silicon and oxygen; under pressure it produces a small "
+    "voltage, which is why it keeps time in watches and radios.",
+    "The harbor master counted forty ships at anchor, most of them waiting for the tide, and sent a boy "
+    "along the quay with a lantern to warn the captains about the fog.",
+    "Linear algebra studies vector spaces and the maps between them; a matrix is only one way of writing "
+    "such a map down once a basis has been chosen for each space.",
+    "The meadow behind the school is mowed twice a year, in June and in September, so that the wild "
+    "flowers can set seed and the insects that live among them survive the winter.",
+    "Copper conducts heat and electricity well, resists corrosion and is easy to shape, which is why it "
+    "has been used for pipes, wires, coins and cooking pots for thousands of years.",
+    "A good signal processing course starts with sampling: a continuous signal can be rebuilt from its "
+    "samples only if it contains no frequency above half the sampling rate.",
+    "The satellite's orbit decays slowly because of the thin atmosphere at that altitude, so twice a "
+    "year the operators fire its thrusters for a few seconds to raise it again.",
+    "Thunder is the sound of air expanding violently when lightning heats it to tens of thousands of "
+    "degrees in a fraction of a second; count the seconds after the flash to estimate the distance.",
+    "The puzzle asks for a path through the maze that visits every room exactly once, which turns out to "
+    "be a much harder problem than finding any path from the entrance to the exit.",
+    "My grandmother kept a ledger of every jar of jam she made, with the date, the fruit, the weight of "
+    "sugar and, in the margin, a note on who had received each jar as a gift.",
+    "The violin is carved from spruce and maple; its sound depends on the thickness of the plates, the "
+    "varnish, the position of the sound post and, some say, the age of the wood.",
+    "When the central bank raises interest rates, borrowing becomes more expensive, spending slows and, "
+    "after a delay of a year or more, the rise in prices usually slows as well.",
+    "Seven hikers left the hut before sunrise, roped together on the glacier, and reached the summit just "
+    "as the clouds began to build over the valley to the west.",
+    "A hash table stores keys in an array of buckets chosen by a hash function; when two keys land in the "
+    "same bucket, the table either chains them in a list or probes for another slot.",
+    "The garden was planned around an old pear tree: beds of herbs in the sun to the south of it, ferns "
+    "and hostas in its shade, and a gravel path that circled the trunk.",
+)
+TOPICS = ("rivers", "proofs", "bread", "compilers", "history", "minerals", "harbors", "algebra", "meadows",
+          "metals", "signals", "orbits", "weather", "puzzles", "family", "music", "economics", "mountains",
+          "data structures", "gardens")
 
 
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
-def make_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
-    """Distinct prompts of exactly `length` tokens from varied text."""
-    words = ("river mountain proof theorem bread engine violet seven quartz harbor lantern "
-             "algebra meadow copper signal orbit thunder puzzle garden ledger").split()
+def make_prompts(tokenizer, count: int, length: int, offset: int = 0, jitter: bool = True) -> list[list[int]]:
+    """`count` distinct prompts averaging `length` tokens (each +-12.5% when jitter), deterministic.
+    `offset` gives another set of the same lengths (warm-up prompts that share nothing with the timed ones)."""
+    spread = length // 8 if jitter and count > 1 else 0
+    lengths = [length + round(spread * (2 * k / max(1, count - 1) - 1)) for k in range(count)]
+    random.Random(1234).shuffle(lengths)
     prompts = []
-    for i in range(count):
-        text = " ".join(words[(i * 7 + j * 3) % len(words)] + str((i * j) % 97) for j in range(length))
-        prompts.append(tokenizer(text)["input_ids"][:length])
+    for i, target in enumerate(lengths):
+        j = i + offset
+        text = f"Note {j + 1}, on {TOPICS[j % len(TOPICS)]}.\n"
+        k = 0
+        while len(tokenizer(text, add_special_tokens=False)["input_ids"]) < target:
+            text += PASSAGES[(j * 7 + k * 3) % len(PASSAGES)] + " "
+            k += 1
+        prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"][:target])
     return prompts
 
 
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    values = sorted(values)
+    return values[max(0, math.ceil(q * len(values)) - 1)]
+
+
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-# ---- children ---------------------------------------------------------------------------------
+def parse_engine_args(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--engine-arg {item!r}: expected key=value")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
 
-def child_trellis(loaded, prompts, new_tokens, n=1) -> dict:
-    from trellis_rpc.engine_api import Delta, Finished, PromptInput
-    from trellis_rpc.sampling import SamplingConfig
-    from worker_cpu.engine import TorchEngine
 
-    # KV sized for the workload (the cache is zero-filled up front, so oversizing it inflates RSS).
-    kv_tokens = 2 * sum(len(p) + n * new_tokens for p in prompts) + 1024
-    engine = TorchEngine(loaded, max_batch_size=max(64, n), kv_cache_tokens=kv_tokens, start_thread=False,
-                         threads=int(os.environ.get("TRELLIS_BENCH_THREADS", "0")) or None)
-    results: list[tuple[float, float, int]] = []
-
-    async def one(i: int, ids: list[int]) -> None:
-        start = time.perf_counter()
-        first, tokens = None, 0
-        cfg = SamplingConfig(n=n, max_tokens=new_tokens, ignore_eos=True, seed=i)
-        async for event in engine.generate(f"r{i}", PromptInput(token_ids=ids), cfg):
-            if isinstance(event, Delta):
-                tokens += len(event.token_ids)
-                first = first or time.perf_counter()
-            elif isinstance(event, Finished):
-                results.append((first - start, time.perf_counter() - start, tokens))
-
-    async def client() -> float:
-        start = time.perf_counter()
-        await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
-        return time.perf_counter() - start
-
-    wall: list[float] = []
-    thread = threading.Thread(target=lambda: (wall.append(asyncio.run(client())), engine.close()))
-    thread.start()
-    engine.run()  # the main thread, as in the worker process
-    thread.join()
-    per_seq_tokens = [r[2] / n for r in results]
+def summarize(ttft: list[float], latency: list[float], tokens: list[int], gaps: list[float], wall: float) -> dict:
     return {
-        "wall_s": wall[0], "tokens": sum(r[2] for r in results),
-        "ttft": [r[0] for r in results],
-        "tpot": [(r[1] - r[0]) / max(1, t - 1) for r, t in zip(results, per_seq_tokens, strict=True)],
-        "prefill_tokens": engine.stats.prefill_tokens,
+        "wall_s": wall, "tokens": sum(tokens), "requests": len(tokens),
+        "ttft": ttft, "tpot": [(lat - t) / max(1, n - 1) for t, lat, n in zip(ttft, latency, tokens, strict=True)],
+        "step_s": statistics.median(gaps) if gaps else None,
     }
 
 
-def child_hf_static(model, prompts, new_tokens) -> dict:
-    from transformers import LogitsProcessor, LogitsProcessorList
+# ---- Trellis engine ---------------------------------------------------------------------------
 
-    class StepClock(LogitsProcessor):
+
+def build_engine(loaded, args, kv_tokens: int, max_batch: int):
+    """TorchEngine with the constructor arguments it has today, plus --engine-arg ones.
+    Returns (engine, run_on_main): whether this process must drive engine.run() on its main thread."""
+    from worker_cpu.engine import TorchEngine
+
+    params = inspect.signature(TorchEngine.__init__).parameters
+    kwargs = {"max_batch_size": max_batch, "kv_cache_tokens": kv_tokens}
+    if args.threads:
+        kwargs["threads"] = args.threads
+    kwargs.update(parse_engine_args(args.engine_arg))
+    run_on_main = "start_thread" in params and "start_thread" not in kwargs and hasattr(TorchEngine, "run")
+    if run_on_main:
+        kwargs["start_thread"] = False
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            raise SystemExit(f"--engine-arg: TorchEngine takes no {', '.join(unknown)} "
+                             f"(it takes {', '.join(p for p in params if p not in ('self', 'loaded'))})")
+    return TorchEngine(loaded, **kwargs), run_on_main
+
+
+def prefill_counter(engine) -> int | None:
+    for owner, name in ((getattr(engine, "stats", None), "prefill_tokens"), (engine, "prefill_tokens"),
+                        (getattr(engine, "stats", None), "prompt_tokens")):
+        value = getattr(owner, name, None) if owner is not None else None
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def drive(engine, run_on_main: bool, client) -> dict:
+    """Run the async client against the engine, then close it. With run_on_main the engine loop takes this
+    (main) thread and the client's event loop a second one, as in the worker process."""
+    if not run_on_main:
+        try:
+            return asyncio.run(client())
+        finally:
+            engine.close()
+    box: list = []
+
+    def client_thread() -> None:
+        try:
+            box.append(asyncio.run(client()))
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
+            box.append(exc)
+        finally:
+            engine.close()
+
+    thread = threading.Thread(target=client_thread, name="bench-client")
+    thread.start()
+    engine.run()
+    thread.join()
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
+
+
+async def engine_request(engine, task_id: str, ids: list[int], cfg, t0: float) -> tuple[float, float, int, list]:
+    """One request: (ttft, latency, output tokens, gaps between consecutive token arrivals), from t0."""
+    from trellis_rpc.engine_api import Delta, Finished, PromptInput
+
+    first = None
+    tokens = 0
+    last: dict[int, float] = {}
+    gaps: list[float] = []
+    async for event in engine.generate(task_id, PromptInput(token_ids=ids), cfg):
+        now = time.perf_counter()
+        if isinstance(event, Delta) and event.token_ids:
+            tokens += len(event.token_ids)
+            first = first or now
+            if event.index in last:
+                gaps.append((now - last[event.index]) / len(event.token_ids))
+            last[event.index] = now
+        elif isinstance(event, Finished):
+            return first - t0, now - t0, tokens, gaps
+    raise RuntimeError(f"{task_id}: stream ended without Finished")
+
+
+def child_trellis(loaded, args, prompts: list[list[int]], warm: list[list[int]], n: int = 1,
+                  one_at_a_time: bool = False) -> dict:
+    from trellis_rpc.sampling import SamplingConfig
+
+    kv_tokens = 2 * sum(len(p) + n * args.new_tokens for p in prompts + warm) + 1024
+    engine, run_on_main = build_engine(loaded, args, kv_tokens, max(64, len(prompts), n))
+    cfg = SamplingConfig(temperature=args.temperature, n=n, max_tokens=args.new_tokens, ignore_eos=True)
+    warm_cfg = SamplingConfig(temperature=args.temperature, n=n, max_tokens=2, ignore_eos=True)
+
+    async def client() -> dict:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(engine_request(engine, f"warm{i}", p, warm_cfg, t0) for i, p in enumerate(warm)))
+        before = prefill_counter(engine)
+        if one_at_a_time:
+            results = []
+            start = time.perf_counter()
+            for i, p in enumerate(prompts):
+                results.append(await engine_request(engine, f"r{i}", p, cfg, time.perf_counter()))
+        else:
+            start = time.perf_counter()
+            results = await asyncio.gather(*(engine_request(engine, f"r{i}", p, cfg, start)
+                                             for i, p in enumerate(prompts)))
+        wall = time.perf_counter() - start
+        after = prefill_counter(engine)
+        out = summarize([r[0] for r in results], [r[1] for r in results], [r[2] // n for r in results],
+                        [g for r in results for g in r[3]], wall)
+        out["tokens"] = sum(r[2] for r in results)
+        out["prefill_tokens"] = after - before if before is not None and after is not None else None
+        return out
+
+    return drive(engine, run_on_main, client)
+
+
+# ---- Hugging Face generate --------------------------------------------------------------------
+
+
+def hf_generate(model, tokenizer, prompts: list[list[int]], args, new_tokens: int) -> tuple[float, list[float], int]:
+    """One static batch through `generate` (left padding); returns (start, times of each step's tokens, tokens/row)."""
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    class StepClock(BaseStreamer):
+        """generate() puts the prompt first, then each step's new tokens (after sampling)."""
+
         def __init__(self) -> None:
             self.times: list[float] = []
+            self.seen_prompt = False
 
-        def __call__(self, input_ids, scores):
-            self.times.append(time.perf_counter())
-            return scores
+        def put(self, value) -> None:
+            if self.seen_prompt:
+                self.times.append(time.perf_counter())
+            self.seen_prompt = True
 
+        def end(self) -> None:
+            pass
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(p) for p in prompts)
-    pad = 0
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     clock = StepClock()
     start = time.perf_counter()
     out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                         do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=pad,
-                         logits_processor=LogitsProcessorList([clock]))
-    wall = time.perf_counter() - start
-    steps = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
-    ttft = clock.times[0] - start
-    return {"wall_s": wall, "tokens": (out.shape[1] - width) * len(prompts), "ttft": [ttft] * len(prompts),
-            "tpot": [statistics.median(steps)] * len(prompts)}
+                         do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0, pad_token_id=pad,
+                         streamer=clock)
+    return start, clock.times, out.shape[1] - width
 
 
-def child_hf_cb(model, prompts, new_tokens) -> dict:
-    from transformers import GenerationConfig
+def child_hf(loaded, args, prompts: list[list[int]], warm: list[list[int]], one_at_a_time: bool) -> dict:
+    import torch
 
-    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
-                              temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0)
-    start = time.perf_counter()
-    outputs = model.generate_batch(inputs=prompts, generation_config=config, record_timestamps=True)
-    wall = time.perf_counter() - start
-    ttft, tpot, tokens = [], [], 0
-    for out in outputs.values():
-        if out.error:
-            raise RuntimeError(out.error)
-        tokens += len(out.generated_tokens)
-        stamps = out.timestamps or []
-        if stamps:
-            ttft.append(stamps[0] - start)
-            tpot.append((stamps[-1] - stamps[0]) / max(1, len(stamps) - 1))
-    return {"wall_s": wall, "tokens": tokens, "ttft": ttft, "tpot": tpot}
-
-
-def child_hf_single(model, prompts, new_tokens) -> dict:
-    from transformers import LogitsProcessor, LogitsProcessorList
-
-    class StepClock(LogitsProcessor):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def __call__(self, input_ids, scores):
-            self.times.append(time.perf_counter())
-            return scores
-
-    ttft, tpot, tokens = [], [], 0
-    start_all = time.perf_counter()
-    for p in prompts:
-        clock = StepClock()
-        start = time.perf_counter()
-        out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True, temperature=1.0,
-                             top_k=0, top_p=1.0, pad_token_id=0, logits_processor=LogitsProcessorList([clock]))
-        tokens += out.shape[1] - len(p)
-        ttft.append(clock.times[0] - start)
-        tpot.append(statistics.median(b - a for a, b in zip(clock.times, clock.times[1:], strict=False)))
-    return {"wall_s": time.perf_counter() - start_all, "tokens": tokens, "ttft": ttft, "tpot": tpot}
-
-
-def warm_up(loaded, prompt: list[int]) -> None:
-    """First forward passes pay one-time costs (allocator, MKL setup) that no system should be timed on."""
+    model, tok = loaded.model, loaded.tokenizer
     with torch.inference_mode():
-        loaded.model.generate(torch.tensor([prompt]), max_new_tokens=2, do_sample=False, pad_token_id=0)
+        batches = [[p] for p in prompts] if one_at_a_time else [prompts]
+        warm_batches = [[warm[0]]] if one_at_a_time else [warm]
+        for batch in warm_batches:
+            hf_generate(model, tok, batch, args, 2)
+        ttft, latency, tokens, gaps = [], [], [], []
+        start_all = time.perf_counter()
+        for batch in batches:
+            start, times, per_row = hf_generate(model, tok, batch, args, args.new_tokens)
+            ttft += [times[0] - start] * len(batch)
+            latency += [times[-1] - start] * len(batch)
+            tokens += [per_row] * len(batch)
+            gaps += [b - a for a, b in zip(times, times[1:], strict=False)]
+        return summarize(ttft, latency, tokens, gaps, time.perf_counter() - start_all)
+
+
+# ---- transformers continuous batching ---------------------------------------------------------
+
+
+def child_hf_cb(loaded, args, prompts: list[list[int]], warm: list[list[int]]) -> dict:
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    model = loaded.model
+    # EOS id -1 disables EOS (None would fall back to the model's). No top-k / top-p: plain sampling, like the others.
+    gen = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=True, temperature=args.temperature, top_k=0,
+                           top_p=1.0, eos_token_id=-1, pad_token_id=loaded.tokenizer.pad_token_id)
+    kv_tokens = 2 * sum(len(p) + args.new_tokens for p in prompts + warm) + 1024
+    cb = ContinuousBatchingConfig(page_size=args.cb_page_size, num_blocks=math.ceil(kv_tokens / args.cb_page_size),
+                                  max_batch_tokens=args.cb_max_batch_tokens,
+                                  max_requests_per_batch=max(64, len(prompts)))
+    info: dict = {}
+
+    def collect(manager, ids: list[str]) -> dict:
+        pending, results = set(ids), {}
+        while pending:
+            result = manager.get_result(timeout=1)
+            if result is None:
+                if not manager.is_running():
+                    raise RuntimeError("continuous batching: the generation thread died")
+                continue
+            if result.request_id in pending and result.is_finished():
+                if result.error:
+                    raise RuntimeError(f"continuous batching: {result.error}")
+                results[result.request_id] = result
+                pending.discard(result.request_id)
+        return results
+
+    setup = time.perf_counter()
+    with model.continuous_batching_context_manager(generation_config=gen, continuous_batching_config=cb) as manager:
+        info["setup_s"] = time.perf_counter() - setup
+        info["attn_implementation"] = model.config._attn_implementation
+        collect(manager, manager.add_requests(inputs=warm, max_new_tokens=2))
+        start = time.perf_counter()
+        ids = manager.add_requests(inputs=prompts, max_new_tokens=args.new_tokens, record_timestamps=True)
+        results = collect(manager, ids)
+        wall = time.perf_counter() - start
+    ttft, latency, tokens, gaps = [], [], [], []
+    for rid in ids:
+        stamps = results[rid].timestamps or []
+        if not stamps:
+            raise RuntimeError("continuous batching returned no timestamps")
+        ttft.append(stamps[0] - start)
+        latency.append(stamps[-1] - start)
+        tokens.append(len(results[rid].generated_tokens))
+        gaps += [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return summarize(ttft, latency, tokens, gaps, wall) | info
+
+
+# ---- roofline ---------------------------------------------------------------------------------
+
+
+def child_roofline(loaded) -> dict:
+    import torch
+
+    def best(fn, reps: int = 5) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    def bandwidth() -> float:
+        big = torch.ones(64 * 1024 * 1024)  # 256 MiB, far beyond the caches
+        return big.numel() * big.element_size() / best(big.sum)
+
+    peaks = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        m = torch.randn(2048, 2048).to(dtype)
+        peaks[name] = 2 * 2048 ** 3 / best(lambda m=m: m @ m)
+    params = {id(t): t for t in loaded.model.parameters()}  # tied embeddings count once
+    return {"bandwidth": bandwidth(), "matmul_peak": peaks, "params": sum(t.numel() for t in params.values())}
+
+
+def roofline_step(roof: dict, dtype: str, batch: int) -> float:
+    weight_bytes = roof["params"] * (4 if dtype == "float32" else 2)
+    return max(weight_bytes / roof["bandwidth"], 2 * roof["params"] * batch / roof["matmul_peak"][dtype])
+
+
+# ---- child entry ------------------------------------------------------------------------------
 
 
 def run_child(args) -> None:
+    import torch
+
     from worker_cpu.model_loader import load_model
 
-    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
     loaded = load_model("default", args.dtype)
-    prompts = make_prompts(loaded.tokenizer, args.requests, args.prompt_tokens)
-    warm_up(loaded, prompts[0])
-    if args.child == "hf_cb":  # it manages its own grad mode and fails under inference_mode
-        result = child_hf_cb(loaded.model, prompts, args.new_tokens)
-        result["peak_rss_mib"] = peak_rss_mib()
-        print(json.dumps(result))
-        return
-    with torch.inference_mode():
-        if args.child == "trellis":
-            result = child_trellis(loaded, prompts, args.new_tokens)
-        elif args.child == "hf_static":
-            result = child_hf_static(loaded.model, prompts, args.new_tokens)
-        elif args.child == "trellis_single":
-            runs = [child_trellis(loaded, [p], args.new_tokens) for p in prompts[:args.single]]
-            result = {"wall_s": sum(r["wall_s"] for r in runs), "tokens": sum(r["tokens"] for r in runs),
-                      "ttft": [t for r in runs for t in r["ttft"]], "tpot": [t for r in runs for t in r["tpot"]]}
-        elif args.child == "hf_single":
-            result = child_hf_single(loaded.model, prompts[:args.single], args.new_tokens)
-        else:  # n16: one 512-token prompt, n=16 against n=1
-            prompt = make_prompts(loaded.tokenizer, 1, 512)
-            one = child_trellis(loaded, prompt, args.new_tokens, n=1)
-            sixteen = child_trellis(loaded, prompt, args.new_tokens, n=16)
-            result = {"n1_s": one["wall_s"], "n16_s": sixteen["wall_s"], "prompt_tokens": len(prompt[0]),
-                      "prefill_tokens_n16": sixteen["prefill_tokens"]}
+    tok = loaded.tokenizer
+    prompts = make_prompts(tok, args.requests, args.prompt_tokens)
+    warm = make_prompts(tok, args.requests, args.prompt_tokens, offset=1000)
+    system = args.child
+    if system == "trellis":
+        result = child_trellis(loaded, args, prompts, warm)
+    elif system == "trellis_single":
+        result = child_trellis(loaded, args, prompts[:args.single], warm[:1], one_at_a_time=True)
+    elif system == "hf_static":
+        result = child_hf(loaded, args, prompts, warm, one_at_a_time=False)
+    elif system == "hf_single":
+        result = child_hf(loaded, args, prompts[:args.single], warm, one_at_a_time=True)
+    elif system == "hf_cb":
+        result = child_hf_cb(loaded, args, prompts, warm)
+    elif system == "n16":
+        prompt = make_prompts(tok, 1, args.n16_prompt_tokens, offset=2000)
+        warm_prompt = make_prompts(tok, 1, args.n16_prompt_tokens, offset=3000)
+        one = child_trellis(loaded, args, prompt, warm_prompt, n=1)
+        many = child_trellis(loaded, args, prompt, warm_prompt, n=args.n16_samples)
+        result = {"n": args.n16_samples, "prompt_tokens": len(prompt[0]),
+                  "n1_s": one["wall_s"], "n1_tokens": one["tokens"], "n1_prefill": one["prefill_tokens"],
+                  "nN_s": many["wall_s"], "nN_tokens": many["tokens"], "nN_prefill": many["prefill_tokens"]}
+    else:
+        result = child_roofline(loaded)
     result["peak_rss_mib"] = peak_rss_mib()
-    print(json.dumps(result))
+    result["threads"] = torch.get_num_threads()
+    print(json.dumps(result), flush=True)
 
 
 # ---- parent -----------------------------------------------------------------------------------
 
-def roofline(dtype: torch.dtype, params: int, weight_bytes: int) -> dict:
-    a = torch.randn(64 * 1024 * 1024)
-    a.sum()
+
+def child_command(args, system: str, repeat: int) -> list[str]:
+    cmd = [sys.executable, "-m", "benchmarks.engine", "--child", system, "--seed", str(args.seed + repeat)]
+    for flag in ("dtype", "requests", "prompt_tokens", "new_tokens", "temperature", "single", "threads",
+                 "n16_prompt_tokens", "n16_samples", "cb_page_size", "cb_max_batch_tokens"):
+        cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    for item in args.engine_arg:
+        cmd += ["--engine-arg", item]
+    return cmd
+
+
+def run_system(args, system: str, repeat: int) -> dict:
     start = time.perf_counter()
-    for _ in range(5):
-        a.sum()
-    bandwidth = 5 * a.numel() * 4 / (time.perf_counter() - start)
-    m = torch.randn(2048, 2048, dtype=dtype)
-    m @ m
-    start = time.perf_counter()
-    for _ in range(5):
-        m @ m
-    flops = 5 * 2 * 2048 ** 3 / (time.perf_counter() - start)
-    step = {b: max(weight_bytes / bandwidth, 2 * params * b / flops) * 1000 for b in (1, 32)}
-    return {"bandwidth_gbs": bandwidth / 1e9, "matmul_gflops": flops / 1e9, "step_ms": step}
+    proc = subprocess.run(child_command(args, system, repeat), capture_output=True, text=True, cwd=REPO)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        err = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+        # The exception line, not the traceback's last frame.
+        reason = next((ln for ln in reversed(err) if not ln.startswith(" ") and ":" in ln), err[-1] if err else "")
+        result = {"error": f"exit {proc.returncode}: {reason.strip()}"}
+    else:
+        result = json.loads(lines[-1])
+    print(f"  [{repeat + 1}/{args.repeats}] {system}: {time.perf_counter() - start:.0f} s"
+          + (f" - {result['error']}" if "error" in result else ""), file=sys.stderr, flush=True)
+    return result
+
+
+def median_of(runs: list[dict], fn) -> float | None:
+    values = [v for v in (fn(r) for r in runs) if v is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt_ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    return f"{seconds * 1000:.0f} ms" if seconds >= 0.1 else f"{seconds * 1000:.1f} ms"
+
+
+def fmt_ratio(r: float | None) -> str:
+    if r is None:
+        return "n/a"
+    return f"{r:.1f}x" if r >= 0.95 else f"{r:.2f}x"
+
+
+def report(args, results: dict[str, list[dict]]) -> None:
+    R, S = args.requests, args.single
+    names = {
+        "trellis": f"Trellis engine, {R} concurrent requests",
+        "hf_static": f"HF `generate`, static batch of {R}",
+        "hf_cb": f"transformers continuous batching, {R} requests",
+        "trellis_single": f"Trellis engine, one request at a time (first {S})",
+        "hf_single": f"HF `generate`, one request at a time (first {S})",
+    }
+
+    def ok(system: str) -> list[dict]:
+        return [r for r in results.get(system, []) if "error" not in r]
+
+    def tps(system: str) -> float | None:
+        return median_of(ok(system), lambda r: r["tokens"] / r["wall_s"])
+
+    print(f"SmolLM2-135M-Instruct, {args.dtype}, {torch_threads(results)} torch threads; {R} requests of "
+          f"~{args.prompt_tokens} prompt tokens (+-12.5%), {args.new_tokens} sampled new tokens each (temperature "
+          f"{args.temperature:g}, EOS ignored); {args.repeats} repeat(s), medians.\n")
+    base = tps("hf_static")
+    print(f"| system | output tokens/s | vs HF generate batch {R} | TTFT p50 | TTFT p99 | time/output token p50 "
+          f"| peak RSS |")
+    print("|---|---|---|---|---|---|---|")
+    for system, name in names.items():
+        if system not in results:
+            continue
+        runs = ok(system)
+        if not runs:
+            print(f"| {name} | failed: {results[system][0]['error'][:300]} | | | | | |")
+            continue
+        rate = tps(system)
+        print(f"| {name} | {rate:.1f} | {fmt_ratio(rate / base if base else None)} "
+              f"| {fmt_ms(median_of(runs, lambda r: pct(r['ttft'], .5)))} "
+              f"| {fmt_ms(median_of(runs, lambda r: pct(r['ttft'], .99)))} "
+              f"| {fmt_ms(median_of(runs, lambda r: pct(r['tpot'], .5)))} "
+              f"| {max(r['peak_rss_mib'] for r in runs):.0f} MiB |")
+    notes = [f"{names[s].split(',')[0]}: {results[s][0]['error']}" for s in names if s in results and not ok(s)]
+    for note in notes:
+        print(f"\nFailed: {note}")
+    cb = ok("hf_cb")
+    if cb:
+        print(f"\ntransformers continuous batching ran with attention `{cb[0].get('attn_implementation')}`, "
+              f"page size {args.cb_page_size}, max batch tokens {args.cb_max_batch_tokens}; manager setup "
+              f"{cb[0].get('setup_s', 0):.1f} s (not timed).")
+
+    roof = ok("roofline")
+    roof = roof[0] if roof else None
+    step = {s: median_of(ok(s), lambda r: r.get("step_s")) for s in names}
+    print(f"\nDecode step (median gap between a request's consecutive tokens), {args.dtype}:\n")
+    print(f"| batch | Trellis engine | HF `generate` | transformers CB | roofline ({args.dtype}) |")
+    print("|---|---|---|---|---|")
+    for batch, ours, hf, cbs in ((1, "trellis_single", "hf_single", None), (R, "trellis", "hf_static", "hf_cb")):
+        line = f"| {batch} | {fmt_ms(step[ours])} | {fmt_ms(step[hf])} | {fmt_ms(step[cbs]) if cbs else '-'} "
+        print(line + f"| {fmt_ms(roofline_step(roof, args.dtype, batch)) if roof else 'n/a'} |")
+    if roof:
+        print(f"\nRoofline measured here: memory bandwidth {roof['bandwidth'] / 1e9:.1f} GB/s (sum of a 256 MiB "
+              f"tensor), matmul peak fp32 {roof['matmul_peak']['float32'] / 1e9:.0f} GFLOP/s, bf16 "
+              f"{roof['matmul_peak']['bfloat16'] / 1e9:.0f} GFLOP/s (2048^3); {roof['params'] / 1e6:.1f} M params; "
+              f"step >= max(weight bytes / bandwidth, 2 * params * batch / matmul peak).")
+
+    n16 = ok("n16")
+    if n16:
+        n, p = n16[0]["n"], n16[0]["prompt_tokens"]
+        n1, nN = median_of(n16, lambda r: r["n1_s"]), median_of(n16, lambda r: r["nN_s"])
+
+        def prefilled(key: str) -> str:
+            value = n16[0][key]
+            return "n/a (the engine exposes no prefill counter)" if value is None else str(value)
+
+        print(f"\nn={n} samples of one {p}-token prompt through the Trellis engine, "
+              f"{args.new_tokens} new tokens each:\n")
+        print("| request | wall | output tokens | prompt tokens prefilled |\n|---|---|---|---|")
+        print(f"| n=1 | {n1:.2f} s | {n16[0]['n1_tokens']} | {prefilled('n1_prefill')} |")
+        print(f"| n={n} | {nN:.2f} s ({nN / n1:.2f}x of n=1) | {n16[0]['nN_tokens']} | {prefilled('nN_prefill')} |")
+    elif "n16" in results:
+        print(f"\nn16 failed: {results['n16'][0]['error']}")
+
+
+def torch_threads(results: dict[str, list[dict]]) -> str:
+    counts = {r["threads"] for runs in results.values() for r in runs if "threads" in r}
+    return "/".join(str(c) for c in sorted(counts)) or "?"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--requests", type=int, default=32)
-    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, default=128, help="mean prompt length (each varies +-12.5%%)")
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--single", type=int, default=4, help="requests for hf_single (one at a time is slow)")
-    p.add_argument("--only", default=",".join(SYSTEMS))
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--repeats", type=int, default=1, help="runs per system, interleaved; medians reported")
+    p.add_argument("--only", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    p.add_argument("--threads", type=int, default=0, help="torch threads in every system (0: torch's default)")
+    p.add_argument("--single", type=int, default=4, help="requests timed one at a time (trellis_single, hf_single)")
+    p.add_argument("--n16-prompt-tokens", type=int, default=512)
+    p.add_argument("--n16-samples", type=int, default=16)
+    p.add_argument("--cb-page-size", type=int, default=256, help="transformers CB page size (its default)")
+    p.add_argument("--cb-max-batch-tokens", type=int, default=512,
+                   help="transformers CB token budget per step (the Trellis engine's default max_num_tokens)")
+    p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra TorchEngine constructor argument (repeatable; value parsed as a Python literal)")
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TRELLIS_CACHE", str(REPO / ".cache" / "trellis"))
     if args.child:
         run_child(args)
         return
-    command = "python -m benchmarks.engine " + " ".join(sys.argv[1:])
-    print(f"$ {command}\n")
-    results = {}
-    for system in args.only.split(","):
-        cmd = [sys.executable, "-m", "benchmarks.engine", "--child", system, "--dtype", args.dtype,
-               "--requests", str(args.requests), "--prompt-tokens", str(args.prompt_tokens),
-               "--new-tokens", str(args.new_tokens), "--single", str(args.single)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if proc.returncode != 0 or not lines:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            results[system] = {"error": " | ".join(tail)}
-        else:
-            results[system] = json.loads(lines[-1])
-        print(f"{system}: {json.dumps(results[system])[:300]}", file=sys.stderr)
-    from worker_cpu.model_loader import load_model
-
-    model = load_model("default", args.dtype).model
-    params = sum(t.numel() for t in model.parameters())
-    weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
-    roof = roofline(model.dtype, params, weight_bytes)
-    report(args, results, roof)
-
-
-def report(args, results: dict, roof: dict) -> None:
-    base = results.get("hf_static", {})
-    base_tps = base["tokens"] / base["wall_s"] if "tokens" in base else None
-    print(f"SmolLM2-135M-Instruct {args.dtype}, {args.requests} requests x {args.prompt_tokens} prompt tokens, "
-          f"{args.new_tokens} sampled new tokens each\n")
-    print("| system | output tokens/s | vs HF generate batch | TTFT p50 | TTFT p99 | time/output token p50 "
-          "| peak RSS |\n|---|---|---|---|---|---|---|")
-    names = {"trellis": "Trellis engine", "hf_static": f"HF generate, static batch of {args.requests}",
-             "hf_cb": "transformers continuous batching",
-             "trellis_single": f"Trellis engine, one request at a time ({args.single})",
-             "hf_single": f"HF generate, one request at a time ({args.single})"}
-    for system, name in names.items():
-        r = results.get(system)
-        if r is None:
-            continue
-        if "error" in r:
-            print(f"| {name} | failed: {r['error'][:160]} | | | | | |")
-            continue
-        tps = r["tokens"] / r["wall_s"]
-        ratio = f"{tps / base_tps:.2f}x" if base_tps else "n/a"
-        ttft = f"{pct(r['ttft'], .5) * 1000:.0f} ms | {pct(r['ttft'], .99) * 1000:.0f} ms"
-        print(f"| {name} | {tps:.1f} | {ratio} | {ttft} | {pct(r['tpot'], .5) * 1000:.1f} ms "
-              f"| {r['peak_rss_mib']:.0f} MiB |")
-    print(f"\nRoofline here: memory bandwidth {roof['bandwidth_gbs']:.1f} GB/s, "
-          f"matmul {roof['matmul_gflops']:.0f} GFLOP/s -> decode step >= {roof['step_ms'][1]:.1f} ms at batch 1, "
-          f">= {roof['step_ms'][32]:.1f} ms at batch 32.")
-    step = {s: pct(results[s]["tpot"], .5) * 1000 for s in SYSTEMS if "tpot" in results.get(s, {})}
-    if {"trellis_single", "hf_single"} <= set(step):
-        print(f"Decode step at batch 1: Trellis {step['trellis_single']:.1f} ms, "
-              f"HF generate {step['hf_single']:.1f} ms "
-              f"({step['trellis_single'] / step['hf_single']:.2f}x).")
-    if {"trellis", "hf_static"} <= set(step):
-        print(f"Decode step at batch {args.requests}: Trellis {step['trellis']:.1f} ms, HF generate "
-              f"{step['hf_static']:.1f} ms ({step['trellis'] / step['hf_static']:.2f}x).")
-    n16 = results.get("n16")
-    if n16 and "n16_s" in n16:
-        print(f"n=16 samples of a {n16['prompt_tokens']}-token prompt: {n16['n16_s']:.1f} s vs n=1 {n16['n1_s']:.1f} s "
-              f"({n16['n16_s'] / n16['n1_s']:.2f}x); prompt tokens prefilled: {n16['prefill_tokens_n16']}.")
+    systems = [s.strip() for s in args.only.split(",") if s.strip()]
+    bad = [s for s in systems if s not in SYSTEMS]
+    if bad:
+        p.error(f"--only: unknown system(s) {', '.join(bad)}; choose from {', '.join(SYSTEMS)}")
+    parse_engine_args(args.engine_arg)  # fail early on a malformed one
+    command = shlex.join([".venv/bin/python", "-m", "benchmarks.engine", *sys.argv[1:]])
+    print(f"$ {command}\n", flush=True)
+    results: dict[str, list[dict]] = {s: [] for s in systems}
+    for repeat in range(args.repeats):
+        for system in systems:
+            if system == "roofline" and repeat:
+                continue
+            results[system].append(run_system(args, system, repeat))
+    report(args, results)
 
 
 if __name__ == "__main__":

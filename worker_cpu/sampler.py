@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from trellis_rpc.sampling import SamplingConfig
 
@@ -45,42 +46,63 @@ def _penalise(x: torch.Tensor, row: Row) -> None:
         x -= cfg.frequency_penalty * counts + cfg.presence_penalty * (counts > 0).float()
 
 
-# top_p looks for its cut-off among this many best tokens first; a full sort of a 49k vocabulary
-# costs ~50x more and is only needed when these do not reach the requested mass.
-_TOP_P_WINDOW = 256
+# top_p looks for its cut-off among the best 256 tokens, then 4096, then all: a full sort of a 49k
+# vocabulary costs ~50x more and is only needed when the smaller windows do not reach the mass.
+_TOP_P_WINDOWS = (256, 4096)
 
 
 def _top_p_mask(z: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Nucleus sampling on rows of z (tempered, top_k-masked): keep a token while the mass of the
-    better tokens is below top_p; the first token always stays. Rows with top_p >= 1 are untouched."""
-    total = torch.logsumexp(z, dim=-1, keepdim=True)
-    k = min(_TOP_P_WINDOW, z.shape[-1])
-    vals = torch.topk(z, k, dim=-1).values
-    probs = torch.exp(vals - total)
-    before = probs.cumsum(-1) - probs
-    kept = (before < top_p[:, None]).sum(-1).clamp(min=1)
-    threshold = vals.gather(1, (kept - 1)[:, None]).squeeze(1)
-    short = ((before[:, -1] + probs[:, -1]) < top_p) & (top_p < 1.0)
-    for r in torch.nonzero(short).flatten().tolist():  # the window did not reach top_p: sort the row
-        row_vals = torch.sort(z[r], descending=True).values
-        row_probs = torch.exp(row_vals - total[r])
-        row_kept = int(((row_probs.cumsum(-1) - row_probs) < top_p[r]).sum().clamp(min=1))
-        threshold[r] = row_vals[row_kept - 1]
-    threshold = torch.where(top_p < 1.0, threshold, torch.full_like(threshold, float("-inf")))
-    return z < threshold[:, None]
+    better tokens is below top_p; the first token always stays. Rows with top_p >= 1 are untouched.
+    Works on probabilities (one softmax) rather than on logits minus a logsumexp, which is several
+    passes over the vocabulary on CPU."""
+    R, V = z.shape
+    p = torch.softmax(z, dim=-1)
+    threshold = torch.full((R,), -1.0)                               # -1: keep every token
+    todo = torch.nonzero(top_p < 1.0).flatten()
+    for k in (*(w for w in _TOP_P_WINDOWS if w < V), V):
+        if todo.numel() == 0:
+            break
+        rows = p[todo]
+        vals = torch.topk(rows, k, dim=-1).values if k < V else torch.sort(rows, dim=-1, descending=True).values
+        before = vals.cumsum(-1) - vals
+        want = top_p[todo]
+        kept = (before < want[:, None]).sum(-1).clamp(min=1)
+        cut = vals.gather(1, (kept - 1)[:, None]).squeeze(1)
+        reached = (before[:, -1] + vals[:, -1] >= want) | (k == V)
+        threshold[todo[reached]] = cut[reached]
+        todo = todo[~reached]
+    return p < threshold[:, None]
+
+
+_DRAW_BLOCK = 256
 
 
 def _draw(z: torch.Tensor, rows: list[Row]) -> torch.Tensor:
     """One token per row from softmax(z) by inverse CDF: a single uniform number per row (a seeded row
     takes it from its own generator, so batch company cannot change its draw). Noise per vocabulary
-    entry (Gumbel, exponential race) costs ~10x more here: elementwise passes over [rows, vocab]."""
-    cdf = torch.softmax(z, dim=-1).double().cumsum_(dim=-1)
-    u = torch.rand(len(rows), dtype=torch.float64)
+    entry (Gumbel, exponential race) costs ~10x more here: elementwise passes over [rows, vocab].
+    The CDF is two-level: float64 sums of 256-token blocks pick the block, then a cumsum inside that
+    block picks the token. A float64 cumsum over the whole vocabulary was most of the sampling time."""
+    R, V = z.shape
+    p = torch.softmax(z, dim=-1)                                     # masked tokens are 0
+    pad = -V % _DRAW_BLOCK
+    blocks = (F.pad(p, (0, pad)) if pad else p).view(R, -1, _DRAW_BLOCK)
+    ends = blocks.sum(-1).double().cumsum_(-1)                       # [R, blocks] running mass
+    u = torch.rand(R, dtype=torch.float64)
     for r, row in enumerate(rows):
         if row.generator is not None:
             u[r] = torch.rand(1, dtype=torch.float64, generator=row.generator)
-    picked = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
-    return picked.clamp_(max=z.shape[-1] - 1)
+    target = (u * ends[:, -1]).unsqueeze(-1)
+    # right=True: the first block whose running mass exceeds the target, so never an empty block.
+    b = torch.searchsorted(ends, target, right=True).clamp_(max=ends.shape[-1] - 1)
+    before = torch.where(b > 0, ends.gather(1, (b - 1).clamp(min=0)), torch.zeros_like(target))
+    inner = blocks[torch.arange(R), b.squeeze(-1)]                   # [R, block]
+    i = torch.searchsorted(inner.double().cumsum_(-1), target - before, right=True).squeeze(-1)
+    # Rounding between the two sums may overshoot the block: fall back to its last live token.
+    last = (inner > 0).int().cumsum(-1).argmax(-1)
+    i = torch.minimum(i, last)
+    return (b.squeeze(-1) * _DRAW_BLOCK + i).clamp_(max=V - 1)
 
 
 def sample(logits: torch.Tensor, rows: list[Row]) -> Picked:
@@ -97,13 +119,16 @@ def sample(logits: torch.Tensor, rows: list[Row]) -> Picked:
             if row.generated < row.cfg.min_tokens and row.stop_ids:
                 x[r, row.stop_ids] = float("-inf")
             _penalise(x[r], row)
-    tokens = x.argmax(dim=-1)
     drawn_rows = [r for r, row in enumerate(rows) if not row.cfg.greedy]
+    if len(drawn_rows) < R:
+        tokens = x.argmax(dim=-1)
+    else:
+        tokens = torch.empty(R, dtype=torch.long)
     if drawn_rows:
         sub = [rows[r] for r in drawn_rows]
         index = torch.tensor(drawn_rows)
         temps = torch.tensor([row.cfg.temperature for row in sub], dtype=torch.float32)
-        z = x[index] / temps[:, None]
+        z = (x if len(drawn_rows) == R else x[index]) / temps[:, None]
         top_k = [row.cfg.top_k for row in sub]
         if any(top_k):
             k = torch.tensor(top_k)
@@ -119,12 +144,14 @@ def sample(logits: torch.Tensor, rows: list[Row]) -> Picked:
             floor = z.max(dim=-1, keepdim=True).values + torch.log(min_p.clamp(min=1e-30))[:, None]
             z = z.masked_fill((min_p > 0)[:, None] & (z < floor), float("-inf"))
         tokens[index] = _draw(z, sub)
-    chosen = logits.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    # One fused log_softmax pass: torch.logsumexp is several passes over [rows, vocab] on CPU.
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1)
     top_ids: list[list[int]] = [[] for _ in range(R)]
     top_lp: list[list[float]] = [[] for _ in range(R)]
     want = [row.cfg.logprobs or 0 for row in rows]
     if any(want):
-        top = torch.topk(torch.log_softmax(logits, dim=-1), max(want), dim=-1)
+        top = torch.topk(logprobs, max(want), dim=-1)
         ids, vals = top.indices.tolist(), top.values.tolist()
         for r, k in enumerate(want):
             top_ids[r], top_lp[r] = ids[r][:k], vals[r][:k]

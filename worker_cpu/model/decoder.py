@@ -87,19 +87,28 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _gather(cache: torch.Tensor, blocks: torch.Tensor, block_size: int, out: torch.Tensor) -> torch.Tensor:
-    """K or V of whole blocks, per KV head: cache [Hkv, slots, D], blocks [..., nb] ->
-    [Hkv, ..., nb * block_size, D], contiguous, written into `out` ([Hkv, blocks, block_size * D]).
-    Block-sized rows, one 2-D index_select per head: measured 16x faster in float32 than one
-    index_select along dim 1 (a strided kernel), ~6x faster than indexing single slots. `out` is
-    allocated once per step and reused by every layer: a fresh multi-MB tensor per layer costs
-    page faults that made the gather 10x slower."""
-    hkv, _, d = cache.shape
-    flat = blocks.reshape(-1)
-    rows = cache.view(hkv, -1, block_size * d)
-    for h in range(hkv):
-        torch.index_select(rows[h], 0, flat, out=out[h])
-    return out.view(hkv, *blocks.shape[:-1], blocks.shape[-1] * block_size, d)
+@dataclass
+class _Context:
+    """The K/V a group of queries attends to, gathered once per layer: rows of KVCache.block_rows()
+    (index from KVCache.gather_index) copied into `out`, allocated once per step and reused by every
+    layer (a fresh multi-MB tensor per layer costs page faults that made the gather 10x slower).
+    Block-sized rows of a 2-D view in one index_select: measured ~16x faster in float32 than an
+    index_select along the slot dimension (a strided kernel)."""
+    index: torch.Tensor
+    out: torch.Tensor                   # [2 * Hkv * rows, block_size * D]
+    shape: tuple[int, ...]              # of the gathered K (and V): [Hkv, ..., context, D]
+
+    @classmethod
+    def of(cls, kv: KVCache, blocks: torch.Tensor) -> _Context:
+        index = kv.gather_index(blocks)
+        out = torch.empty(index.numel(), kv.block_size * kv.head_dim, dtype=kv.kv.dtype)
+        shape = (kv.num_kv_heads, *blocks.shape[:-1], blocks.shape[-1] * kv.block_size, kv.head_dim)
+        return cls(index, out, shape)
+
+    def gather(self, kv: KVCache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.index_select(kv.block_rows(layer), 0, self.index, out=self.out)
+        both = self.out.view(2, *self.shape)
+        return both[0], both[1]
 
 
 class PagedDecoder:
@@ -115,30 +124,29 @@ class PagedDecoder:
         """q [..., m, D] against k, v [..., L, D]; mask broadcastable to [..., m, L] (True = attend).
         Plain batched matmuls with a float32 softmax: on this CPU torch's fused SDPA is ~5x slower in
         bfloat16 and needs copies of the gathered K/V in either dtype (docs/ARCHITECTURE.md)."""
-        scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.scale
+        scores = torch.matmul(q, k.transpose(-1, -2))
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        return torch.matmul(torch.softmax(scores, dim=-1).to(q.dtype), v)
+        probs = torch.softmax(scores * self.scale, dim=-1, dtype=torch.float32)
+        return torch.matmul(probs.to(q.dtype), v)
 
-    def _decode_attention(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, step: StepInput,
-                          block_size: int, buffers: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def _decode_attention(self, q: torch.Tensor, kv: KVCache, layer: int, step: StepInput,
+                          context: _Context) -> torch.Tensor:
         """q [B, H, D] of one token per sequence -> [B, H, D]."""
         B, H, D = q.shape
-        hkv = kc.shape[0]
-        keys = _gather(kc, step.decode_blocks, block_size, buffers[0])     # [Hkv, B, L, D]
-        values = _gather(vc, step.decode_blocks, block_size, buffers[1])
+        hkv = kv.num_kv_heads
+        keys, values = context.gather(kv, layer)                            # [Hkv, B, L, D]
         qg = q.view(B, hkv, self.group, D).transpose(0, 1)                 # [Hkv, B, G, D]
         mask = step.decode_mask.view(1, B, 1, -1)
         out = self._softmax_attend(qg, keys, values, mask)                 # [Hkv, B, G, D]
         return out.transpose(0, 1).reshape(B, H, D)
 
-    def _prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor,
-                           vc: torch.Tensor, chunk: PrefillChunk, block_size: int,
-                           buffers: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def _prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: KVCache, layer: int,
+                           chunk: PrefillChunk, context: _Context | None) -> torch.Tensor:
         """q [n, H, D] of one sequence's chunk -> [n, H, D], causal over its cached context and itself."""
         n, H, D = q.shape
-        hkv = kc.shape[0]
-        if chunk.context_blocks is None:                                   # the chunk is the whole context
+        hkv = kv.num_kv_heads
+        if context is None:                                                # the chunk is the whole context
             keys, values = k.transpose(0, 1), v.transpose(0, 1)            # [Hkv, n, D]
             if self.dtype == torch.float32:
                 o = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0),
@@ -146,8 +154,7 @@ class PagedDecoder:
                 return o[0].transpose(0, 1)
             mask = torch.ones(n, n, dtype=torch.bool).tril()
         else:
-            keys = _gather(kc, chunk.context_blocks, block_size, buffers[0])   # [Hkv, L, D]
-            values = _gather(vc, chunk.context_blocks, block_size, buffers[1])
+            keys, values = context.gather(kv, layer)                       # [Hkv, L, D]
             mask = chunk.mask
         qg = q.view(n, hkv, self.group, D).permute(1, 2, 0, 3)             # [Hkv, G, n, D]
         out = self._softmax_attend(qg, keys.unsqueeze(1), values.unsqueeze(1), mask)  # [Hkv, G, n, D]
@@ -157,9 +164,7 @@ class PagedDecoder:
         if self.spec.norm == "layer":
             return F.layer_norm(x, (x.shape[-1],), weight, bias, self.spec.eps)
         # RMSNorm in float32, as the reference implementations do, then back to the compute dtype.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.spec.eps)
-        return weight * xf.to(x.dtype)
+        return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.spec.eps).to(x.dtype)
 
     def _act(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.act == "silu":
@@ -179,36 +184,34 @@ class PagedDecoder:
             cos = w.rope_cos[step.positions].to(self.dtype).unsqueeze(1)   # [T, 1, D]
             sin = w.rope_sin[step.positions].to(self.dtype).unsqueeze(1)
         nd = step.num_decode
-        bs, hkv_row = kv.block_size, kv.block_size * D
-
-        def buffers(blocks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-            if blocks is None:
-                return None
-            return (torch.empty(Hkv, blocks.numel(), hkv_row, dtype=kv.k.dtype),
-                    torch.empty(Hkv, blocks.numel(), hkv_row, dtype=kv.k.dtype))
-
-        decode_buffers = buffers(step.decode_blocks) if nd else None
-        prefill_buffers = [buffers(chunk.context_blocks) for chunk in step.prefills]
+        decode_context = _Context.of(kv, step.decode_blocks) if nd else None
+        prefill_contexts = [None if c.context_blocks is None else _Context.of(kv, c.context_blocks)
+                            for c in step.prefills]
+        only_decodes = nd == T
         for i, layer in enumerate(w.layers):
             h = self._norm(x, layer.norm1, layer.norm1_bias)
             qkv = F.linear(h, layer.qkv, layer.qkv_bias)
-            q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
-            q = q.view(T, H, D)
-            k = k.view(T, Hkv, D)
-            v = v.view(T, Hkv, D)
             if cos is not None:
-                q = q * cos + _rotate_half(q) * sin
-                k = k * cos + _rotate_half(k) * sin
-            kc, vc = kv.k[i], kv.v[i]                                       # [Hkv, slots, D]
-            kc.index_copy_(1, step.slot_mapping, k.transpose(0, 1))
-            vc.index_copy_(1, step.slot_mapping, v.transpose(0, 1))
-            attn = torch.empty(T, H, D, dtype=x.dtype)
-            if nd:
-                attn[:nd] = self._decode_attention(q[:nd], kc, vc, step, bs, decode_buffers)
-            for chunk, chunk_buffers in zip(step.prefills, prefill_buffers, strict=True):
-                a, b = chunk.start, chunk.start + chunk.length
-                attn[a:b] = self._prefill_attention(q[a:b], k[a:b], v[a:b], kc, vc, chunk, bs, chunk_buffers)
-            x = x + F.linear(attn.view(T, H * D), layer.out, layer.out_bias)
+                # q and k rotate together: one set of elementwise ops instead of two.
+                qk = qkv[:, :(H + Hkv) * D].view(T, H + Hkv, D)
+                qk = qk * cos + _rotate_half(qk) * sin
+                q, k = qk[:, :H], qk[:, H:]
+            else:
+                q = qkv[:, :H * D].view(T, H, D)
+                k = qkv[:, H * D:(H + Hkv) * D].view(T, Hkv, D)
+            v = qkv[:, (H + Hkv) * D:].view(T, Hkv, D)
+            kv.k[i].index_copy_(1, step.slot_mapping, k.transpose(0, 1))
+            kv.v[i].index_copy_(1, step.slot_mapping, v.transpose(0, 1))
+            if only_decodes:
+                attn = self._decode_attention(q, kv, i, step, decode_context)
+            else:
+                attn = torch.empty(T, H, D, dtype=x.dtype)
+                if nd:
+                    attn[:nd] = self._decode_attention(q[:nd], kv, i, step, decode_context)
+                for chunk, context in zip(step.prefills, prefill_contexts, strict=True):
+                    a, b = chunk.start, chunk.start + chunk.length
+                    attn[a:b] = self._prefill_attention(q[a:b], k[a:b], v[a:b], kv, i, chunk, context)
+            x = x + F.linear(attn.reshape(T, H * D), layer.out, layer.out_bias)
             h = self._norm(x, layer.norm2, layer.norm2_bias)
             if s.gated_mlp:
                 gate, up = F.linear(h, layer.up, layer.up_bias).chunk(2, dim=-1)
