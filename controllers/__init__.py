@@ -4,19 +4,26 @@ the same controller objects run in the router against remote workers and in-proc
 from controllers.base import Controller, ControllerError, Param, ParamError, Result
 from controllers.registry import REGISTRY, controller_class
 from controllers.tasks import (
-                               Candidate,
-                               Generate,
-                               GenerateOutput,
-                               Intermediate,
-                               Message,
-                               Progress,
-                               Prompt,
-                               SampleOut,
-                               TaskFailure,
+    Branch,
+    Cancel,
+    Candidate,
+    Generate,
+    GenerateOutput,
+    Intermediate,
+    Message,
+    Progress,
+    Prompt,
+    SampleOut,
+    Score,
+    ScoreOutput,
+    TaskFailure,
+    TokenDelta,
+    Trace,
+    WaitAny,
 )
 
 __all__ = [
-    "Candidate", "Controller", "ControllerError", "Generate", "GenerateOutput", "Intermediate", "Message",
-    "Param", "ParamError", "Progress", "Prompt", "REGISTRY", "Result", "SampleOut", "TaskFailure",
-    "controller_class",
+    "Branch", "Cancel", "Candidate", "Controller", "ControllerError", "Generate", "GenerateOutput", "Intermediate",
+    "Message", "Param", "ParamError", "Progress", "Prompt", "REGISTRY", "Result", "SampleOut", "Score",
+    "ScoreOutput", "TaskFailure", "TokenDelta", "Trace", "WaitAny", "controller_class",
 ]

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from controllers.base import Controller, Result
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,39 @@ class SampleOut:
     token_count: int
     cumulative_logprob: float = 0.0
     token_logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[float]] = field(default_factory=list)  # per token, when sampling.logprobs > 0
+
+
+@dataclass
+class TokenDelta:
+    """New tokens of one sample of a running task, as a runner reports them."""
+
+    index: int
+    text: str
+    token_count: int
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[float]] = field(default_factory=list)
+
+
+@dataclass
+class Trace:
+    """A sample while it is generated: what Generate.stop_when sees after every delta."""
+
+    index: int
+    text: str = ""
+    token_count: int = 0
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[float]] = field(default_factory=list)
+
+    def add(self, delta: TokenDelta) -> None:
+        self.text += delta.text
+        self.token_count += delta.token_count
+        self.logprobs.extend(delta.logprobs)
+        self.top_logprobs.extend(delta.top_logprobs)
+
+    def sample(self, finish_reason: str) -> SampleOut:
+        return SampleOut(self.index, self.text, finish_reason, self.token_count, sum(self.logprobs),
+                         list(self.logprobs), list(self.top_logprobs))
 
 
 @dataclass
@@ -61,6 +98,11 @@ class Generate:
     `handles` name them. A later task with `continue_from` (uses the handle up) or `fork_from`
     (leaves it) starts from that sample on the same worker, appending `prompt.text` (may be empty)
     without prefilling the sample again.
+
+    `stop_when(trace)` is called after every delta of every sample; when it returns True the task is
+    cancelled on the worker (its KV freed at the next step) and completes with the samples so far,
+    finish_reason "cancelled" and `stopped_early` set. It stops the whole task: give each trace that
+    may be stopped on its own a task of its own (n=1). `traces` shows the samples while they run.
     """
 
     prompt: Prompt
@@ -70,12 +112,90 @@ class Generate:
     keep_s: float = 0.0
     continue_from: str = ""
     fork_from: str = ""
+    stop_when: Callable[[Trace], bool] | None = None
     output: GenerateOutput | None = None
+    failure: TaskFailure | None = None
+    stopped_early: bool = False
+    traces: dict[int, Trace] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.output is not None
+
+    @property
+    def done(self) -> bool:
+        return self.output is not None or self.failure is not None
+
+
+@dataclass
+class ScoreOutput:
+    scores: list[float]                                         # per candidate
+    step_scores: list[list[float]] = field(default_factory=list)  # process reward: per candidate, per step
+    worker_id: str = ""
+
+
+@dataclass
+class Score:
+    """Score candidate answers to `prompt`: kind "outcome" (a reward model, one score each),
+    "process" (a process reward model, a score per step ending at `step_separator`, aggregate = min)
+    or "verifier" (the generation model asked whether the answer is right, score = P(yes)).
+    `model` picks the reward model's pool; empty = any worker that can score this kind."""
+
+    prompt: Prompt
+    candidates: list[str]
+    kind: str = "outcome"
+    step_separator: str = ""
+    model: str = ""
+    output: ScoreOutput | None = None
     failure: TaskFailure | None = None
 
     @property
     def ok(self) -> bool:
         return self.output is not None
+
+    @property
+    def done(self) -> bool:
+        return self.output is not None or self.failure is not None
+
+
+@dataclass
+class Branch:
+    """Run another controller as a parallel branch of this one (e.g. majority vote over Dynasor
+    generations). Its token deltas stream under `name/...`; its Result lands in `result`, or its
+    failure in `failure`."""
+
+    controller: Controller
+    prompt: Prompt
+    name: str = "branch"
+    result: Result | None = None
+    failure: TaskFailure | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.result is not None
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None or self.failure is not None
+
+
+Task = Generate | Score | Branch
+
+
+@dataclass
+class WaitAny:
+    """Yield to start these tasks (those not yet started) and resume as soon as any of them is done,
+    with the list of those done so far. The others keep running."""
+
+    tasks: list[Task]
+
+
+@dataclass
+class Cancel:
+    """Yield to cancel running tasks; resumes once they have settled (a cancelled Generate completes
+    with its samples so far and finish_reason "cancelled"). Tasks already done are left as they are."""
+
+    tasks: list[Task]
 
 
 @dataclass

@@ -9,10 +9,12 @@ from collections.abc import AsyncIterator
 import grpc
 
 from controllers import Generate, GenerateOutput, SampleOut, TaskFailure
-from controllers.runtime import DeltaSink, TaskFailed
+from controllers.runtime import TaskFailed, TokenSink
+from controllers.tasks import Score, ScoreOutput, TokenDelta
 from router.convert import FINISH_NAMES, prompt_to_pb, sampling_with_overrides
 from router.pool import WorkerPool
 from trellis_rpc.errors import StatusError, code_from_number
+from trellis_rpc.scoring import CAPABILITY_OF_KIND, check_score_request
 from trellis_rpc.v1 import common_pb2, worker_pb2
 
 
@@ -26,6 +28,10 @@ async def dispatch(pool: WorkerPool, request: worker_pb2.WorkerRequest, model: s
             e = response.error
             raise StatusError(code_from_number(e.code), e.message, e.field)
         yield response
+
+
+_SCORE_KINDS = {"outcome": common_pb2.SCORE_KIND_OUTCOME, "process": common_pb2.SCORE_KIND_PROCESS,
+                "verifier": common_pb2.SCORE_KIND_VERIFIER}
 
 
 class RunUsage:
@@ -59,7 +65,7 @@ class RemoteRunner:
             return 0
         return max(1, int((self.deadline - time.monotonic()) * 1000))
 
-    async def generate(self, task: Generate, on_delta: DeltaSink) -> GenerateOutput:
+    async def generate(self, task: Generate, on_token: TokenSink) -> GenerateOutput:
         generate = worker_pb2.GenerateTask(
             prompt=prompt_to_pb(task.prompt), stream=True, branch=task.branch,
             sampling=sampling_with_overrides(self.sampling, task.sampling, task.n))
@@ -82,10 +88,34 @@ class RemoteRunner:
                     if self.usage.first_token is None:
                         self.usage.first_token = time.monotonic()
                     d = response.delta
-                    if d.text or d.token_ids:
-                        on_delta(f"{task.branch}/{d.index}", d.text, len(d.token_ids))
+                    on_token(TokenDelta(d.index, d.text, len(d.token_ids), [lp.logprob for lp in d.logprobs],
+                                        [[t.logprob for t in lp.top] for lp in d.logprobs]))
                 elif kind == "generate_result":
                     return self._output(response.generate_result)
+        except StatusError as err:
+            raise TaskFailed(TaskFailure(err.code.name, err.message, err.field)) from err
+        raise TaskFailed(TaskFailure(grpc.StatusCode.INTERNAL.name, "worker ended the task without a result"))
+
+    async def score(self, task: Score) -> ScoreOutput:
+        kind = _SCORE_KINDS.get(task.kind)
+        if kind is None:
+            raise TaskFailed(TaskFailure("INVALID_ARGUMENT", f"score kind must be one of {', '.join(_SCORE_KINDS)}, "
+                                                             f"got {task.kind!r}", "kind"))
+        request = common_pb2.ScoreRequest(prompt=prompt_to_pb(task.prompt), candidates=task.candidates, kind=kind,
+                                          step_separator=task.step_separator, model=task.model)
+        try:
+            kind_name = check_score_request(request)
+            wire = worker_pb2.WorkerRequest(task_id=f"{self.run_id}/{next(self._ids)}",
+                                            timeout_ms=self._timeout_ms(), score=worker_pb2.ScoreTask(request=request))
+            # The reward model's pool is named by the task, not by the run's generation model.
+            async for response in dispatch(self.pool, wire, task.model, CAPABILITY_OF_KIND[kind_name], self._wait_s()):
+                if response.WhichOneof("kind") == "score_result":
+                    result = response.score_result
+                    self.usage.tasks += 1
+                    self.usage.prompt_tokens += result.usage.prompt_tokens
+                    ordered = sorted(result.scores, key=lambda c: c.index)
+                    return ScoreOutput(scores=[c.score for c in ordered],
+                                       step_scores=[list(c.step_scores) for c in ordered], worker_id=result.worker_id)
         except StatusError as err:
             raise TaskFailed(TaskFailure(err.code.name, err.message, err.field)) from err
         raise TaskFailed(TaskFailure(grpc.StatusCode.INTERNAL.name, "worker ended the task without a result"))
@@ -102,7 +132,8 @@ class RemoteRunner:
         samples = [
             SampleOut(index=c.index, text=c.text, finish_reason=FINISH_NAMES.get(c.finish_reason, "stop"),
                       token_count=len(c.token_ids), cumulative_logprob=c.cumulative_logprob,
-                      token_logprobs=[lp.logprob for lp in c.logprobs])
+                      token_logprobs=[lp.logprob for lp in c.logprobs],
+                      top_logprobs=[[t.logprob for t in lp.top] for lp in c.logprobs])
             for c in result.completions
         ]
         return GenerateOutput(samples=samples, prompt_tokens=result.usage.prompt_tokens,

@@ -18,9 +18,12 @@ from trellis_rpc.v1 import common_pb2
 
 
 class WorkerPool:
-    def __init__(self, addresses: list[str]) -> None:
+    def __init__(self, addresses: list[str], services: list | None = None) -> None:
+        """addresses: workers over gRPC; services: WorkerService objects in this process."""
         self._any_ready = asyncio.Event()
         self.workers = [WorkerConnection(a, self._any_ready) for a in addresses]
+        self.workers += [WorkerConnection(f"in-process:{s.worker_id}", self._any_ready, service=s)
+                         for s in services or []]
         self._turn = itertools.count()
 
     def start(self) -> None:

@@ -20,18 +20,33 @@ _CLOSE = object()
 
 
 class WorkerConnection:
-    def __init__(self, address: str, on_ready: asyncio.Event) -> None:
+    """The router's link to one worker: one multiplexed Connect stream, reopened when it breaks.
+    `service` (a WorkerService in this process) replaces the gRPC channel: notebooks and tests run
+    controllers against in-process workers through exactly the same dispatch path."""
+
+    def __init__(self, address: str, on_ready: asyncio.Event, service=None) -> None:
         self.address = address
         self.info: worker_pb2.WorkerInfo | None = None
         self.load: worker_pb2.LoadReport | None = None
         self.ready = False
         self.last_error = "not connected yet"
         self._on_ready = on_ready
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self._stub = worker_pb2_grpc.WorkerStub(self._channel)
+        self._service = service
+        self._channel = None if service else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = None if service else worker_pb2_grpc.WorkerStub(self._channel)
         self._pending: dict[str, asyncio.Queue] = {}
         self._outbox: asyncio.Queue | None = None
         self._runner: asyncio.Task | None = None
+
+    async def _info(self) -> worker_pb2.WorkerInfo:
+        if self._service is not None:
+            return self._service.info_pb()
+        return await self._stub.Info(worker_pb2.InfoRequest(), timeout=5, wait_for_ready=False)
+
+    def _connect(self, requests: AsyncIterator[worker_pb2.WorkerRequest]):
+        if self._service is not None:
+            return _LocalCall(self._service.Connect(requests, None))
+        return self._stub.Connect(requests)
 
     @property
     def outstanding(self) -> int:
@@ -43,13 +58,14 @@ class WorkerConnection:
     async def close(self) -> None:
         if self._runner:
             self._runner.cancel()
-        await self._channel.close()
+        if self._channel is not None:
+            await self._channel.close()
 
     async def _maintain(self) -> None:
         backoff = 0.1
         while True:
             try:
-                self.info = await self._stub.Info(worker_pb2.InfoRequest(), timeout=5, wait_for_ready=False)
+                self.info = await self._info()
                 await self._stream()
                 backoff = 0.1
             except asyncio.CancelledError:
@@ -70,7 +86,7 @@ class WorkerConnection:
             while (item := await outbox.get()) is not _CLOSE:
                 yield item
 
-        call = self._stub.Connect(requests())
+        call = self._connect(requests())
         self._outbox = outbox
         self.ready = True
         self._on_ready.set()
@@ -122,3 +138,16 @@ class WorkerConnection:
             if not finished and outbox is self._outbox:
                 outbox.put_nowait(worker_pb2.WorkerRequest(
                     task_id=f"{task_id}:cancel", cancel=worker_pb2.CancelTask(target_task_id=task_id)))
+
+
+class _LocalCall:
+    """An in-process Connect stream with the two things _stream uses of a gRPC call."""
+
+    def __init__(self, responses: AsyncIterator[worker_pb2.WorkerResponse]) -> None:
+        self._responses = responses
+
+    def __aiter__(self) -> AsyncIterator[worker_pb2.WorkerResponse]:
+        return self._responses.__aiter__()
+
+    def cancel(self) -> None:
+        asyncio.ensure_future(self._responses.aclose())

@@ -14,6 +14,7 @@ from controllers import (
     Prompt,
     SampleOut,
     TaskFailure,
+    TokenDelta,
     extractors,
 )
 from controllers.majority_vote import MajorityVote
@@ -29,14 +30,14 @@ class ScriptedRunner:
         self.failure = failure
         self.tasks: list[Generate] = []
 
-    async def generate(self, task: Generate, on_delta) -> GenerateOutput:
+    async def generate(self, task: Generate, on_token) -> GenerateOutput:
         self.tasks.append(task)
         if self.failure:
             raise TaskFailed(self.failure)
         samples = []
         for i in range(task.n):
             text = self.texts[i % len(self.texts)]
-            on_delta(f"{task.branch}/{i}", text, 1)
+            on_token(TokenDelta(i, text, 1))
             samples.append(SampleOut(index=i, text=text, finish_reason="stop", token_count=1))
         return GenerateOutput(samples=samples, prompt_tokens=3, completion_tokens=task.n)
 
