@@ -2,6 +2,7 @@
 
     trellis run --controller majority_vote --n 8 "What is 12 + 7?"
     trellis controllers
+    trellis eval --controllers native_generation,majority_vote --budgets 1,4,16 --limit 30
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TextIO
 import grpc
 from google.protobuf import json_format
 
+from client import eval as eval_cmd
 from trellis_rpc.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 DEFAULT_ROUTER = os.environ.get("TRELLIS_ROUTER", "127.0.0.1:50051")
@@ -154,7 +156,7 @@ def cmd_controllers(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trellis", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--router", default=DEFAULT_ROUTER, help="router host:port (env TRELLIS_ROUTER)")
+    p.add_argument("--router", help=f"router host:port (env TRELLIS_ROUTER, default {DEFAULT_ROUTER})")
     p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -177,11 +179,15 @@ def parser() -> argparse.ArgumentParser:
 
     controllers = sub.add_parser("controllers", help="list controllers and their parameters")
     controllers.set_defaults(func=cmd_controllers)
+
+    eval_cmd.add_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    args.router_given = args.router is not None
+    args.router = args.router or DEFAULT_ROUTER
     started = time.monotonic()
     code = args.func(args)
     if args.command == "run":

@@ -112,3 +112,20 @@ def test_parameter_errors_name_the_field(params, field):
 
 def test_integral_floats_from_protobuf_struct_are_ints():
     assert MajorityVote.from_params({"n": 4.0}).n == 4
+
+
+def test_majority_vote_over_an_inner_controller_runs_branches():
+    runner = ScriptedRunner(["it is 5", "it is 6", "5 again"])
+    result, events, deltas = run(MajorityVote.from_params({"n": 3, "inner": "native_generation"}), runner)
+    # Each vote is its own native_generation run: three n=1 tasks, streamed under sample/<i>/sample/0.
+    assert [t.n for t in runner.tasks] == [1, 1, 1]
+    assert {b for b, _ in deltas} == {f"sample/{i}/sample/0" for i in range(3)}
+    assert result.answer in ("5", "6") and sum(result.details["votes"].values()) == 3
+
+
+def test_majority_vote_inner_must_be_a_known_controller():
+    with pytest.raises(ParamError) as info:
+        MajorityVote.from_params({"inner": "nope"})
+    assert info.value.field == "params.inner"
+    with pytest.raises(ParamError):
+        MajorityVote.from_params({"inner": "majority_vote"})

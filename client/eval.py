@@ -1,0 +1,230 @@
+"""`trellis eval`: run controllers over the shipped arithmetic set through a router and report
+accuracy, tokens generated and wall time per controller and sample budget N.
+
+    trellis eval --controllers native_generation,majority_vote --budgets 1,4,16 --limit 30
+    trellis eval --router 127.0.0.1:50051 ...     # an existing router; otherwise one is started here
+
+Without --router it starts a CPU worker (the bundled SmolLM2-135M-Instruct) and a router as local
+processes, like `make demo`, and stops them at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from trellis_rpc.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+DATASET = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "arith.jsonl"
+INSTRUCTION = "Answer with the final number."
+
+# How a sample budget N becomes controller parameters: controllers with an `n` parameter take n=N;
+# the searches spend N on their own knobs. native_generation is the one-sample baseline.
+BUDGETS: dict[str, object] = {
+    "native_generation": lambda n: {} if n == 1 else None,
+    "beam_search": lambda n: {"beam_width": max(1, n // 4), "expansions": min(n, 4)},
+    "best_first_search": lambda n: {"max_expansions": n},
+    "mcts": lambda n: {"iterations": n},
+    "tree_of_thoughts": lambda n: {"breadth": min(n, 4), "beam": max(1, n // 4)},
+}
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def answer_number(text: str) -> str:
+    """The answer a reader would take from text: \\boxed{...} if present, else the last number."""
+    boxed = text.rfind("\\boxed{")
+    if boxed != -1:
+        text = text[boxed:]
+        found = _NUMBER.search(text)
+    else:
+        found = None
+        for found in _NUMBER.finditer(text):
+            pass
+    if not found:
+        return ""
+    value = float(found.group().replace(",", ""))
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+@dataclass
+class Outcome:
+    correct: bool
+    tokens: int
+    wall_ms: float
+    error: str = ""
+
+
+@dataclass
+class Cell:
+    controller: str
+    budget: int
+    outcomes: list[Outcome] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def accuracy(self) -> float:
+        return sum(o.correct for o in self.outcomes) / max(1, len(self.outcomes))
+
+    @property
+    def tokens(self) -> float:
+        return statistics.mean(o.tokens for o in self.outcomes) if self.outcomes else 0.0
+
+    @property
+    def latency_ms(self) -> float:
+        return statistics.median(o.wall_ms for o in self.outcomes) if self.outcomes else 0.0
+
+    @property
+    def errors(self) -> int:
+        return sum(bool(o.error) for o in self.outcomes)
+
+
+def load_problems(path: Path, limit: int | None) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows[:limit] if limit else rows
+
+
+def controller_params(stub: router_pb2_grpc.RouterStub, timeout: float) -> dict[str, set[str]]:
+    reply = stub.ListControllers(router_pb2.ListControllersRequest(), timeout=timeout)
+    return {c.name: {p.name for p in c.params} for c in reply.controllers}
+
+
+def params_for(controller: str, budget: int, known: set[str]) -> dict | None:
+    """Controller parameters for budget N, or None when the pair is not evaluated."""
+    rule = BUDGETS.get(controller)
+    if rule is not None:
+        return rule(budget)
+    return {"n": budget} if "n" in known else (None if budget > 1 else {})
+
+
+def run_one(stub: router_pb2_grpc.RouterStub, controller: str, params: dict, problem: dict,
+            args: argparse.Namespace, seed: int) -> Outcome:
+    prompt = common_pb2.Prompt(chat=common_pb2.ChatMessages(messages=[
+        common_pb2.ChatMessage(role="user", content=f"{problem['question']} {INSTRUCTION}")]))
+    sampling = common_pb2.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=seed)
+    request = router_pb2.RunRequest(controller=controller, prompt=prompt, sampling=sampling)
+    request.params.update(params)
+    started = time.monotonic()
+    try:
+        result = stub.Run(request, timeout=args.timeout)
+    except grpc.RpcError as err:
+        return Outcome(False, 0, (time.monotonic() - started) * 1000, f"{err.code().name}: {err.details()}")
+    return Outcome(answer_number(result.answer) == problem["answer"], result.usage.completion_tokens,
+                   result.timings.total_ms)
+
+
+def evaluate(router: str, args: argparse.Namespace) -> list[Cell]:
+    problems = load_problems(args.dataset, args.limit)
+    cells: list[Cell] = []
+    with grpc.insecure_channel(router) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        known = controller_params(stub, args.timeout)
+        for controller in args.controllers:
+            if controller not in known:
+                raise SystemExit(f"unknown controller {controller!r} (router has: {', '.join(sorted(known))})")
+            for budget in args.budgets:
+                params = params_for(controller, budget, known[controller])
+                if params is None:
+                    continue
+                cell = Cell(controller, budget)
+                started = time.monotonic()
+                with ThreadPoolExecutor(args.concurrency) as pool:
+                    cell.outcomes = list(pool.map(
+                        lambda item: run_one(stub, controller, params, item[1], args, args.seed + item[0]),
+                        enumerate(problems)))
+                cell.wall_s = time.monotonic() - started
+                cells.append(cell)
+                print(f"{controller:>24} N={budget:<3} accuracy {cell.accuracy:6.1%}  tokens/problem "
+                      f"{cell.tokens:7.1f}  latency p50 {cell.latency_ms / 1000:6.2f} s  wall {cell.wall_s:6.1f} s"
+                      + (f"  errors {cell.errors}" if cell.errors else ""), flush=True)
+    return cells
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def markdown(cells: list[Cell], args: argparse.Namespace, command: str) -> str:
+    base = next((c for c in cells if c.controller == "native_generation" and c.budget == 1), None)
+    lines = [
+        f"Command: `{command}`", "",
+        f"{len(cells[0].outcomes) if cells else 0} problems from `{_shown(args.dataset)}` "
+        f"(seeded generator `benchmarks/eval_data.py`), temperature {args.temperature}, at most {args.max_tokens} "
+        f"new tokens per sample, {args.concurrency} runs in flight.", "",
+        "| controller | N | accuracy | vs single sample | tokens / problem | vs single sample | latency p50 | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cells:
+        d_acc = f"{(c.accuracy - base.accuracy) * 100:+.1f} pts" if base else "-"
+        d_tok = f"{c.tokens / base.tokens:.1f}x" if base and base.tokens else "-"
+        lines.append(f"| {c.controller} | {c.budget} | {c.accuracy:.1%} | {d_acc} | {c.tokens:.0f} | {d_tok} | "
+                     f"{c.latency_ms / 1000:.2f} s | {c.errors} |")
+    return "\n".join(lines) + "\n"
+
+
+def start_local(args: argparse.Namespace):
+    from client.launcher import start_router, start_worker
+
+    log_dir = Path(tempfile.mkdtemp(prefix="trellis-eval-"))
+    worker = start_worker(args.model, log_dir, extra=["--dtype", args.dtype])
+    worker.wait_serving(timeout=300)
+    router = start_router([worker.address], log_dir, extra=["--max-n", str(max(args.budgets))])
+    router.wait_serving(timeout=60)
+    return worker, router
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="accuracy / tokens / time of controllers on the shipped arithmetic set")
+    p.add_argument("--controllers", default="native_generation,majority_vote",
+                   type=lambda s: [c for c in s.split(",") if c])
+    p.add_argument("--budgets", default="1,4,16", type=lambda s: [int(b) for b in s.split(",")],
+                   help="sample budgets N")
+    p.add_argument("--limit", type=int, default=0, help="first this many problems (0: all)")
+    p.add_argument("--dataset", type=Path, default=DATASET)
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--concurrency", type=int, default=8, help="runs in flight")
+    p.add_argument("--model", default="default", help="worker model when starting one here")
+    p.add_argument("--dtype", default="bfloat16", help="worker dtype when starting one here")
+    p.add_argument("--markdown", type=Path, help="write the table here")
+    p.add_argument("--json", type=Path, help="write per-cell results here")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import sys
+
+    command = "trellis " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("trellis") else \
+        "python -m client " + " ".join(sys.argv[1:])
+    procs = ()
+    router = args.router
+    if not args.router_given:
+        procs = start_local(args)
+        router = procs[1].address
+    try:
+        cells = evaluate(router, args)
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+    table = markdown(cells, args, command)
+    print("\n" + table)
+    if args.markdown:
+        args.markdown.write_text(table)
+    if args.json:
+        args.json.write_text(json.dumps([{"controller": c.controller, "budget": c.budget, "accuracy": c.accuracy,
+                                          "tokens": c.tokens, "latency_ms": c.latency_ms, "wall_s": c.wall_s,
+                                          "errors": c.errors} for c in cells], indent=1))
+    return 0
