@@ -44,12 +44,9 @@ def answer_number(text: str) -> str:
     """The answer a reader would take from text: \\boxed{...} if present, else the last number."""
     boxed = text.rfind("\\boxed{")
     if boxed != -1:
-        text = text[boxed:]
-        found = _NUMBER.search(text)
+        found = _NUMBER.search(text[boxed:])
     else:
-        found = None
-        for found in _NUMBER.finditer(text):
-            pass
+        found = next(reversed(list(_NUMBER.finditer(text))), None)
     if not found:
         return ""
     value = float(found.group().replace(",", ""))
@@ -139,8 +136,8 @@ def evaluate(router: str, args: argparse.Namespace) -> list[Cell]:
                 started = time.monotonic()
                 with ThreadPoolExecutor(args.concurrency) as pool:
                     cell.outcomes = list(pool.map(
-                        lambda item: run_one(stub, controller, params, item[1], args, args.seed + item[0]),
-                        enumerate(problems)))
+                        run_one, [stub] * len(problems), [controller] * len(problems), [params] * len(problems),
+                        problems, [args] * len(problems), [args.seed + i for i in range(len(problems))]))
                 cell.wall_s = time.monotonic() - started
                 cells.append(cell)
                 print(f"{controller:>24} N={budget:<3} accuracy {cell.accuracy:6.1%}  tokens/problem "
