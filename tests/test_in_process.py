@@ -3,7 +3,11 @@ router's own dispatch path: what a notebook does."""
 
 from __future__ import annotations
 
-from controllers import Prompt
+import time
+
+import pytest
+
+from controllers import Cancel, Controller, Generate, Prompt, Result, WaitAny
 from controllers.majority_vote import MajorityVote
 from router.local import run_local
 from trellis_rpc.v1 import common_pb2
@@ -12,8 +16,14 @@ from worker_cpu.engine import TorchEngine
 from worker_cpu.model_loader import load_model
 
 
-def test_majority_vote_runs_in_process(tiny_model):
+@pytest.fixture
+def engine(tiny_model):
     engine = TorchEngine(load_model(str(tiny_model)), max_batch_size=8, kv_cache_tokens=4096, threads=1)
+    yield engine
+    engine.close()
+
+
+def test_majority_vote_runs_in_process(engine):
     service = WorkerService(worker_id="local-0")
     service.attach(engine)
     deltas = []
@@ -22,9 +32,44 @@ def test_majority_vote_runs_in_process(tiny_model):
                            sampling=common_pb2.SamplingParams(max_tokens=8, seed=3),
                            on_delta=lambda branch, text, count: deltas.append(branch), timeout_s=60)
     finally:
-        engine.close()
+        pass
     assert len(result.candidates) == 4
     assert {c.branch for c in result.candidates} == {f"sample/{i}" for i in range(4)}
     assert set(deltas) <= {f"sample/{i}" for i in range(4)} and deltas
     load = engine.load()
     assert load.running_sequences == 0 and load.queue_depth == 0
+
+
+class CancelsTheLongBranch(Controller):
+    """Starts a long and a short sample, waits for the short one, cancels the long one."""
+
+    name = "cancels_the_long_branch"
+    description = "test"
+
+    def run(self, prompt):
+        long = Generate(prompt, branch="long", sampling={"max_tokens": 2000, "ignore_eos": True})
+        short = Generate(prompt, branch="short", sampling={"max_tokens": 2, "ignore_eos": True})
+        done = yield WaitAny([long, short])
+        running = self.load()  # the long branch holds KV while it runs
+        yield Cancel([long])
+        return Result(answer=str(done == [short]), details={
+            "running_before": running.running_sequences, "blocks_before": running.kv_blocks_used,
+            "long_finish": long.output.samples[0].finish_reason, "long_tokens": long.output.completion_tokens})
+
+
+def test_cancelling_a_branch_frees_its_sequence_on_the_worker(engine):
+    service = WorkerService(worker_id="local-1")
+    service.attach(engine)
+    controller = CancelsTheLongBranch()
+    controller.load = engine.load
+    result = run_local(controller, Prompt(text="What is 3 + 4?"), [service], timeout_s=60)
+    assert result.answer == "True"
+    assert result.details["running_before"] == 1 and result.details["blocks_before"] > 0
+    assert result.details["long_finish"] == "cancelled" and result.details["long_tokens"] < 2000
+    # The worker frees the cancelled sequence at its next step: the load report shows it.
+    for _ in range(100):
+        load = engine.load()
+        if load.running_sequences == 0 and load.kv_blocks_used == 0:
+            break
+        time.sleep(0.01)
+    assert (load.running_sequences, load.kv_blocks_used) == (0, 0)

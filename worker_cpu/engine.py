@@ -149,8 +149,13 @@ class TorchEngine:
                               f"({self.blocks.num_blocks} of {self.blocks.block_size} tokens)", "prompt")
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        request = Request(task_id=task_id, prompt_ids=ids, cfg=cfg, submitted=time.perf_counter(),
-                          emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+        def emit(event: object) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:
+                pass  # the caller's event loop is closed: nobody is listening any more
+
+        request = Request(task_id=task_id, prompt_ids=ids, cfg=cfg, submitted=time.perf_counter(), emit=emit,
                           source=source, appended=ids if source else [], keep_ttl_s=keep_ttl_s)
         self._requests[task_id] = request
         self._inbox.put(request)
