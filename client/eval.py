@@ -31,6 +31,8 @@ INSTRUCTION = "Answer with the final number."
 # the searches spend N on their own knobs. native_generation is the one-sample baseline.
 BUDGETS: dict[str, object] = {
     "native_generation": lambda n: {} if n == 1 else None,
+    "dynasor_cot": lambda n: {} if n == 1 else None,   # one chain; its budget is tokens, not samples
+    "deepconf_online": lambda n: {"n": n, "warmup": min(4, n)},
     "beam_search": lambda n: {"beam_width": max(1, n // 4), "expansions": min(n, 4)},
     "best_first_search": lambda n: {"max_expansions": n},
     "mcts": lambda n: {"iterations": n},

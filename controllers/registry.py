@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 from controllers.base import Controller, ParamError
+from controllers.best_of_n import BestOfN
+from controllers.budget_vote import BudgetMajorityVote
+from controllers.deepconf import DeepConfOffline, DeepConfOnline
+from controllers.dynasor import DynasorCoT
 from controllers.majority_vote import MajorityVote
 from controllers.native import NativeGeneration
+from controllers.weighted_vote import WeightedMajorityVote
 
-REGISTRY: dict[str, type[Controller]] = {c.name: c for c in (NativeGeneration, MajorityVote)}
+REGISTRY: dict[str, type[Controller]] = {c.name: c for c in (
+    NativeGeneration, MajorityVote, WeightedMajorityVote, BudgetMajorityVote, BestOfN, DynasorCoT,
+    DeepConfOffline, DeepConfOnline,
+)}
 
 
 def controller_class(name: str) -> type[Controller]:

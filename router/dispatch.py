@@ -66,9 +66,14 @@ class RemoteRunner:
         return max(1, int((self.deadline - time.monotonic()) * 1000))
 
     async def generate(self, task: Generate, on_token: TokenSink) -> GenerateOutput:
+        number = next(self._ids)
+        sampling = sampling_with_overrides(self.sampling, task.sampling, task.n)
+        if sampling.HasField("seed") and "seed" not in task.sampling and number:
+            # A seeded run stays reproducible, but its tasks must not all draw the same samples: the
+            # worker seeds sample i of a task from (seed, i), so n separate n=1 tasks would be copies.
+            sampling.seed = (sampling.seed * 1_000_003 + number * 7_919) % 2**63
         generate = worker_pb2.GenerateTask(
-            prompt=prompt_to_pb(task.prompt), stream=True, branch=task.branch,
-            sampling=sampling_with_overrides(self.sampling, task.sampling, task.n))
+            prompt=prompt_to_pb(task.prompt), stream=True, branch=task.branch, sampling=sampling)
         if task.keep_s > 0:
             generate.keep.keep = True
             generate.keep.ttl_ms = int(task.keep_s * 1000)
@@ -76,8 +81,8 @@ class RemoteRunner:
             generate.continue_from.handle = task.continue_from
         elif task.fork_from:
             generate.fork_from.handle = task.fork_from
-        request = worker_pb2.WorkerRequest(task_id=f"{self.run_id}/{next(self._ids)}",
-                                           timeout_ms=self._timeout_ms(), generate=generate)
+        request = worker_pb2.WorkerRequest(task_id=f"{self.run_id}/{number}", timeout_ms=self._timeout_ms(),
+                                           generate=generate)
         # A continuation or fork must run where its KV lives: the handle names the worker.
         holder = (task.continue_from or task.fork_from).partition(":")[0]
         try:

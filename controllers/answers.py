@@ -1,0 +1,103 @@
+"""What voting controllers share: the `extractor` / `pattern` parameters, a tally of (weighted) votes,
+and scoring samples with a reward model or the verifier."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+from controllers import extractors
+from controllers.base import Controller, ControllerError, Param, ParamError
+from controllers.extractors import Extractor
+from controllers.tasks import Prompt, Score
+
+EXTRACTOR_PARAMS = (
+    Param("extractor", "str", "auto", "how an answer is read from a sample: auto (boxed, else last number), "
+          "boxed, last_number, regex, or a registered name"),
+    Param("pattern", "str", "", "regular expression for extractor=regex (first group, or the whole match)"),
+)
+
+
+def answer_extractor(extractor: str, pattern: str) -> Extractor:
+    """The extractor the two parameters name; ParamError naming the field when they do not make one."""
+    if extractor == "regex" and not pattern:
+        raise ParamError("params.pattern", "is required when extractor is regex")
+    if extractor != "regex" and extractor not in extractors.EXTRACTORS:
+        known = ", ".join(["regex", *extractors.EXTRACTORS])
+        raise ParamError("params.extractor", f"unknown extractor {extractor!r} (known: {known})")
+    try:
+        return extractors.get(extractor, pattern)
+    except Exception as exc:  # re.error from a bad pattern
+        raise ParamError("params.pattern", f"invalid regular expression: {exc}") from exc
+
+
+class Tally:
+    """Votes per answer, each with a weight (1 for a plain vote). Answers keep the order in which they
+    were first seen, so a tie goes to the answer seen first and results are deterministic."""
+
+    def __init__(self) -> None:
+        self.weights: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, answer: str, weight: float = 1.0) -> None:
+        self.weights[answer] = self.weights.get(answer, 0.0) + weight
+        self.counts[answer] = self.counts.get(answer, 0) + 1
+
+    def ranked(self) -> list[str]:
+        return sorted(self.weights, key=lambda a: -self.weights[a])  # stable: ties stay in first-seen order
+
+    @property
+    def leader(self) -> str:
+        ranked = self.ranked()
+        return ranked[0] if ranked else ""
+
+    def weight(self, rank: int) -> float:
+        """The weight of the answer at `rank` (0 = leader), 0 when there are fewer answers."""
+        ranked = self.ranked()
+        return self.weights[ranked[rank]] if rank < len(ranked) else 0.0
+
+    @property
+    def total(self) -> float:
+        return sum(self.weights.values())
+
+    @property
+    def votes(self) -> int:
+        return sum(self.counts.values())
+
+    def share(self) -> float:
+        """The leader's part of all the weight (the consensus of DeepConf, the share of majority vote)."""
+        total = self.total
+        return self.weight(0) / total if total > 0 else 0.0
+
+    def __bool__(self) -> bool:
+        return bool(self.weights)
+
+
+SCORE_KINDS = ("outcome", "process", "verifier")
+
+
+def score_params(default_kind: str) -> tuple[Param, ...]:
+    return (
+        Param("score_kind", "str", default_kind, "what scores the samples: outcome (a reward model, one score "
+              "each), process (a process reward model, the lowest step score) or verifier (the generation model "
+              "asked whether the answer is right, P(yes))", choices=SCORE_KINDS),
+        Param("reward_model", "str", "", "the reward model's pool (its model name); empty: any worker that "
+              "scores this kind"),
+        Param("step_separator", "str", "", "where a reasoning step ends, for score_kind=process; empty: the "
+              "scorer's default (a blank line)"),
+    )
+
+
+def score_texts(controller: Controller, prompt: Prompt, texts: list[str]) -> Generator[Score, Any, list[float]]:
+    """Score `texts` as answers to `prompt` with the controller's score_kind / reward_model / step_separator
+    parameters, in one task; a failed task fails the run (nothing is left to rank)."""
+    task = Score(prompt, list(texts), kind=controller.score_kind, model=controller.reward_model,
+                 step_separator=controller.step_separator if controller.score_kind == "process" else "")
+    yield task
+    if not task.ok:
+        raise ControllerError(task.failure.code, f"scoring the samples ({controller.score_kind}) failed: "
+                                                 f"{task.failure.message}")
+    if len(task.output.scores) != len(texts):
+        raise ControllerError("INTERNAL", f"the scorer returned {len(task.output.scores)} scores for "
+                                          f"{len(texts)} candidates")
+    return list(task.output.scores)
