@@ -29,14 +29,15 @@ INSTRUCTION = "Answer with the final number."
 
 # How a sample budget N becomes controller parameters: controllers with an `n` parameter take n=N;
 # the searches spend N on their own knobs. native_generation is the one-sample baseline.
+SEARCH = {"kind": "verifier", "max_step_tokens": 48, "max_steps": 6}   # SmolLM2 verifies its own steps
 BUDGETS: dict[str, object] = {
     "native_generation": lambda n: {} if n == 1 else None,
-    "dynasor_cot": lambda n: {} if n == 1 else None,   # one chain; its budget is tokens, not samples
+    "dynasor_cot": lambda n: {"max_tokens": 96, "probe_interval": 32} if n == 1 else None,  # one chain
     "deepconf_online": lambda n: {"n": n, "warmup": min(4, n)},
-    "beam_search": lambda n: {"beam_width": max(1, n // 4), "expansions": min(n, 4)},
-    "best_first_search": lambda n: {"max_expansions": n},
-    "mcts": lambda n: {"iterations": n},
-    "tree_of_thoughts": lambda n: {"breadth": min(n, 4), "beam": max(1, n // 4)},
+    "beam_search": lambda n: {"beam_width": max(1, n // 4), "expansions": min(n, 4), **SEARCH},
+    "best_first_search": lambda n: {"max_expansions": n, **SEARCH},
+    "mcts": lambda n: {"iterations": n, **SEARCH},
+    "tree_of_thoughts": lambda n: {"breadth": min(n, 4), "beam": max(1, n // 4), "depth": 3, "max_step_tokens": 48},
 }
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")

@@ -96,6 +96,8 @@ class _Driver:
             task.failure = exc.failure
         except ControllerError as exc:  # a branch's controller failed the branch
             task.failure = TaskFailure(exc.code, exc.message)
+        except Exception as exc:  # a runner bug must still settle the task, or a WaitAny would wait forever
+            task.failure = TaskFailure("INTERNAL", f"{type(task).__name__} task failed: {exc!r}")
         except asyncio.CancelledError:
             self._settle_cancelled(task)
             if id(task) not in self.cancelled:

@@ -44,6 +44,7 @@ class SampleOut:
     cumulative_logprob: float = 0.0
     token_logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[float]] = field(default_factory=list)  # per token, when sampling.logprobs > 0
+    stop_reason: str = ""         # the stop string that ended it ("" for EOS, a stop token or another reason)
 
 
 @dataclass

@@ -138,7 +138,7 @@ class RemoteRunner:
             SampleOut(index=c.index, text=c.text, finish_reason=FINISH_NAMES.get(c.finish_reason, "stop"),
                       token_count=len(c.token_ids), cumulative_logprob=c.cumulative_logprob,
                       token_logprobs=[lp.logprob for lp in c.logprobs],
-                      top_logprobs=[[t.logprob for t in lp.top] for lp in c.logprobs])
+                      top_logprobs=[[t.logprob for t in lp.top] for lp in c.logprobs], stop_reason=c.stop_reason)
             for c in result.completions
         ]
         return GenerateOutput(samples=samples, prompt_tokens=result.usage.prompt_tokens,

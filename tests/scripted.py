@@ -19,6 +19,7 @@ class Script:
     logprobs: list[float] | None = None
     top_logprobs: list[list[float]] | None = None
     finish_reason: str = "stop"
+    stop_reason: str = ""
 
 
 Responder = Callable[[Generate, int], "Script | str | TaskFailure"]
@@ -77,7 +78,7 @@ class ScriptedRunner:
             self.cancelled.append(task)  # the controller stopped reading (early stop)
             raise
         samples = [SampleOut(i, s.text, s.finish_reason, len(w), sum(s.logprobs or []), list(s.logprobs or []),
-                             list(s.top_logprobs or []))
+                             list(s.top_logprobs or []), s.stop_reason)
                    for i, (s, w) in enumerate(zip(scripts, words, strict=True))]
         return GenerateOutput(samples=samples, prompt_tokens=len(_words(task.prompt.text or "")),
                               completion_tokens=sum(len(w) for w in words), worker_id="scripted")

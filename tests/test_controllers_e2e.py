@@ -23,6 +23,11 @@ PARAMS: dict[str, dict] = {
     "dynasor_cot": {"max_tokens": 24, "probe_interval": 8, "agree": 2, "probe_tokens": 4},
     "deepconf_offline": {"n": 3, "logprobs": 5, "window": 4},
     "deepconf_online": {"n": 5, "warmup": 2, "logprobs": 5, "window": 4},
+    "beam_search": {"beam_width": 2, "expansions": 2, "max_steps": 2, "max_step_tokens": 6},
+    "best_first_search": {"max_expansions": 3, "expansions": 2, "max_steps": 2, "max_step_tokens": 6,
+                          "kind": "outcome"},
+    "mcts": {"iterations": 3, "expansions": 2, "max_steps": 2, "max_step_tokens": 6, "kind": "verifier"},
+    "tree_of_thoughts": {"breadth": 2, "beam": 2, "depth": 2, "max_step_tokens": 6},
 }
 
 
