@@ -9,6 +9,7 @@ import os
 import structlog
 
 from router.pool import WorkerPool
+from router.routing import POLICIES, Router
 from router.service import RouterService
 from trellis_rpc.logs import configure_logging
 from trellis_rpc.server import run_until_signalled, start_server
@@ -27,6 +28,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker-wait-seconds", type=float, default=2.0,
                    help="how long a task waits for a worker to connect before UNAVAILABLE (capped by its deadline)")
     p.add_argument("--drain-seconds", type=float, default=30.0, help="grace period for in-flight runs on SIGTERM")
+    p.add_argument("--routing", choices=POLICIES, default="kv",
+                   help="kv: weigh KV-prefix overlap against load (default); least_loaded; round_robin")
+    p.add_argument("--overlap-weight", type=float, default=1.0,
+                   help="kv routing: cost of a prompt block to prefill, against one block of load")
     args = p.parse_args(argv)
     args.worker_list = [w.strip() for w in args.workers.split(",") if w.strip()]
     if not args.worker_list:
@@ -35,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    pool = WorkerPool(args.worker_list)
+    pool = WorkerPool(args.worker_list, routing=Router(args.routing, args.overlap_weight))
     pool.start()
     service = RouterService(pool, max_n=args.max_n, worker_wait_s=args.worker_wait_seconds)
     served = await start_server(

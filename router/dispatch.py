@@ -18,11 +18,27 @@ from trellis_rpc.scoring import CAPABILITY_OF_KIND, check_score_request
 from trellis_rpc.v1 import common_pb2, worker_pb2
 
 
+def prompt_key(request: worker_pb2.WorkerRequest) -> str:
+    """The text whose prefix decides KV-aware routing: the prompt as the worker will see it, roughly
+    (chat messages in order; token ids spelled out). Score tasks are not routed by prefix."""
+    if request.WhichOneof("kind") != "generate":
+        return ""
+    prompt = request.generate.prompt
+    kind = prompt.WhichOneof("kind")
+    if kind == "text":
+        return prompt.text
+    if kind == "chat":
+        return "".join(f"<{m.role}>{m.content}" for m in prompt.chat.messages)
+    if kind == "token_ids":
+        return ",".join(map(str, prompt.token_ids.ids))
+    return ""
+
+
 async def dispatch(pool: WorkerPool, request: worker_pb2.WorkerRequest, model: str, capability: int,
                    wait_s: float, worker_id: str = "") -> AsyncIterator[worker_pb2.WorkerResponse]:
     """Send one task to a worker of the pool (to worker_id, if given); yield its responses; a worker
     error raises StatusError."""
-    worker = await pool.pick(model, capability, wait_s=wait_s, worker_id=worker_id)
+    worker = await pool.pick(model, capability, wait_s=wait_s, worker_id=worker_id, prompt_key=prompt_key(request))
     async for response in worker.submit(request):
         if response.WhichOneof("kind") == "error":
             e = response.error

@@ -8,23 +8,23 @@ running sequences). KV-aware routing, DNS discovery and circuit breaking build o
 from __future__ import annotations
 
 import asyncio
-import itertools
 
 import grpc
 
+from router.routing import Router, prefix_hashes
 from router.worker_connection import WorkerConnection
 from trellis_rpc.errors import StatusError
 from trellis_rpc.v1 import common_pb2
 
 
 class WorkerPool:
-    def __init__(self, addresses: list[str], services: list | None = None) -> None:
+    def __init__(self, addresses: list[str], services: list | None = None, routing: Router | None = None) -> None:
         """addresses: workers over gRPC; services: WorkerService objects in this process."""
         self._any_ready = asyncio.Event()
-        self.workers = [WorkerConnection(a, self._any_ready) for a in addresses]
-        self.workers += [WorkerConnection(f"in-process:{s.worker_id}", self._any_ready, service=s)
-                         for s in services or []]
-        self._turn = itertools.count()
+        self.routing = routing or Router()
+        self.workers = [WorkerConnection(a, self._any_ready, on_drop=self.routing.forget) for a in addresses]
+        self.workers += [WorkerConnection(f"in-process:{s.worker_id}", self._any_ready, service=s,
+                                          on_drop=self.routing.forget) for s in services or []]
 
     def start(self) -> None:
         for w in self.workers:
@@ -40,23 +40,20 @@ class WorkerPool:
             and (not model or w.info.model_id == model) and (not worker_id or w.info.worker_id == worker_id)
         ]
 
-    @staticmethod
-    def _cost(w: WorkerConnection) -> int:
-        reported = (w.load.queue_depth + w.load.running_sequences) if w.load else 0
-        return w.outstanding + reported
-
     async def pick(self, model: str = "", capability: int = common_pb2.CAPABILITY_GENERATE,
-                   wait_s: float = 0.0, worker_id: str = "") -> WorkerConnection:
-        """A worker for the task (the one named worker_id, if given); waits up to wait_s for one to
-        connect, then UNAVAILABLE with the reasons."""
+                   wait_s: float = 0.0, worker_id: str = "", prompt_key: str = "") -> WorkerConnection:
+        """A worker for the task (the one named worker_id, if given; else by the routing policy, which
+        weighs how much of prompt_key each worker holds against its load); waits up to wait_s for one
+        to connect, then UNAVAILABLE with the reasons."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
+        hashes = prefix_hashes(prompt_key) if prompt_key and self.routing.policy == "kv" else []
         while True:
             candidates = self._candidates(model, capability, worker_id)
             if candidates:
-                start = next(self._turn) % len(candidates)  # rotate so equal costs spread out
-                rotated = candidates[start:] + candidates[:start]
-                return min(rotated, key=self._cost)
+                decision = self.routing.choose(candidates, hashes)
+                self.routing.record(decision.worker, hashes)
+                return decision.worker
             left = deadline - loop.time()
             if left <= 0:
                 why = self._why_none(model, capability)

@@ -24,13 +24,14 @@ class WorkerConnection:
     `service` (a WorkerService in this process) replaces the gRPC channel: notebooks and tests run
     controllers against in-process workers through exactly the same dispatch path."""
 
-    def __init__(self, address: str, on_ready: asyncio.Event, service=None) -> None:
+    def __init__(self, address: str, on_ready: asyncio.Event, service=None, on_drop=None) -> None:
         self.address = address
         self.info: worker_pb2.WorkerInfo | None = None
         self.load: worker_pb2.LoadReport | None = None
         self.ready = False
         self.last_error = "not connected yet"
         self._on_ready = on_ready
+        self._on_drop = on_drop
         self._service = service
         self._channel = None if service else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = None if service else worker_pb2_grpc.WorkerStub(self._channel)
@@ -51,6 +52,13 @@ class WorkerConnection:
     @property
     def outstanding(self) -> int:
         return len(self._pending)
+
+    @property
+    def reported_load(self) -> tuple[int, int]:
+        """(queued + running sequences, KV blocks in use) from the worker's last load report."""
+        if self.load is None:
+            return 0, 0
+        return self.load.queue_depth + self.load.running_sequences, self.load.kv_blocks_used
 
     def start(self) -> None:
         self._runner = asyncio.create_task(self._maintain())
@@ -109,6 +117,8 @@ class WorkerConnection:
         if self.ready:
             log.warning("worker disconnected", worker=self.address, reason=reason, tasks=len(self._pending))
         self.ready = False
+        if self._on_drop is not None:
+            self._on_drop(self)  # a reconnected worker may have restarted with an empty cache
         self._outbox = None
         error = worker_pb2.WorkerResponse(error=worker_pb2.TaskError(
             code=code_number(grpc.StatusCode.UNAVAILABLE), message=f"worker {self.address} disconnected: {reason}"))

@@ -1,0 +1,135 @@
+"""Routing policies: KV-prefix overlap against load, least loaded, round robin; and KV-aware routing
+through a real router in front of two workers (the prefix cache hits say where the KV was)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from client.launcher import start_router, start_worker
+from router.routing import CHARS_PER_BLOCK, Router, prefix_hashes
+from tests.helpers import chat
+from trellis_rpc.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+
+@dataclass
+class FakeWorker:
+    address: str
+    outstanding: int = 0
+    queued_running: int = 0
+    kv_blocks: int = 0
+
+    @property
+    def reported_load(self) -> tuple[int, int]:
+        return self.queued_running, self.kv_blocks
+
+
+LONG = "You are a careful assistant. " * 20
+
+
+def test_prefix_hashes_are_chained_over_full_chunks():
+    a = prefix_hashes(LONG + "question one")
+    b = prefix_hashes(LONG + "question two, a different one")
+    assert len(a) == len(LONG + "question one") // CHARS_PER_BLOCK
+    shared = len(LONG) // CHARS_PER_BLOCK
+    assert a[:shared] == b[:shared]
+    # A chunk's hash stands for the whole prefix: the same chunk after a different start differs.
+    assert prefix_hashes("x" + LONG)[shared - 1] != a[shared - 1]
+
+
+def test_kv_policy_prefers_the_worker_that_holds_the_prefix():
+    router = Router("kv")
+    workers = [FakeWorker("a"), FakeWorker("b"), FakeWorker("c")]
+    hashes = prefix_hashes(LONG + "first")
+    first = router.choose(workers, hashes)
+    router.record(first.worker, hashes)
+    for _ in range(5):  # rotation would spread these if overlap did not count
+        again = router.choose(workers, prefix_hashes(LONG + "second"))
+        assert again.worker is first.worker and again.overlap_blocks == len(LONG) // CHARS_PER_BLOCK
+
+
+def test_kv_policy_spills_over_when_the_holder_is_loaded():
+    router = Router("kv")
+    holder, idle = FakeWorker("a"), FakeWorker("b")
+    hashes = prefix_hashes(LONG)
+    router.record(holder, hashes)
+    holder.kv_blocks = 3 * len(hashes)  # busier than re-prefilling the prompt elsewhere would cost
+    assert router.choose([holder, idle], hashes).worker is idle
+    holder.kv_blocks = 0
+    assert router.choose([holder, idle], hashes).worker is holder
+
+
+def test_kv_policy_balances_when_load_is_badly_skewed():
+    router = Router("kv", overlap_weight=1000.0)
+    holder, idle = FakeWorker("a", queued_running=200), FakeWorker("b", queued_running=10)
+    hashes = prefix_hashes(LONG)
+    router.record(holder, hashes)
+    decision = router.choose([holder, idle], hashes)
+    assert decision.worker is idle and decision.policy == "kv-balance"
+
+
+def test_forgetting_a_worker_drops_what_it_held():
+    router = Router("kv")
+    a, b = FakeWorker("a"), FakeWorker("b")
+    hashes = prefix_hashes(LONG)
+    router.record(a, hashes)
+    router.forget(a)
+    assert router.choose([a, b], hashes).overlap_blocks == 0
+
+
+def test_round_robin_and_least_loaded():
+    workers = [FakeWorker("a"), FakeWorker("b", outstanding=3), FakeWorker("c")]
+    rr = Router("round_robin")
+    assert [rr.choose(workers).worker.address for _ in range(6)] == ["a", "b", "c", "a", "b", "c"]
+    ll = Router("least_loaded")
+    assert {ll.choose(workers).worker.address for _ in range(6)} == {"a", "c"}
+
+
+def test_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="routing policy"):
+        Router("random")
+
+
+@pytest.fixture(scope="module")
+def second_worker(tiny_model, logs):
+    proc = start_worker(str(tiny_model), logs, name="tiny-worker-2", extra=["--threads", "1"])
+    try:
+        proc.wait_serving(timeout=120)
+        yield proc
+    finally:
+        proc.stop()
+
+
+def routed(workers, logs, policy: str):
+    router = start_router([w.address for w in workers], logs, name=f"router-{policy}", extra=["--routing", policy])
+    router.wait_serving(timeout=60)
+    return router
+
+
+@pytest.mark.parametrize("policy", ["kv", "round_robin"])
+def test_requests_sharing_a_prefix_land_where_their_kv_is(tiny_worker, second_worker, logs, policy):
+    router = routed([tiny_worker, second_worker], logs, policy)
+    try:
+        with grpc.insecure_channel(router.address) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            stub.ListControllers(router_pb2.ListControllersRequest(), timeout=30, wait_for_ready=True)
+            results = []
+            for i in range(6):
+                req = router_pb2.GenerateRequest(
+                    prompt=chat(f"({policy}) " + "Step 1: add the numbers. Step 2: check the result. " * 6
+                                + f"Question {i}?"),
+                    sampling=common_pb2.SamplingParams(max_tokens=2, temperature=0))
+                results.append(stub.Generate(req, timeout=60))
+    finally:
+        router.stop()
+    workers = [r.worker_id for r in results]
+    cached = [r.usage.cached_prompt_tokens for r in results]
+    if policy == "kv":
+        assert len(set(workers)) == 1, workers
+        assert all(c > 0 for c in cached[1:]), cached
+    else:
+        assert len(set(workers)) == 2, workers
+        # Each worker prefills the shared prefix once: the first request on each misses.
+        assert sum(c == 0 for c in cached) >= 2, cached
