@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker-wait-seconds", type=float, default=2.0,
                    help="how long a task waits for a worker to connect before UNAVAILABLE (capped by its deadline)")
     p.add_argument("--drain-seconds", type=float, default=30.0, help="grace period for in-flight runs on SIGTERM")
+    p.add_argument("--max-migrations", type=int, default=2,
+                   help="times a generate task moves to another worker when its worker fails mid-stream")
     p.add_argument("--routing", choices=POLICIES, default="kv",
                    help="kv: weigh KV-prefix overlap against load (default); least_loaded; round_robin")
     p.add_argument("--overlap-weight", type=float, default=1.0,
@@ -42,7 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def serve(args: argparse.Namespace) -> None:
     pool = WorkerPool(args.worker_list, routing=Router(args.routing, args.overlap_weight))
     pool.start()
-    service = RouterService(pool, max_n=args.max_n, worker_wait_s=args.worker_wait_seconds)
+    service = RouterService(pool, max_n=args.max_n, worker_wait_s=args.worker_wait_seconds,
+                            max_migrations=args.max_migrations)
     served = await start_server(
         args.host, args.port, lambda server: router_pb2_grpc.add_RouterServicer_to_server(service, server),
         (router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,))

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator
 
 import grpc
+import structlog
 
 from controllers import Generate, GenerateOutput, SampleOut, TaskFailure
 from controllers.runtime import TaskFailed, TokenSink
 from controllers.tasks import Score, ScoreOutput, TokenDelta
 from router.convert import FINISH_NAMES, prompt_to_pb, sampling_with_overrides
+from router.migration import SampleSoFar, continuation, merged_result
 from router.pool import WorkerPool
 from trellis_rpc.errors import StatusError, code_from_number
+from trellis_rpc.sampling import DEFAULT_MAX_TOKENS
 from trellis_rpc.scoring import CAPABILITY_OF_KIND, check_score_request
 from trellis_rpc.v1 import common_pb2, worker_pb2
 
@@ -50,6 +54,9 @@ _SCORE_KINDS = {"outcome": common_pb2.SCORE_KIND_OUTCOME, "process": common_pb2.
                 "verifier": common_pb2.SCORE_KIND_VERIFIER}
 
 
+log = structlog.get_logger(__name__)
+
+
 class RunUsage:
     """What one run cost, summed over its tasks."""
 
@@ -57,6 +64,7 @@ class RunUsage:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.tasks = 0
+        self.migrations = 0
         self.first_token: float | None = None
 
     def pb(self) -> common_pb2.Usage:
@@ -66,13 +74,14 @@ class RunUsage:
 
 class RemoteRunner:
     def __init__(self, pool: WorkerPool, run_id: str, model: str, sampling: common_pb2.SamplingParams,
-                 deadline: float | None, worker_wait_s: float) -> None:
+                 deadline: float | None, worker_wait_s: float, max_migrations: int = 2) -> None:
         self.pool = pool
         self.run_id = run_id
         self.model = model
         self.sampling = sampling
         self.deadline = deadline  # time.monotonic() value, or None
         self.worker_wait_s = worker_wait_s
+        self.max_migrations = max_migrations
         self.usage = RunUsage()
         self._ids = itertools.count()
 
@@ -101,21 +110,74 @@ class RemoteRunner:
                                            generate=generate)
         # A continuation or fork must run where its KV lives: the handle names the worker.
         holder = (task.continue_from or task.fork_from).partition(":")[0]
+        samples = [SampleSoFar() for _ in range(task.n)]
         try:
-            async for response in dispatch(self.pool, request, self.model, common_pb2.CAPABILITY_GENERATE,
-                                           self._wait_s(), worker_id=holder):
-                kind = response.WhichOneof("kind")
-                if kind == "delta":
-                    if self.usage.first_token is None:
-                        self.usage.first_token = time.monotonic()
-                    d = response.delta
-                    on_token(TokenDelta(d.index, d.text, len(d.token_ids), [lp.logprob for lp in d.logprobs],
-                                        [[t.logprob for t in lp.top] for lp in d.logprobs]))
-                elif kind == "generate_result":
-                    return self._output(response.generate_result)
+            try:
+                result = await self._stream(request, holder, samples, list(range(task.n)), on_token)
+            except StatusError as err:
+                # A continuation's KV died with its worker: the controller decides (it may re-send).
+                if holder or err.code != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                result = await self._migrate(request, samples, on_token, err)
+            return self._output(result)
         except StatusError as err:
             raise TaskFailed(TaskFailure(err.code.name, err.message, err.field)) from err
-        raise TaskFailed(TaskFailure(grpc.StatusCode.INTERNAL.name, "worker ended the task without a result"))
+
+    async def _stream(self, request: worker_pb2.WorkerRequest, holder: str, samples: list[SampleSoFar],
+                      indexes: list[int], on_token: TokenSink) -> common_pb2.GenerateResult:
+        """Run one worker task; its sample j is the caller's sample indexes[j]."""
+        async for response in dispatch(self.pool, request, self.model, common_pb2.CAPABILITY_GENERATE,
+                                       self._wait_s(), worker_id=holder):
+            kind = response.WhichOneof("kind")
+            if kind == "delta":
+                if self.usage.first_token is None:
+                    self.usage.first_token = time.monotonic()
+                d = response.delta
+                index = indexes[d.index]
+                samples[index].add(d)
+                on_token(TokenDelta(index, d.text, len(d.token_ids), [lp.logprob for lp in d.logprobs],
+                                    [[t.logprob for t in lp.top] for lp in d.logprobs]))
+            elif kind == "generate_result":
+                result = response.generate_result
+                for c in result.completions:
+                    sample = samples[indexes[c.index]]
+                    sample.finish_reason, sample.stop_reason = c.finish_reason, c.stop_reason
+                    sample.cumulative_logprob += c.cumulative_logprob
+                for j, handle in enumerate(result.sequence_handles):
+                    samples[indexes[j]].handle = handle
+                return result
+        raise StatusError(grpc.StatusCode.INTERNAL, "worker ended the task without a result")
+
+    async def _migrate(self, request: worker_pb2.WorkerRequest, samples: list[SampleSoFar], on_token: TokenSink,
+                       failure: StatusError) -> common_pb2.GenerateResult:
+        """Resume the unfinished samples elsewhere, each from its text so far; up to max_migrations tries."""
+        task = request.generate
+        max_tokens = task.sampling.max_tokens if task.sampling.HasField("max_tokens") else DEFAULT_MAX_TOKENS
+        results: list[common_pb2.GenerateResult] = []
+        for attempt in range(1, self.max_migrations + 1):
+            unfinished = [i for i, s in enumerate(samples) if not s.finished]
+            log.warning("migrating task", task_id=request.task_id, attempt=attempt, samples=len(unfinished),
+                        reason=failure.message)
+            self.usage.migrations += 1
+
+            async def resume(i: int, attempt: int = attempt) -> common_pb2.GenerateResult:
+                resumed = worker_pb2.WorkerRequest(
+                    task_id=f"{request.task_id}/m{attempt}.{i}", timeout_ms=self._timeout_ms(),
+                    generate=continuation(task, samples[i], max_tokens, attempt))
+                return await self._stream(resumed, "", samples, [i], on_token)
+
+            outcomes = await asyncio.gather(*(resume(i) for i in unfinished), return_exceptions=True)
+            results += [o for o in outcomes if isinstance(o, common_pb2.GenerateResult)]
+            errors = [o for o in outcomes if isinstance(o, BaseException)]
+            if not errors:
+                first = results[0] if results else common_pb2.GenerateResult()
+                return merged_result(samples, first.usage.prompt_tokens, first.usage.cached_prompt_tokens,
+                                     first.model_id, [r.worker_id for r in results])
+            failure = next((e for e in errors if isinstance(e, StatusError)), None)
+            if failure is None or failure.code != grpc.StatusCode.UNAVAILABLE:
+                raise failure or errors[0]
+        raise StatusError(grpc.StatusCode.UNAVAILABLE,
+                          f"{failure.message} (gave up after {self.max_migrations} migrations to other workers)")
 
     async def score(self, task: Score) -> ScoreOutput:
         kind = _SCORE_KINDS.get(task.kind)

@@ -47,8 +47,9 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 
 
 class RouterService(router_pb2_grpc.RouterServicer):
-    def __init__(self, pool: WorkerPool, max_n: int = 64, worker_wait_s: float = 2.0) -> None:
+    def __init__(self, pool: WorkerPool, max_n: int = 64, worker_wait_s: float = 2.0, max_migrations: int = 2) -> None:
         self.pool = pool
+        self.max_migrations = max_migrations
         self.max_n = max_n
         self.worker_wait_s = worker_wait_s
 
@@ -77,7 +78,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
     async def execute(self, run: PreparedRun, deadline: float | None, emit: Emit) -> router_pb2.RunResult:
         """Run the controller; controller events and (if asked) token deltas go to emit as they happen."""
         req = run.request
-        runner = RemoteRunner(self.pool, run.run_id, req.model, req.sampling, deadline, self.worker_wait_s)
+        runner = RemoteRunner(self.pool, run.run_id, req.model, req.sampling, deadline, self.worker_wait_s,
+                              self.max_migrations)
 
         def on_delta(branch: str, text: str, count: int) -> None:
             if req.stream_tokens:
@@ -98,7 +100,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         finally:
             total_ms = (time.monotonic() - run.accepted) * 1000
             log.info("run", run_id=run.run_id, controller=run.controller.name, outcome=outcome,
-                     total_ms=round(total_ms, 1), tasks=runner.usage.tasks,
+                     total_ms=round(total_ms, 1), tasks=runner.usage.tasks, migrations=runner.usage.migrations,
                      completion_tokens=runner.usage.completion_tokens)
         ttft = (runner.usage.first_token - run.accepted) * 1000 if runner.usage.first_token else 0.0
         timings = router_pb2.RunTimings(queue_ms=0.0, ttft_ms=ttft, total_ms=(time.monotonic() - run.accepted) * 1000)

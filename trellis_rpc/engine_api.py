@@ -54,6 +54,7 @@ class Delta:
     text: str
     token_ids: list[int]
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str = ""       # set on a sample's last delta: "stop" | "length" | "cancelled"
 
 
 @dataclass

@@ -279,7 +279,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                         if gen.stream:
                             out.put_nowait(worker_pb2.WorkerResponse(task_id=task_id, delta=worker_pb2.TokenDelta(
                                 index=event.index, text=event.text, token_ids=event.token_ids,
-                                logprobs=logprobs_pb(event.logprobs))))
+                                logprobs=logprobs_pb(event.logprobs),
+                                finish_reason=_FINISH.get(event.finish_reason, 0))))
                     elif isinstance(event, Finished):
                         out.put_nowait(worker_pb2.WorkerResponse(
                             task_id=task_id, generate_result=result_pb(event, engine.info.model_id, self.worker_id)))

@@ -290,7 +290,7 @@ class TorchEngine:
         for seq in plan.exhausted:
             seq.finish_reason = "length"
             self.scheduler.finish(seq)
-            seq.request.emit(Delta(seq.index, self._release_text(seq), []))
+            seq.request.emit(Delta(seq.index, self._release_text(seq), [], finish_reason="length"))
             self._maybe_complete(seq.request)
         if not plan.items:
             return
@@ -373,7 +373,7 @@ class TorchEngine:
                 seq.finish_reason = "length"
         if seq.finish_reason:
             text += self._release_text(seq)
-        request.emit(Delta(seq.index, text, [token], lp))
+        request.emit(Delta(seq.index, text, [token], lp, seq.finish_reason or ""))
         if seq.finish_reason:
             keep = bool(request.keep_ttl_s)
             self.scheduler.finish(seq, keep_blocks=keep)

@@ -1,0 +1,75 @@
+"""A worker killed (SIGKILL) while it streams: the router moves its unfinished samples to another worker
+with the text so far, and the client's stream goes on to a complete result."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from client.launcher import start_router, start_worker
+from tests.helpers import chat, run_request
+from trellis_rpc.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+
+@pytest.fixture
+def pair(tiny_model, logs):
+    """Two workers with known ids behind a round-robin router (so the test knows where a task goes)."""
+    workers = [start_worker(str(tiny_model), logs, name=f"failover-{wid}", extra=["--threads", "1", "--worker-id", wid])
+               for wid in ("wa", "wb")]
+    router = None
+    try:
+        for w in workers:
+            w.wait_serving(timeout=120)
+        router = start_router([w.address for w in workers], logs, name="failover-router",
+                              extra=["--routing", "round_robin", "--worker-wait-seconds", "5"])
+        router.wait_serving(timeout=60)
+        with grpc.insecure_channel(router.address) as channel:
+            yield router_pb2_grpc.RouterStub(channel), dict(zip(("wa", "wb"), workers, strict=True)), router
+    finally:
+        for proc in [router, *workers]:
+            if proc is not None:
+                proc.stop()
+
+
+def next_worker(stub) -> str:
+    """Round robin alternates: after a task served by X, the next goes to the other worker."""
+    seen = set()
+    while len(seen) < 2:  # both links up, so the alternation is between the two
+        result = stub.Generate(router_pb2.GenerateRequest(prompt=chat("hi"), sampling=common_pb2.SamplingParams(
+            max_tokens=1)), timeout=30)
+        seen.add(result.worker_id)
+    return "wb" if result.worker_id == "wa" else "wa"
+
+
+def test_killed_worker_mid_stream_the_run_completes_on_the_other(pair):
+    stub, workers, router = pair
+    target = next_worker(stub)
+    request = run_request("majority_vote", params={"n": 3}, max_tokens=100, ignore_eos=True, temperature=1.0, seed=3)
+    stream = stub.RunStream(request, timeout=120)
+    streamed: dict[str, int] = {}
+    killed = False
+    for event in stream:
+        kind = event.WhichOneof("event")
+        if kind == "delta":
+            streamed[event.delta.branch] = streamed.get(event.delta.branch, 0) + event.delta.token_count
+            if not killed and sum(streamed.values()) >= 30:
+                workers[target].popen.kill()  # SIGKILL: no drain, the stream just breaks
+                killed = True
+        elif kind == "result":
+            result = event.result
+    assert killed
+    # Every sample still produced exactly its 100 tokens, part on each worker, streamed without a gap.
+    assert streamed == {f"sample/{i}": 100 for i in range(3)}
+    assert [len(c.text) > 0 for c in result.candidates] == [True] * 3
+    assert result.usage.completion_tokens == 300
+    assert "migrating task" in router.log_tail(400)
+
+
+def test_when_every_worker_is_gone_the_run_fails_unavailable_with_a_reason(pair):
+    stub, workers, _ = pair
+    for w in workers.values():
+        w.popen.kill()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Run(run_request("native_generation", max_tokens=4), timeout=30)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "worker" in info.value.details()
