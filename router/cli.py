@@ -8,6 +8,7 @@ import os
 
 import structlog
 
+from router.admission import Admission
 from router.pool import WorkerPool
 from router.routing import POLICIES, Router
 from router.service import RouterService
@@ -28,6 +29,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker-wait-seconds", type=float, default=2.0,
                    help="how long a task waits for a worker to connect before UNAVAILABLE (capped by its deadline)")
     p.add_argument("--drain-seconds", type=float, default=30.0, help="grace period for in-flight runs on SIGTERM")
+    p.add_argument("--max-running-runs", type=int, default=256,
+                   help="runs worked on at once; more wait in a priority queue (0: no limit)")
+    p.add_argument("--max-queued-runs", type=int, default=1024, help="runs that may wait; beyond, RESOURCE_EXHAUSTED")
+    p.add_argument("--max-runs-per-client", type=int, default=0,
+                   help="runs in flight per client (x-trellis-client metadata, else peer host); 0: no limit")
     p.add_argument("--max-migrations", type=int, default=2,
                    help="times a generate task moves to another worker when its worker fails mid-stream")
     p.add_argument("--routing", choices=POLICIES, default="kv",
@@ -45,7 +51,8 @@ async def serve(args: argparse.Namespace) -> None:
     pool = WorkerPool(args.worker_list, routing=Router(args.routing, args.overlap_weight))
     pool.start()
     service = RouterService(pool, max_n=args.max_n, worker_wait_s=args.worker_wait_seconds,
-                            max_migrations=args.max_migrations)
+                            max_migrations=args.max_migrations,
+                            admission=Admission(args.max_running_runs, args.max_queued_runs, args.max_runs_per_client))
     served = await start_server(
         args.host, args.port, lambda server: router_pb2_grpc.add_RouterServicer_to_server(service, server),
         (router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,))

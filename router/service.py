@@ -14,6 +14,7 @@ from google.protobuf import json_format
 
 from controllers import REGISTRY, Controller, ControllerError, ParamError, Prompt, controller_class
 from controllers.runtime import drive
+from router.admission import Admission, Exhausted, Ticket
 from router.convert import dict_to_struct, event_to_pb, prompt_from_pb, result_to_pb, struct_to_dict
 from router.dispatch import RemoteRunner, dispatch
 from router.pool import WorkerPool
@@ -35,10 +36,25 @@ class PreparedRun:
     controller: Controller
     prompt: Prompt
     accepted: float
+    ticket: Ticket | None = None
 
 
 def _status_of(name: str) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, name, grpc.StatusCode.UNKNOWN)
+
+
+def _client(context: grpc.aio.ServicerContext) -> str:
+    """Who is calling, for per-client limits: the x-trellis-client metadata, else the peer's host."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-trellis-client":
+            return value
+    return (context.peer() or "").rsplit(":", 1)[0]
+
+
+async def _abort(context: grpc.aio.ServicerContext, err: StatusError) -> None:
+    if isinstance(err, Exhausted):
+        context.set_trailing_metadata((("retry-after-ms", str(err.retry_after_ms)),))
+    await context.abort(err.code, err.message)
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -47,15 +63,18 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 
 
 class RouterService(router_pb2_grpc.RouterServicer):
-    def __init__(self, pool: WorkerPool, max_n: int = 64, worker_wait_s: float = 2.0, max_migrations: int = 2) -> None:
+    def __init__(self, pool: WorkerPool, max_n: int = 64, worker_wait_s: float = 2.0, max_migrations: int = 2,
+                 admission: Admission | None = None) -> None:
         self.pool = pool
         self.max_migrations = max_migrations
+        self.admission = admission or Admission()
         self.max_n = max_n
         self.worker_wait_s = worker_wait_s
 
     # ---- validation ------------------------------------------------------------------------
 
-    def prepare(self, request: router_pb2.RunRequest, prefix: str = "") -> PreparedRun:
+    def prepare(self, request: router_pb2.RunRequest, prefix: str = "", client: str = "") -> PreparedRun:
+        """Validate the run, then reserve its place (RESOURCE_EXHAUSTED when the router or the client is full)."""
         try:
             cls = controller_class(request.controller)
             check_prompt(request.prompt, f"{prefix}prompt")
@@ -71,12 +90,20 @@ class RouterService(router_pb2_grpc.RouterServicer):
                                          "leave sampling.n unset or 1") from err
             raise
         return PreparedRun(run_id=request.run_id or uuid.uuid4().hex, request=request, controller=controller,
-                           prompt=prompt_from_pb(request.prompt), accepted=time.monotonic())
+                           prompt=prompt_from_pb(request.prompt), accepted=time.monotonic(),
+                           ticket=self.admission.reserve(request.priority, client))
 
     # ---- running ---------------------------------------------------------------------------
 
     async def execute(self, run: PreparedRun, deadline: float | None, emit: Emit) -> router_pb2.RunResult:
-        """Run the controller; controller events and (if asked) token deltas go to emit as they happen."""
+        """Run the controller once admitted; controller events and (if asked) token deltas go to emit as they happen."""
+        try:
+            await run.ticket.admitted.wait()
+            return await self._execute(run, deadline, emit)
+        finally:
+            self.admission.release(run.ticket)
+
+    async def _execute(self, run: PreparedRun, deadline: float | None, emit: Emit) -> router_pb2.RunResult:
         req = run.request
         runner = RemoteRunner(self.pool, run.run_id, req.model, req.sampling, deadline, self.worker_wait_s,
                               self.max_migrations)
@@ -103,7 +130,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                      total_ms=round(total_ms, 1), tasks=runner.usage.tasks, migrations=runner.usage.migrations,
                      completion_tokens=runner.usage.completion_tokens)
         ttft = (runner.usage.first_token - run.accepted) * 1000 if runner.usage.first_token else 0.0
-        timings = router_pb2.RunTimings(queue_ms=0.0, ttft_ms=ttft, total_ms=(time.monotonic() - run.accepted) * 1000)
+        timings = router_pb2.RunTimings(queue_ms=run.ticket.waited_ms, ttft_ms=ttft,
+                                        total_ms=(time.monotonic() - run.accepted) * 1000)
         return result_to_pb(run.run_id, run.controller.name, result, runner.usage.pb(), timings)
 
     def _event(self, run: PreparedRun, **fields) -> router_pb2.RunEvent:
@@ -126,30 +154,32 @@ class RouterService(router_pb2_grpc.RouterServicer):
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+            self.admission.release(run.ticket)  # also when the task was cancelled before it started
 
     # ---- RPCs ------------------------------------------------------------------------------
 
     async def Run(self, request: router_pb2.RunRequest, context: grpc.aio.ServicerContext) -> router_pb2.RunResult:
         try:
-            run = self.prepare(request)
+            run = self.prepare(request, client=_client(context))
             return await self.execute(run, _deadline(context), lambda _fields: None)
         except StatusError as err:
-            await context.abort(err.code, err.message)
+            await _abort(context, err)
 
     async def RunStream(self, request: router_pb2.RunRequest,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[router_pb2.RunEvent]:
         try:
-            run = self.prepare(request)
+            run = self.prepare(request, client=_client(context))
             async for event in self._events(run, _deadline(context)):
                 yield event
         except StatusError as err:
-            await context.abort(err.code, err.message)
+            await _abort(context, err)
 
     async def Session(self, request_iterator: AsyncIterator[router_pb2.SessionRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[router_pb2.RunEvent]:
         out: asyncio.Queue = asyncio.Queue()
         runs: dict[str, asyncio.Task] = {}
         deadline = _deadline(context)
+        client = _client(context)
 
         def error_event(run_id: str, err: StatusError) -> router_pb2.RunEvent:
             return router_pb2.RunEvent(run_id=run_id, error=router_pb2.RunError(
@@ -175,7 +205,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                             raise invalid("run.run_id", "is required in a Session (events are matched by it)")
                         if run_id in runs:
                             raise invalid("run.run_id", f"{run_id!r} is already running in this session")
-                        prepared = self.prepare(req.run, prefix="run.")
+                        prepared = self.prepare(req.run, prefix="run.", client=client)
                     except StatusError as err:
                         out.put_nowait(error_event(run_id, err))
                         continue
