@@ -15,7 +15,7 @@ from controllers.runtime import TaskFailed, TokenSink
 from controllers.tasks import Score, ScoreOutput, TokenDelta
 from router.convert import FINISH_NAMES, prompt_to_pb, sampling_with_overrides
 from router.migration import SampleSoFar, continuation, merged_result
-from router.pool import WorkerPool
+from router.pool import NoWorker, WorkerPool
 from trellis_rpc.errors import StatusError, code_from_number
 from trellis_rpc.sampling import DEFAULT_MAX_TOKENS
 from trellis_rpc.scoring import CAPABILITY_OF_KIND, check_score_request
@@ -115,8 +115,9 @@ class RemoteRunner:
             try:
                 result = await self._stream(request, holder, samples, list(range(task.n)), on_token)
             except StatusError as err:
-                # A continuation's KV died with its worker: the controller decides (it may re-send).
-                if holder or err.code != grpc.StatusCode.UNAVAILABLE:
+                # A continuation's KV died with its worker: the controller decides (it may re-send). With no
+                # worker to take the task at all, there is nowhere to migrate to.
+                if holder or err.code != grpc.StatusCode.UNAVAILABLE or isinstance(err, NoWorker):
                     raise
                 result = await self._migrate(request, samples, on_token, err)
             return self._output(result)
@@ -174,7 +175,7 @@ class RemoteRunner:
                 return merged_result(samples, first.usage.prompt_tokens, first.usage.cached_prompt_tokens,
                                      first.model_id, [r.worker_id for r in results])
             failure = next((e for e in errors if isinstance(e, StatusError)), None)
-            if failure is None or failure.code != grpc.StatusCode.UNAVAILABLE:
+            if failure is None or failure.code != grpc.StatusCode.UNAVAILABLE or isinstance(failure, NoWorker):
                 raise failure or errors[0]
         raise StatusError(grpc.StatusCode.UNAVAILABLE,
                           f"{failure.message} (gave up after {self.max_migrations} migrations to other workers)")

@@ -17,6 +17,10 @@ from trellis_rpc.errors import StatusError
 from trellis_rpc.v1 import common_pb2
 
 
+class NoWorker(StatusError):
+    """No worker could take the task (as opposed to a worker failing under it)."""
+
+
 class WorkerPool:
     def __init__(self, addresses: list[str], services: list | None = None, routing: Router | None = None) -> None:
         """addresses: workers over gRPC; services: WorkerService objects in this process."""
@@ -59,7 +63,7 @@ class WorkerPool:
                 why = self._why_none(model, capability)
                 if worker_id:
                     why = f"worker {worker_id!r}, which holds the sequence to continue, is not connected; {why}"
-                raise StatusError(grpc.StatusCode.UNAVAILABLE, why)
+                raise NoWorker(grpc.StatusCode.UNAVAILABLE, why)
             self._any_ready.clear()
             try:
                 await asyncio.wait_for(self._any_ready.wait(), timeout=min(left, 0.25))
