@@ -9,6 +9,7 @@ import os
 import structlog
 
 from router.admission import Admission
+from router.discovery import Discovery
 from router.pool import WorkerPool
 from router.routing import POLICIES, Router
 from router.service import RouterService
@@ -22,7 +23,10 @@ log = structlog.get_logger(__name__)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m router", description="Trellis router")
     p.add_argument("--workers", default=os.environ.get("TRELLIS_WORKERS", ""),
-                   help="comma-separated host:port of workers (env TRELLIS_WORKERS)")
+                   help="comma-separated workers (env TRELLIS_WORKERS): host:port, dns:NAME:PORT (re-resolved, e.g. a "
+                        "Kubernetes headless service) or file:PATH (re-read; one host:port per line)")
+    p.add_argument("--discovery-interval", type=float, default=5.0,
+                   help="seconds between re-resolving dns: and file: workers")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051, help="0 picks a free port (printed in the 'serving' log line)")
     p.add_argument("--max-n", type=int, default=64, help="largest n a run or a generate call may ask for")
@@ -48,8 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    pool = WorkerPool(args.worker_list, routing=Router(args.routing, args.overlap_weight))
+    pool = WorkerPool([], routing=Router(args.routing, args.overlap_weight))
+    discovery = Discovery(pool, args.worker_list, args.discovery_interval)
+    await discovery.refresh()
     pool.start()
+    discovery.start()
     service = RouterService(pool, max_n=args.max_n, worker_wait_s=args.worker_wait_seconds,
                             max_migrations=args.max_migrations,
                             admission=Admission(args.max_running_runs, args.max_queued_runs, args.max_runs_per_client))
@@ -61,6 +68,7 @@ async def serve(args: argparse.Namespace) -> None:
     try:
         await run_until_signalled(served, args.drain_seconds)
     finally:
+        await discovery.close()
         await pool.close()
 
 

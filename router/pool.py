@@ -30,17 +30,45 @@ class WorkerPool:
         self.workers += [WorkerConnection(f"in-process:{s.worker_id}", self._any_ready, service=s,
                                           on_drop=self.routing.forget) for s in services or []]
 
+        self._started = False
+        self._retiring: set[asyncio.Task] = set()
+
     def start(self) -> None:
+        self._started = True
         for w in self.workers:
             w.start()
 
     async def close(self) -> None:
+        for task in self._retiring:
+            task.cancel()
         await asyncio.gather(*(w.close() for w in self.workers))
+
+    def update(self, addresses: set[str]) -> None:
+        """Make the remote workers exactly `addresses` (discovery): connect new ones, retire gone ones."""
+        known = {w.address for w in self.workers if not w.retiring}
+        for address in sorted(addresses - known):
+            link = WorkerConnection(address, self._any_ready, on_drop=self.routing.forget)
+            self.workers.append(link)
+            if self._started:
+                link.start()
+        for w in self.workers:
+            if w.address not in addresses and not w.retiring and not w.address.startswith("in-process:"):
+                w.retiring = True
+                task = asyncio.ensure_future(self._retire(w))
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, w: WorkerConnection) -> None:
+        """No new tasks go to w; its link closes once the tasks in flight there are done."""
+        while w.outstanding and w.ready:
+            await asyncio.sleep(0.1)
+        await w.close()
+        self.workers.remove(w)
 
     def _candidates(self, model: str, capability: int, worker_id: str = "") -> list[WorkerConnection]:
         return [
             w for w in self.workers
-            if w.ready and w.info is not None and capability in w.info.capabilities
+            if w.ready and not w.retiring and w.info is not None and capability in w.info.capabilities
             and (not model or w.info.model_id == model) and (not worker_id or w.info.worker_id == worker_id)
         ]
 

@@ -29,6 +29,7 @@ class WorkerConnection:
         self.info: worker_pb2.WorkerInfo | None = None
         self.load: worker_pb2.LoadReport | None = None
         self.ready = False
+        self.retiring = False            # discovery no longer lists it: no new tasks
         self.last_error = "not connected yet"
         self._on_ready = on_ready
         self._on_drop = on_drop
@@ -66,6 +67,8 @@ class WorkerConnection:
     async def close(self) -> None:
         if self._runner:
             self._runner.cancel()
+            await asyncio.gather(self._runner, return_exceptions=True)
+        self._drop("the router closed its link to this worker")  # nothing may wait on a closed link
         if self._channel is not None:
             await self._channel.close()
 
