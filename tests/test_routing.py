@@ -93,13 +93,17 @@ def test_unknown_policy_is_refused():
 
 
 @pytest.fixture(scope="module")
-def second_worker(tiny_model, logs):
-    proc = start_worker(str(tiny_model), logs, name="tiny-worker-2", extra=["--threads", "1"])
+def two_workers(tiny_model, logs):
+    """Fresh workers: the session's shared one may hold other tests' kept sequences, which count as load."""
+    procs = [start_worker(str(tiny_model), logs, name=f"routing-worker-{i}", extra=["--threads", "1"])
+             for i in range(2)]
     try:
-        proc.wait_serving(timeout=120)
-        yield proc
+        for p in procs:
+            p.wait_serving(timeout=120)
+        yield procs
     finally:
-        proc.stop()
+        for p in procs:
+            p.stop()
 
 
 def routed(workers, logs, policy: str):
@@ -109,8 +113,8 @@ def routed(workers, logs, policy: str):
 
 
 @pytest.mark.parametrize("policy", ["kv", "round_robin"])
-def test_requests_sharing_a_prefix_land_where_their_kv_is(tiny_worker, second_worker, logs, policy):
-    router = routed([tiny_worker, second_worker], logs, policy)
+def test_requests_sharing_a_prefix_land_where_their_kv_is(two_workers, logs, policy):
+    router = routed(two_workers, logs, policy)
     try:
         with grpc.insecure_channel(router.address) as channel:
             stub = router_pb2_grpc.RouterStub(channel)
