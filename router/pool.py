@@ -68,7 +68,7 @@ class WorkerPool:
     def _candidates(self, model: str, capability: int, worker_id: str = "") -> list[WorkerConnection]:
         return [
             w for w in self.workers
-            if w.ready and not w.retiring and w.info is not None and capability in w.info.capabilities
+            if w.routable and capability in w.info.capabilities
             and (not model or w.info.model_id == model) and (not worker_id or w.info.worker_id == worker_id)
         ]
 
@@ -104,7 +104,8 @@ class WorkerPool:
         if not self.workers:
             return f"no worker configured ({what})"
         states = "; ".join(
-            f"{w.address}: " + (f"serves {w.info.model_id}" if w.ready and w.info else w.last_error)
+            f"{w.address}: " + ("ejected after failing tasks" if w.breaker.open else
+                                f"serves {w.info.model_id}" if w.ready and w.info else w.last_error)
             for w in self.workers)
         return f"no reachable worker offers {what} ({states})"
 

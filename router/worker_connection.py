@@ -5,18 +5,22 @@ UNAVAILABLE so no task waits forever."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import grpc
 import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from trellis_rpc.errors import StatusError, code_number
+from router.breaker import Breaker
+from trellis_rpc.errors import StatusError, code_from_number, code_number
 from trellis_rpc.server import CHANNEL_OPTIONS
 from trellis_rpc.v1 import worker_pb2, worker_pb2_grpc
 
 log = structlog.get_logger(__name__)
 
 _CLOSE = object()
+WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
 
 
 class WorkerConnection:
@@ -24,12 +28,15 @@ class WorkerConnection:
     `service` (a WorkerService in this process) replaces the gRPC channel: notebooks and tests run
     controllers against in-process workers through exactly the same dispatch path."""
 
-    def __init__(self, address: str, on_ready: asyncio.Event, service=None, on_drop=None) -> None:
+    def __init__(self, address: str, on_ready: asyncio.Event, service=None, on_drop=None,
+                 breaker: Breaker | None = None) -> None:
         self.address = address
         self.info: worker_pb2.WorkerInfo | None = None
         self.load: worker_pb2.LoadReport | None = None
         self.ready = False
         self.retiring = False            # discovery no longer lists it: no new tasks
+        self.breaker = breaker or Breaker()
+        self._probe: asyncio.Task | None = None
         self.last_error = "not connected yet"
         self._on_ready = on_ready
         self._on_drop = on_drop
@@ -51,6 +58,37 @@ class WorkerConnection:
         return self._stub.Connect(requests)
 
     @property
+    def routable(self) -> bool:
+        return self.ready and not self.retiring and not self.breaker.open and self.info is not None
+
+    def _task_ended(self, response: worker_pb2.WorkerResponse) -> None:
+        code = code_from_number(response.error.code) if response.WhichOneof("kind") == "error" else None
+        if self.breaker.record(code):
+            log.warning("worker ejected: failing tasks", worker=self.address, code=code.name,
+                        retry_in_s=round(self.breaker.retry_at - time.monotonic(), 1))
+            self._probe = asyncio.ensure_future(self._readmit())
+
+    async def _readmit(self) -> None:
+        """After the cooldown, readmit the worker once grpc.health.v1 says it is SERVING again."""
+        while self.breaker.open:
+            await asyncio.sleep(max(0.0, self.breaker.retry_at - time.monotonic()))
+            if await self._healthy():
+                self.breaker.close()
+                log.info("worker readmitted", worker=self.address)
+                return
+            self.breaker.retry_at = time.monotonic() + self.breaker.base_cooldown_s
+
+    async def _healthy(self) -> bool:
+        if self._service is not None:
+            return self._service.engine is not None or self._service.scorer is not None
+        try:
+            reply = await health_pb2_grpc.HealthStub(self._channel).Check(
+                health_pb2.HealthCheckRequest(service=WORKER_SERVICE), timeout=2)
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    @property
     def outstanding(self) -> int:
         return len(self._pending)
 
@@ -65,9 +103,10 @@ class WorkerConnection:
         self._runner = asyncio.create_task(self._maintain())
 
     async def close(self) -> None:
-        if self._runner:
-            self._runner.cancel()
-            await asyncio.gather(self._runner, return_exceptions=True)
+        for task in (self._runner, self._probe):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         self._drop("the router closed its link to this worker")  # nothing may wait on a closed link
         if self._channel is not None:
             await self._channel.close()
@@ -143,6 +182,8 @@ class WorkerConnection:
                 response = await queue.get()
                 kind = response.WhichOneof("kind")
                 finished = kind in ("generate_result", "score_result", "error")
+                if finished:
+                    self._task_ended(response)
                 yield response
                 if finished:
                     return
