@@ -3,6 +3,8 @@ with the text so far, and the client's stream goes on to a complete result."""
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 
@@ -73,3 +75,42 @@ def test_when_every_worker_is_gone_the_run_fails_unavailable_with_a_reason(pair)
         stub.Run(run_request("native_generation", max_tokens=4), timeout=30)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "worker" in info.value.details()
+
+
+def test_sigkill_under_64_streaming_runs_none_hangs_none_is_lost(pair):
+    stub, workers, router = pair
+
+    async def main():
+        async with grpc.aio.insecure_channel(router.address) as channel:
+            aio = router_pb2_grpc.RouterStub(channel)
+            progress = asyncio.Event()
+            streamed = 0
+
+            async def one(i: int):
+                nonlocal streamed
+                request = run_request("native_generation", max_tokens=60, ignore_eos=True, seed=i)
+                tokens = 0
+                try:
+                    async for event in aio.RunStream(request, timeout=90):
+                        if event.WhichOneof("event") == "delta":
+                            tokens += event.delta.token_count
+                            streamed += event.delta.token_count
+                            if streamed >= 64 * 10:
+                                progress.set()
+                        elif event.WhichOneof("event") == "result":
+                            return ("ok", tokens, event.result.usage.completion_tokens)
+                except grpc.aio.AioRpcError as err:
+                    return (err.code().name, tokens, err.details())
+                return ("ended without a result", tokens, None)
+
+            runs = [asyncio.ensure_future(one(i)) for i in range(64)]
+            await asyncio.wait_for(progress.wait(), 60)
+            workers["wa"].popen.kill()
+            return await asyncio.wait_for(asyncio.gather(*runs), 120)   # none hangs
+
+    outcomes = asyncio.run(main())
+    bad = [o for o in outcomes if o[0] != "ok"]
+    assert not bad, bad[:3]
+    # Every run got all of its tokens, and the client saw each exactly once.
+    assert all(tokens == 60 == usage for _, tokens, usage in outcomes)
+    assert router.log_tail(2000).count("migrating task") >= 1
