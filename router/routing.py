@@ -3,7 +3,7 @@
 - "kv" (default): weigh load against KV-prefix overlap, as Dynamo does: cost = overlap_weight *
   prefill_blocks + decode_blocks, lowest wins. prefill_blocks is the part of the prompt the worker
   probably does not hold (the router remembers which prompt prefixes it sent where), decode_blocks
-  the KV the worker reports in use plus what this router has in flight there. When load is badly
+  the KV blocks the worker reports in use plus one per task this router has in flight there. When load is badly
   imbalanced (SGLang's guard: max - min > 64 and max > 1.5 * min) the least loaded wins regardless.
 - "least_loaded": fewest tasks in flight plus reported queue and running sequences.
 - "round_robin": in turn.
@@ -105,8 +105,10 @@ class Router:
 
         def cost(w: Candidate) -> float:
             prefill_blocks = len(hashes) - overlaps[id(w)]
-            # Tasks in flight here count as the blocks they will hold: about one prompt's worth each.
-            decode_blocks = w.reported_load[1] + w.outstanding * max(1, len(hashes))
+            # The worker's own count of KV blocks in use is the decode load (it includes what this
+            # router's tasks hold once they run); a task in flight since its last report adds a block,
+            # which spreads otherwise equal choices without outweighing a shared prefix.
+            decode_blocks = w.reported_load[1] + w.outstanding
             return self.overlap_weight * prefill_blocks + decode_blocks
 
         best = min(rotated, key=cost)
