@@ -4,7 +4,6 @@ go in priority order; per-client limits."""
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import grpc
 import pytest
@@ -52,38 +51,35 @@ def test_per_client_limit():
 def test_full_router_answers_resource_exhausted_and_recovers(tiny_worker, logs):
     router = start_router([tiny_worker.address], logs, name="small-router",
                           extra=["--max-running-runs", "1", "--max-queued-runs", "1"])
+
+    async def burst():
+        """Six runs at once against room for one running and one waiting."""
+        async with grpc.aio.insecure_channel(router.address) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            long = run_request("native_generation", max_tokens=200, ignore_eos=True)
+
+            async def one():
+                try:
+                    return await stub.Run(long, timeout=60)
+                except grpc.aio.AioRpcError as err:
+                    return err
+
+            return await asyncio.gather(*(one() for _ in range(6)))
+
     try:
         router.wait_serving(timeout=60)
+        outcomes = asyncio.run(burst())
+        done = [o for o in outcomes if not isinstance(o, grpc.aio.AioRpcError)]
+        refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+        assert len(done) >= 2 and refused, outcomes
+        for err in refused:
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "router is full" in err.details()
+            assert int(dict(err.trailing_metadata() or ())["retry-after-ms"]) >= 100
+        assert max(r.timings.queue_ms for r in done) > 0   # one waited its turn
+        # Recovered: a new run goes through.
         with grpc.insecure_channel(router.address) as channel:
             stub = router_pb2_grpc.RouterStub(channel)
-            long = run_request("native_generation", max_tokens=150, ignore_eos=True)
-            results, errors = [], []
-
-            def call():
-                try:
-                    results.append(stub.Run(long, timeout=60))
-                except grpc.RpcError as err:
-                    errors.append(err)
-
-            threads = [threading.Thread(target=call) for _ in range(2)]  # one runs, one waits
-            for t in threads:
-                t.start()
-            for _ in range(200):  # until both are inside the router
-                try:
-                    stub.Run(run_request("native_generation", max_tokens=1), timeout=10)
-                except grpc.RpcError as err:
-                    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                    assert "router is full" in err.details()
-                    hints = dict(err.trailing_metadata() or ())
-                    assert int(hints["retry-after-ms"]) >= 100
-                    break
-            else:
-                raise AssertionError("the router never filled up")
-            for t in threads:
-                t.join()
-            assert len(results) == 2 and not errors
-            assert max(r.timings.queue_ms for r in results) > 0   # the second one waited its turn
-            # Recovered: a new run goes through.
             assert stub.Run(run_request("native_generation", max_tokens=2), timeout=30).usage.completion_tokens >= 1
     finally:
         router.stop()
