@@ -62,6 +62,8 @@ class WorkerConnection:
         return self.ready and not self.retiring and not self.breaker.open and self.info is not None
 
     def _task_ended(self, response: worker_pb2.WorkerResponse) -> None:
+        if not self.ready:
+            return  # the link broke (see _drop): not the worker failing tasks it was given
         code = code_from_number(response.error.code) if response.WhichOneof("kind") == "error" else None
         if self.breaker.record(code):
             log.warning("worker ejected: failing tasks", worker=self.address, code=code.name,
