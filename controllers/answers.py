@@ -9,7 +9,7 @@ from typing import Any
 from controllers import extractors
 from controllers.base import Controller, ControllerError, Param, ParamError
 from controllers.extractors import Extractor
-from controllers.tasks import Prompt, Score
+from controllers.tasks import Candidate, Generate, Progress, Prompt, Score
 
 EXTRACTOR_PARAMS = (
     Param("extractor", "str", "auto", "how an answer is read from a sample: auto (boxed, else last number), "
@@ -29,6 +29,18 @@ def answer_extractor(extractor: str, pattern: str) -> Extractor:
         return extractors.get(extractor, pattern)
     except Exception as exc:  # re.error from a bad pattern
         raise ParamError("params.pattern", f"invalid regular expression: {exc}") from exc
+
+
+def sample_candidates(n: int, prompt: Prompt, extract: Extractor) -> Generator[Any, Any, list[Candidate]]:
+    """Draw n samples in one task (the worker prefills the prompt once) and read each one's answer;
+    the task's failure fails the run."""
+    yield Progress("sampling", f"drawing {n} samples", 0, n)
+    task = Generate(prompt, n=n, branch="sample")
+    yield task
+    if not task.ok:
+        raise ControllerError(task.failure.code, task.failure.message)
+    return [Candidate(f"sample/{s.index}", s.text, extract(s.text), finish_reason=s.finish_reason)
+            for s in task.output.samples]
 
 
 class Tally:

@@ -10,9 +10,9 @@ an outcome reward model, or a process reward model (its lowest step score).
 
 from __future__ import annotations
 
-from controllers.answers import EXTRACTOR_PARAMS, answer_extractor, score_params, score_texts
-from controllers.base import Controller, ControllerError, Param, Result
-from controllers.tasks import Candidate, Generate, Intermediate, Progress, Prompt
+from controllers.answers import EXTRACTOR_PARAMS, answer_extractor, sample_candidates, score_params, score_texts
+from controllers.base import Controller, Param, Result
+from controllers.tasks import Intermediate, Progress, Prompt
 
 
 class BestOfN(Controller):
@@ -29,13 +29,7 @@ class BestOfN(Controller):
         self.extract = answer_extractor(self.extractor, self.pattern)
 
     def run(self, prompt: Prompt):
-        yield Progress("sampling", f"drawing {self.n} samples", 0, self.n)
-        task = Generate(prompt, n=self.n, branch="sample")
-        yield task
-        if not task.ok:
-            raise ControllerError(task.failure.code, task.failure.message)
-        candidates = [Candidate(f"sample/{s.index}", s.text, self.extract(s.text), finish_reason=s.finish_reason)
-                      for s in task.output.samples]
+        candidates = yield from sample_candidates(self.n, prompt, self.extract)
         # A blank sample cannot be the best one, and a process scorer rejects a candidate with no step.
         ranked = [c for c in candidates if c.text.strip()]
         if not ranked:

@@ -13,9 +13,16 @@ from __future__ import annotations
 
 import math
 
-from controllers.answers import EXTRACTOR_PARAMS, Tally, answer_extractor, score_params, score_texts
-from controllers.base import Controller, ControllerError, Param, Result
-from controllers.tasks import Candidate, Generate, Intermediate, Progress, Prompt
+from controllers.answers import (
+    EXTRACTOR_PARAMS,
+    Tally,
+    answer_extractor,
+    sample_candidates,
+    score_params,
+    score_texts,
+)
+from controllers.base import Controller, Param, Result
+from controllers.tasks import Intermediate, Progress, Prompt
 
 
 def _sigmoid(x: float) -> float:
@@ -48,13 +55,7 @@ class WeightedMajorityVote(Controller):
         self.extract = answer_extractor(self.extractor, self.pattern)
 
     def run(self, prompt: Prompt):
-        yield Progress("sampling", f"drawing {self.n} samples", 0, self.n)
-        task = Generate(prompt, n=self.n, branch="sample")
-        yield task
-        if not task.ok:
-            raise ControllerError(task.failure.code, task.failure.message)
-        candidates = [Candidate(f"sample/{s.index}", s.text, self.extract(s.text), finish_reason=s.finish_reason)
-                      for s in task.output.samples]
+        candidates = yield from sample_candidates(self.n, prompt, self.extract)
         # A sample with no answer abstains, so it is not worth scoring.
         voters = [c for c in candidates if c.answer]
         if not voters:
