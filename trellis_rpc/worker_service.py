@@ -98,6 +98,35 @@ def score_result_pb(done: ScoreOutput, model_id: str, worker_id: str) -> common_
     )
 
 
+def coalesce_deltas(responses: list[worker_pb2.WorkerResponse]) -> list[worker_pb2.WorkerResponse]:
+    """Responses that queued up while the stream was busy, with each sample's token deltas merged into one
+    message (in order; anything else is a barrier, so a task's result still follows its deltas). A router
+    spends ~100 us per message: when it falls behind, fewer, larger messages let it catch up."""
+    if len(responses) < 2:
+        return responses
+    out: list[worker_pb2.WorkerResponse] = []
+    pending: dict[tuple[str, int], worker_pb2.WorkerResponse] = {}
+    for response in responses:
+        if response.WhichOneof("kind") != "delta":
+            out.extend(pending.values())
+            pending.clear()
+            out.append(response)
+            continue
+        key = (response.task_id, response.delta.index)
+        merged = pending.get(key)
+        if merged is None:
+            pending[key] = response
+            continue
+        d, new = merged.delta, response.delta
+        d.text += new.text
+        d.token_ids.extend(new.token_ids)
+        d.logprobs.extend(new.logprobs)
+        if new.finish_reason:
+            d.finish_reason = new.finish_reason
+    out.extend(pending.values())
+    return out
+
+
 def error_response(task_id: str, err: StatusError) -> worker_pb2.WorkerResponse:
     return worker_pb2.WorkerResponse(
         task_id=task_id, error=worker_pb2.TaskError(code=code_number(err.code), message=err.message, field=err.field))
@@ -199,11 +228,14 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         reader = asyncio.create_task(self._read(request_iterator, engine, out, running))
         reporter = asyncio.create_task(self._report_load(out))
         try:
-            while True:
-                item = await out.get()
-                if item is _END:
-                    break
-                yield item
+            ended = False
+            while not ended:
+                batch = [await out.get()]
+                while not out.empty():
+                    batch.append(out.get_nowait())
+                ended = batch[-1] is _END
+                for item in coalesce_deltas(batch[:-1] if ended else batch):
+                    yield item
         finally:
             reader.cancel()
             reporter.cancel()
