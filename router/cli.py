@@ -15,6 +15,7 @@ from router.routing import POLICIES, Router
 from router.service import RouterService
 from trellis_rpc.logs import configure_logging
 from trellis_rpc.server import run_until_signalled, start_server
+from trellis_rpc.telemetry import configure_tracing, shutdown_tracing
 from trellis_rpc.v1 import router_pb2, router_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -75,4 +76,8 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging("router")
-    asyncio.run(serve(args))
+    configure_tracing("router")
+    try:
+        asyncio.run(serve(args))
+    finally:
+        shutdown_tracing()

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import structlog
+from opentelemetry import trace
 
 from controllers import Generate, GenerateOutput, SampleOut, TaskFailure
 from controllers.runtime import TaskFailed, TokenSink
@@ -19,6 +20,7 @@ from router.pool import NoWorker, WorkerPool
 from trellis_rpc.errors import StatusError, code_from_number
 from trellis_rpc.sampling import DEFAULT_MAX_TOKENS
 from trellis_rpc.scoring import CAPABILITY_OF_KIND, check_score_request
+from trellis_rpc.telemetry import inject, tracer
 from trellis_rpc.v1 import common_pb2, worker_pb2
 
 
@@ -43,6 +45,9 @@ async def dispatch(pool: WorkerPool, request: worker_pb2.WorkerRequest, model: s
     """Send one task to a worker of the pool (to worker_id, if given); yield its responses; a worker
     error raises StatusError."""
     worker = await pool.pick(model, capability, wait_s=wait_s, worker_id=worker_id, prompt_key=prompt_key(request))
+    trace.get_current_span().add_event("dispatched", {"trellis.worker": worker.address,
+                                                      "trellis.task_id": request.task_id})
+    request.trace_context.update(inject())
     async for response in worker.submit(request):
         if response.WhichOneof("kind") == "error":
             e = response.error
@@ -55,6 +60,7 @@ _SCORE_KINDS = {"outcome": common_pb2.SCORE_KIND_OUTCOME, "process": common_pb2.
 
 
 log = structlog.get_logger(__name__)
+_tracer = tracer(__name__)
 
 
 class RunUsage:
@@ -111,9 +117,18 @@ class RemoteRunner:
         # A continuation or fork must run where its KV lives: the handle names the worker.
         holder = (task.continue_from or task.fork_from).partition(":")[0]
         samples = [SampleSoFar() for _ in range(task.n)]
+        with _tracer.start_as_current_span("router.generate", attributes={
+                "trellis.branch": task.branch, "trellis.n": task.n, "trellis.task_id": request.task_id}) as span:
+            result = await self._generate_traced(request, holder, samples, on_token)
+            span.set_attribute("trellis.completion_tokens", result.completion_tokens)
+            return result
+
+    async def _generate_traced(self, request: worker_pb2.WorkerRequest, holder: str, samples: list[SampleSoFar],
+                               on_token: TokenSink) -> GenerateOutput:
+        task_n = len(samples)
         try:
             try:
-                result = await self._stream(request, holder, samples, list(range(task.n)), on_token)
+                result = await self._stream(request, holder, samples, list(range(task_n)), on_token)
             except StatusError as err:
                 # A continuation's KV died with its worker: the controller decides (it may re-send). With no
                 # worker to take the task at all, there is nowhere to migrate to.
@@ -159,6 +174,8 @@ class RemoteRunner:
             unfinished = [i for i, s in enumerate(samples) if not s.finished]
             log.warning("migrating task", task_id=request.task_id, attempt=attempt, samples=len(unfinished),
                         reason=failure.message)
+            trace.get_current_span().add_event("migrating", {"attempt": attempt, "samples": len(unfinished),
+                                                             "reason": failure.message})
             self.usage.migrations += 1
 
             async def resume(i: int, attempt: int = attempt) -> common_pb2.GenerateResult:
@@ -187,12 +204,18 @@ class RemoteRunner:
                                                              f"got {task.kind!r}", "kind"))
         request = common_pb2.ScoreRequest(prompt=prompt_to_pb(task.prompt), candidates=task.candidates, kind=kind,
                                           step_separator=task.step_separator, model=task.model)
+        with _tracer.start_as_current_span("router.score", attributes={"trellis.kind": task.kind,
+                                                                       "trellis.candidates": len(task.candidates)}):
+            return await self._score(request)
+
+    async def _score(self, request: common_pb2.ScoreRequest) -> ScoreOutput:
         try:
             kind_name = check_score_request(request)
             wire = worker_pb2.WorkerRequest(task_id=f"{self.run_id}/{next(self._ids)}",
                                             timeout_ms=self._timeout_ms(), score=worker_pb2.ScoreTask(request=request))
             # The reward model's pool is named by the task, not by the run's generation model.
-            async for response in dispatch(self.pool, wire, task.model, CAPABILITY_OF_KIND[kind_name], self._wait_s()):
+            async for response in dispatch(self.pool, wire, request.model, CAPABILITY_OF_KIND[kind_name],
+                                           self._wait_s()):
                 if response.WhichOneof("kind") == "score_result":
                     result = response.score_result
                     self.usage.tasks += 1

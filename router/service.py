@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import grpc
 import structlog
 from google.protobuf import json_format
+from opentelemetry import trace
 
 from controllers import REGISTRY, Controller, ControllerError, ParamError, Prompt, controller_class
 from controllers.runtime import drive
@@ -21,9 +22,11 @@ from router.pool import WorkerPool
 from trellis_rpc.errors import StatusError, code_number, invalid
 from trellis_rpc.sampling import check_prompt, resolve_sampling
 from trellis_rpc.scoring import CAPABILITY_OF_KIND, check_score_request
+from trellis_rpc.telemetry import extract, tracer
 from trellis_rpc.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2
 
 log = structlog.get_logger(__name__)
+_tracer = tracer(__name__)
 
 Emit = Callable[[dict], None]
 _DONE = object()
@@ -37,6 +40,7 @@ class PreparedRun:
     prompt: Prompt
     accepted: float
     ticket: Ticket | None = None
+    trace_parent: object = None          # the caller's trace context (W3C, from gRPC metadata)
 
 
 def coalesce(events: list[router_pb2.RunEvent]) -> list[router_pb2.RunEvent]:
@@ -139,8 +143,11 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 emit({"delta": router_pb2.BranchDelta(branch=branch, text=text, token_count=count)})
 
         outcome = "ok"
+        span = _tracer.start_span("router.run", context=run.trace_parent, attributes={
+            "trellis.run_id": run.run_id, "trellis.controller": run.controller.name})
         try:
-            result = await drive(run.controller, run.prompt, runner, lambda e: emit(event_to_pb(e)), on_delta)
+            with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
+                result = await drive(run.controller, run.prompt, runner, lambda e: emit(event_to_pb(e)), on_delta)
         except ControllerError as err:
             outcome = err.code
             raise StatusError(_status_of(err.code), err.message) from err
@@ -151,6 +158,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
             outcome = "CANCELLED"
             raise
         finally:
+            span.set_attributes({"trellis.outcome": outcome, "trellis.tasks": runner.usage.tasks,
+                                 "trellis.completion_tokens": runner.usage.completion_tokens,
+                                 "trellis.migrations": runner.usage.migrations})
             total_ms = (time.monotonic() - run.accepted) * 1000
             log.info("run", run_id=run.run_id, controller=run.controller.name, outcome=outcome,
                      total_ms=round(total_ms, 1), tasks=runner.usage.tasks, migrations=runner.usage.migrations,
@@ -193,6 +203,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
     async def Run(self, request: router_pb2.RunRequest, context: grpc.aio.ServicerContext) -> router_pb2.RunResult:
         try:
             run = self.prepare(request, client=_client(context))
+            run.trace_parent = extract(context.invocation_metadata())
             return await self.execute(run, _deadline(context), lambda _fields: None)
         except StatusError as err:
             await _abort(context, err)
@@ -201,6 +212,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                         context: grpc.aio.ServicerContext) -> AsyncIterator[router_pb2.RunEvent]:
         try:
             run = self.prepare(request, client=_client(context))
+            run.trace_parent = extract(context.invocation_metadata())
             async for event in self._events(run, _deadline(context)):
                 yield event
         except StatusError as err:
@@ -212,6 +224,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         runs: dict[str, asyncio.Task] = {}
         deadline = _deadline(context)
         client = _client(context)
+        parent = extract(context.invocation_metadata())
 
         def error_event(run_id: str, err: StatusError) -> router_pb2.RunEvent:
             return router_pb2.RunEvent(run_id=run_id, error=router_pb2.RunError(
@@ -238,6 +251,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                         if run_id in runs:
                             raise invalid("run.run_id", f"{run_id!r} is already running in this session")
                         prepared = self.prepare(req.run, prefix="run.", client=client)
+                        prepared.trace_parent = parent
                     except StatusError as err:
                         out.put_nowait(error_event(run_id, err))
                         continue

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import structlog
+from opentelemetry import trace
 
 from trellis_rpc.engine_api import (
     DEFAULT_STEP_SEPARATOR,
@@ -32,9 +33,11 @@ from trellis_rpc.engine_api import (
 from trellis_rpc.errors import StatusError, code_number
 from trellis_rpc.sampling import check_prompt, resolve_sampling
 from trellis_rpc.scoring import CAPABILITY_OF_KIND, check_score_request
+from trellis_rpc.telemetry import extract, tracer
 from trellis_rpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 log = structlog.get_logger(__name__)
+_tracer = tracer(__name__)
 
 _FINISH = {
     "stop": common_pb2.FINISH_REASON_STOP,
@@ -262,9 +265,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                             "this worker serves a reward model and cannot generate", "generate")))
                         continue
                     if kind == "generate":
-                        task = asyncio.create_task(self._generate(engine, req, out))
+                        work = self._generate(engine, req, out)
+                        task = asyncio.create_task(self._traced("worker.generate", req, work))
                     else:
-                        task = asyncio.create_task(self._score(req, out))
+                        task = asyncio.create_task(self._traced("worker.score", req, self._score(req, out)))
                         scoring.add(req.task_id)
                     running[req.task_id] = task
 
@@ -314,6 +318,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                                 logprobs=logprobs_pb(event.logprobs),
                                 finish_reason=_FINISH.get(event.finish_reason, 0))))
                     elif isinstance(event, Finished):
+                        trace.get_current_span().set_attributes({
+                            "trellis.prompt_tokens": event.prompt_tokens,
+                            "trellis.cached_prompt_tokens": event.cached_prompt_tokens,
+                            "trellis.completion_tokens": sum(len(c.token_ids) for c in event.completions),
+                            "trellis.queue_ms": event.queue_ms, "trellis.ttft_ms": event.ttft_ms})
                         out.put_nowait(worker_pb2.WorkerResponse(
                             task_id=task_id, generate_result=result_pb(event, engine.info.model_id, self.worker_id)))
         except StatusError as err:
@@ -329,6 +338,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             log.exception("generate failed", task_id=task_id)
             engine.cancel(task_id)
             out.put_nowait(error_response(task_id, StatusError(grpc.StatusCode.INTERNAL, f"engine error: {exc!r}")))
+
+    async def _traced(self, name: str, req: worker_pb2.WorkerRequest, work) -> None:
+        """Run a task's coroutine in a span whose parent is the router's dispatch span (req.trace_context)."""
+        with _tracer.start_as_current_span(name, context=extract(dict(req.trace_context)), attributes={
+                "trellis.task_id": req.task_id, "trellis.worker_id": self.worker_id}):
+            await work
 
     def _score_input(self, request: common_pb2.ScoreRequest) -> ScoreInput:
         """Checks that need this worker: a scorer of the requested kind, the requested model."""

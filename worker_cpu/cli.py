@@ -12,6 +12,7 @@ import structlog
 
 from trellis_rpc.logs import configure_logging
 from trellis_rpc.server import start_server
+from trellis_rpc.telemetry import configure_tracing, shutdown_tracing
 from trellis_rpc.v1 import worker_pb2, worker_pb2_grpc
 from trellis_rpc.worker_service import WorkerService
 
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     in-flight tasks get --drain-seconds, then the engine stops."""
     args = parse_args(argv)
     configure_logging("worker_cpu")
+    configure_tracing("worker")
     loop = asyncio.new_event_loop()
     rpc = threading.Thread(target=loop.run_forever, name="grpc", daemon=True)
     rpc.start()
@@ -124,3 +126,4 @@ def main(argv: list[str] | None = None) -> None:
             call(served.server.stop(0))
         loop.call_soon_threadsafe(loop.stop)
         rpc.join(timeout=5)
+        shutdown_tracing()
