@@ -8,6 +8,7 @@ import asyncio
 from benchmarks.fake_engine import ConstantSpeedEngine
 from trellis_rpc.logs import configure_logging
 from trellis_rpc.server import run_until_signalled, start_server
+from trellis_rpc.telemetry import configure_metrics, configure_tracing, shutdown_telemetry
 from trellis_rpc.v1 import worker_pb2, worker_pb2_grpc
 from trellis_rpc.worker_service import WorkerService
 
@@ -25,9 +26,15 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--step-ms", type=float, default=0.0)
+    p.add_argument("--metrics-port", type=int, default=0)
     args = p.parse_args()
     configure_logging("fake_worker", "WARNING")
-    asyncio.run(serve(args.port, args.step_ms))
+    configure_tracing("worker")
+    configure_metrics("worker", args.metrics_port, "127.0.0.1")
+    try:
+        asyncio.run(serve(args.port, args.step_ms))
+    finally:
+        shutdown_telemetry()
 
 
 if __name__ == "__main__":

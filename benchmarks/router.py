@@ -3,6 +3,7 @@
     .venv/bin/python -m benchmarks.router                     # all parts
     .venv/bin/python -m benchmarks.router --only overhead,throughput
     .venv/bin/python -m benchmarks.router --only routing --workers 4
+    .venv/bin/python -m benchmarks.router --only telemetry
 
 overhead:   one task at a time, max_tokens 1, through the router (Router.Generate) against the same
             task sent straight to the worker on a Connect stream: the added latency p50 / p99.
@@ -15,6 +16,9 @@ routing:    4 real CPU workers (SmolLM2-135M, bf16, 1 thread each) behind a rout
             documents x 6 questions, shuffled, 4 in flight): prefix-cache hit rate (cached / prompt
             tokens, from the workers' own counts) and TTFT p50 (a 1-token answer's latency). Each
             policy gets its own documents so neither inherits the other's cache.
+telemetry:  overhead and throughput again with telemetry off, on (router and worker trace every task
+            and export every span by OTLP to a collector process; Prometheus endpoints up) and
+            sampled (10% of traces): the cost of observability in throughput.
 """
 
 from __future__ import annotations
@@ -41,10 +45,11 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def fake_worker(step_ms: float = 0.0):
+def fake_worker(step_ms: float = 0.0, env: dict[str, str] | None = None, extra: list[str] | None = None):
     port = free_port()
-    return _spawn(f"fake-worker-{port}", "benchmarks.fake_worker", ["--port", str(port), "--step-ms", str(step_ms)],
-                  port, "trellis.v1.Worker", LOGS, None)
+    return _spawn(f"fake-worker-{port}", "benchmarks.fake_worker",
+                  ["--port", str(port), "--step-ms", str(step_ms), *(extra or [])], port, "trellis.v1.Worker",
+                  LOGS, env)
 
 
 def chat(text: str) -> common_pb2.Prompt:
@@ -131,6 +136,63 @@ async def token_messages_per_s(address: str, runs: int, tokens: int, concurrency
         await asyncio.gather(*(one() for _ in range(runs)))
         wall = time.perf_counter() - start
         return deltas / wall, tokens_seen / wall
+
+
+# ---- telemetry cost -----------------------------------------------------------------------------
+
+def telemetry_env(mode: str, collector_port: int) -> tuple[dict[str, str], bool]:
+    """(environment, metrics on) of the router and the worker for one telemetry mode."""
+    if mode == "off":
+        return {"OTEL_TRACES_EXPORTER": "none"}, False
+    env = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector_port}",
+           "OTEL_EXPORTER_OTLP_INSECURE": "true"}
+    if mode == "sampled":
+        env |= {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
+    return env, True
+
+
+def telemetry_round(mode: str, collector_port: int, tasks: int) -> dict[str, float]:
+    env, with_metrics = telemetry_env(mode, collector_port)
+    metrics = (lambda: ["--metrics-port", str(free_port()), "--metrics-host", "127.0.0.1"]) if with_metrics \
+        else (lambda: [])
+    worker = fake_worker(env=env, extra=metrics())
+    worker.wait_serving(30)
+    router = start_router([worker.address], LOGS, name=f"bench-router-{mode}", env=env,
+                          extra=["--max-running-runs", "0", *metrics()])
+    router.wait_serving(60)
+    try:
+        asyncio.run(router_latencies(router.address, 50))  # warm-up
+        latencies = asyncio.run(router_latencies(router.address, tasks))
+        per_s = asyncio.run(tasks_per_s(router.address, 2000, 64))
+        msgs, tokens = asyncio.run(token_messages_per_s(router.address, 256, 64, 32))
+        return {"p50_ms": pct(latencies, 0.5) * 1000, "tasks_s": per_s, "msgs_s": msgs, "tokens_s": tokens}
+    finally:
+        router.stop()
+        worker.stop()
+
+
+def part_telemetry(args) -> None:
+    """The same router workload with telemetry off, fully on (every span exported by OTLP to a collector
+    process, metrics endpoints up) and sampled (10% of traces), modes interleaved within each repeat."""
+    port = free_port()
+    sink = _spawn("otlp-sink", "benchmarks.otlp_sink", ["--port", str(port)], port, "", LOGS, None)
+    modes = ("off", "on", "sampled")
+    rows: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
+    try:
+        time.sleep(1.0)
+        for _ in range(args.repeats):
+            for mode in modes:
+                rows[mode].append(telemetry_round(mode, port, args.tasks))
+    finally:
+        sink.stop()
+    print(f"\n### Telemetry cost (medians of {args.repeats}, modes interleaved; OTLP to a collector process)\n")
+    print("| telemetry | router p50 | tasks/s | vs off | token messages/s | tokens/s | vs off |")
+    print("|---|---|---|---|---|---|---|")
+    med = {m: {k: statistics.median(r[k] for r in rows[m]) for k in rows[m][0]} for m in modes}
+    for m in modes:
+        print(f"| {m} | {med[m]['p50_ms']:.2f} ms | {med[m]['tasks_s']:,.0f} | "
+              f"{med[m]['tasks_s'] / med['off']['tasks_s']:.2f}x | {med[m]['msgs_s']:,.0f} | {med[m]['tokens_s']:,.0f} "
+              f"| {med[m]['tokens_s'] / med['off']['tokens_s']:.2f}x |")
 
 
 # ---- routing quality ----------------------------------------------------------------------------
@@ -235,7 +297,8 @@ def part_routing(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default="overhead,routing", help="overhead (includes throughput), routing")
+    p.add_argument("--only", default="overhead,routing,telemetry",
+                   help="overhead (includes throughput), routing, telemetry")
     p.add_argument("--tasks", type=int, default=500)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workers", type=int, default=4)
@@ -246,6 +309,8 @@ def main() -> None:
         part_overhead_and_throughput(args)
     if "routing" in parts:
         part_routing(args)
+    if "telemetry" in parts:
+        part_telemetry(args)
 
 
 if __name__ == "__main__":

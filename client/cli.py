@@ -18,6 +18,7 @@ import grpc
 from google.protobuf import json_format
 
 from client import eval as eval_cmd
+from trellis_rpc.telemetry import configure_tracing, inject, shutdown_telemetry, trace_ids, tracer
 from trellis_rpc.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 DEFAULT_ROUTER = os.environ.get("TRELLIS_ROUTER", "127.0.0.1:50051")
@@ -125,19 +126,29 @@ class ProgressPrinter:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """With OTEL_TRACES_EXPORTER set, the run is traced from here: the router's spans join this one's trace."""
     request = build_request(args)
     printer = ProgressPrinter(sys.stdout)
-    with grpc.insecure_channel(args.router) as channel:
-        stub = router_pb2_grpc.RouterStub(channel)
-        try:
-            for ev in stub.RunStream(request, timeout=args.timeout):
-                if ev.WhichOneof("event") == "result":
-                    printer.result(ev.result)
-                else:
-                    printer.event(ev, args.controller)
-        except grpc.RpcError as err:
-            print(f"\nerror: {err.code().name}: {err.details()}", file=sys.stderr)
-            return 1
+    configure_tracing("client")
+    try:
+        with tracer("trellis.client").start_as_current_span("client.run", attributes={
+                "trellis.controller": args.controller}), grpc.insecure_channel(args.router) as channel:
+            ids = trace_ids()
+            stub = router_pb2_grpc.RouterStub(channel)
+            try:
+                for ev in stub.RunStream(request, timeout=args.timeout, metadata=tuple(inject().items())):
+                    if ev.WhichOneof("event") == "result":
+                        printer.result(ev.result)
+                    else:
+                        printer.event(ev, args.controller)
+            except grpc.RpcError as err:
+                print(f"\nerror: {err.code().name}: {err.details()}", file=sys.stderr)
+                return 1
+            finally:
+                if ids is not None:
+                    print(f"(trace {ids[0]})")
+    finally:
+        shutdown_telemetry()
     return 0
 
 

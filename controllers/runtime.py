@@ -14,7 +14,9 @@ tasks to remote workers; tests use scripted runners). Whatever a run leaves runn
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 from controllers.base import Controller, ControllerError, Result
@@ -36,6 +38,9 @@ from controllers.tasks import (
 )
 
 DeltaSink = Callable[[str, str, int], None]          # (branch, text, token_count), to the client
+# Wraps each step a controller takes (what it yielded: tasks, WaitAny or Cancel) while the runtime carries it
+# out; the router opens a tracing span here, so the tasks started in a step are its children.
+StepScope = Callable[[str, int, object], AbstractContextManager]   # (controller path, step number, step)
 TokenSink = Callable[[TokenDelta], None]             # a runner's deltas for one task
 EventSink = Callable[[Progress | Intermediate], None]
 
@@ -58,18 +63,21 @@ class TaskRunner(Protocol):
         ...
 
 
-class _EarlyStop(Exception):
-    pass
+class EarlyStop(Exception):
+    """Raised from a task's token callback when its stop_when predicate fires; the runner lets it pass
+    (it stops reading the task, which cancels it on the worker)."""
 
 
 class _Driver:
     """The tasks of one controller run (and of its branches): started, awaited, cancelled."""
 
-    def __init__(self, runner: TaskRunner, on_event: EventSink, on_delta: DeltaSink, prefix: str = "") -> None:
+    def __init__(self, runner: TaskRunner, on_event: EventSink, on_delta: DeltaSink, prefix: str = "",
+                 step_scope: StepScope | None = None) -> None:
         self.runner = runner
         self.on_event = on_event
         self.on_delta = on_delta
         self.prefix = prefix
+        self.step_scope = step_scope
         self.running: dict[int, tuple[Task, asyncio.Task]] = {}
         self.cancelled: set[int] = set()
 
@@ -129,17 +137,18 @@ class _Driver:
                 self.on_delta(f"{branch}/{delta.index}", delta.text, delta.token_count)
             if task.stop_when is not None and not task.stopped_early and task.stop_when(trace):
                 task.stopped_early = True
-                raise _EarlyStop
+                raise EarlyStop
 
         try:
             return await self.runner.generate(task, on_token)
-        except _EarlyStop:
+        except EarlyStop:
             # Raised through the runner from its own delta callback: it stops reading the task, which
             # cancels it on the worker.
             return self._partial(task)
 
     async def _branch(self, task: Branch) -> Result:
-        sub = _Driver(self.runner, self._branch_events(task.name), self.on_delta, f"{self.prefix}{task.name}/")
+        sub = _Driver(self.runner, self._branch_events(task.name), self.on_delta, f"{self.prefix}{task.name}/",
+                      self.step_scope)
         return await sub.drive(task.controller, task.prompt)
 
     def _branch_events(self, name: str) -> EventSink:
@@ -184,6 +193,7 @@ class _Driver:
     async def drive(self, controller: Controller, prompt: Prompt) -> Result:
         gen = controller.run(prompt)
         reply = None
+        steps = 0
         try:
             while True:
                 try:
@@ -193,7 +203,13 @@ class _Driver:
                         raise ControllerError("INTERNAL", f"controller {controller.name} returned "
                                                           f"{stop.value!r}, not a Result") from None
                     return stop.value
-                reply = await self._do(controller, step)
+                if self.step_scope is None or isinstance(step, (Progress, Intermediate)):
+                    scope = contextlib.nullcontext()
+                else:
+                    steps += 1
+                    scope = self.step_scope(f"{self.prefix}{controller.name}", steps, step)
+                with scope:
+                    reply = await self._do(controller, step)
         finally:
             gen.close()
             await asyncio.shield(self.close())
@@ -218,6 +234,6 @@ class _Driver:
 
 
 async def drive(controller: Controller, prompt: Prompt, runner: TaskRunner,
-                on_event: EventSink, on_delta: DeltaSink) -> Result:
+                on_event: EventSink, on_delta: DeltaSink, step_scope: StepScope | None = None) -> Result:
     """Run `controller` on `prompt` to its Result; deltas and events go to the sinks as they happen."""
-    return await _Driver(runner, on_event, on_delta).drive(controller, prompt)
+    return await _Driver(runner, on_event, on_delta, step_scope=step_scope).drive(controller, prompt)

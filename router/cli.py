@@ -15,7 +15,7 @@ from router.routing import POLICIES, Router
 from router.service import RouterService
 from trellis_rpc.logs import configure_logging
 from trellis_rpc.server import run_until_signalled, start_server
-from trellis_rpc.telemetry import configure_tracing, shutdown_tracing
+from trellis_rpc.telemetry import configure_metrics, configure_tracing, metrics_port_default, shutdown_telemetry
 from trellis_rpc.v1 import router_pb2, router_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -33,6 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-n", type=int, default=64, help="largest n a run or a generate call may ask for")
     p.add_argument("--worker-wait-seconds", type=float, default=2.0,
                    help="how long a task waits for a worker to connect before UNAVAILABLE (capped by its deadline)")
+    p.add_argument("--metrics-port", type=int, default=metrics_port_default(),
+                   help="Prometheus metrics at http://<metrics-host>:PORT/metrics (0: off; env TRELLIS_METRICS_PORT)")
+    p.add_argument("--metrics-host", default="0.0.0.0", help="interface of the metrics endpoint")
     p.add_argument("--drain-seconds", type=float, default=30.0, help="grace period for in-flight runs on SIGTERM")
     p.add_argument("--max-running-runs", type=int, default=256,
                    help="runs worked on at once; more wait in a priority queue (0: no limit)")
@@ -77,7 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging("router")
     configure_tracing("router")
+    metrics_port = configure_metrics("router", args.metrics_port, args.metrics_host)
+    if metrics_port:
+        log.info("metrics", url=f"http://{args.metrics_host}:{metrics_port}/metrics")
     try:
         asyncio.run(serve(args))
     finally:
-        shutdown_tracing()
+        shutdown_telemetry()

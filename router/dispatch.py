@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import structlog
 from opentelemetry import trace
 
 from controllers import Generate, GenerateOutput, SampleOut, TaskFailure
-from controllers.runtime import TaskFailed, TokenSink
-from controllers.tasks import Score, ScoreOutput, TokenDelta
+from controllers.runtime import EarlyStop, TaskFailed, TokenSink
+from controllers.tasks import Cancel, Score, ScoreOutput, TokenDelta, WaitAny
+from router import metrics
 from router.convert import FINISH_NAMES, prompt_to_pb, sampling_with_overrides
 from router.migration import SampleSoFar, continuation, merged_result
 from router.pool import NoWorker, WorkerPool
@@ -45,8 +47,9 @@ async def dispatch(pool: WorkerPool, request: worker_pb2.WorkerRequest, model: s
     """Send one task to a worker of the pool (to worker_id, if given); yield its responses; a worker
     error raises StatusError."""
     worker = await pool.pick(model, capability, wait_s=wait_s, worker_id=worker_id, prompt_key=prompt_key(request))
-    trace.get_current_span().add_event("dispatched", {"trellis.worker": worker.address,
-                                                      "trellis.task_id": request.task_id})
+    span = trace.get_current_span()
+    span.set_attribute("trellis.worker", worker.address)
+    span.add_event("dispatched", {"trellis.worker": worker.address, "trellis.task_id": request.task_id})
     request.trace_context.update(inject())
     async for response in worker.submit(request):
         if response.WhichOneof("kind") == "error":
@@ -61,6 +64,44 @@ _SCORE_KINDS = {"outcome": common_pb2.SCORE_KIND_OUTCOME, "process": common_pb2.
 
 log = structlog.get_logger(__name__)
 _tracer = tracer(__name__)
+
+
+@contextlib.contextmanager
+def _outcome(kind: str, span: trace.Span) -> Iterator[None]:
+    """Count the task by how it ended (gRPC status code name) and mark its span when it failed."""
+    code = "OK"
+    try:
+        yield
+    except EarlyStop:
+        code = "CANCELLED"
+        span.set_attribute("trellis.stopped_early", True)  # the controller's stop_when fired: not an error
+        raise
+    except TaskFailed as exc:
+        code = exc.failure.code
+        span.set_status(trace.Status(trace.StatusCode.ERROR, f"{code}: {exc.failure.message}"))
+        raise
+    except asyncio.CancelledError:
+        code = "CANCELLED"
+        span.set_attribute("trellis.cancelled", True)
+        raise
+    except Exception as exc:
+        code = "INTERNAL"
+        span.set_status(trace.Status(trace.StatusCode.ERROR, f"INTERNAL: {exc!r}"))
+        raise
+    finally:
+        metrics.tasks.add(1, {"kind": kind, "code": code})
+
+
+def step_span(controller: str, number: int, step: object) -> contextlib.AbstractContextManager:
+    """The span of one controller step (controllers.runtime.StepScope): the tasks it starts are its children."""
+    if isinstance(step, WaitAny):
+        wait, count = "any", len(step.tasks)
+    elif isinstance(step, Cancel):
+        wait, count = "cancel", len(step.tasks)
+    else:
+        wait, count = "all", len(step) if isinstance(step, list) else 1
+    return _tracer.start_as_current_span("controller.step", attributes={
+        "trellis.controller": controller, "trellis.step": number, "trellis.wait": wait, "trellis.tasks": count})
 
 
 class RunUsage:
@@ -118,7 +159,8 @@ class RemoteRunner:
         holder = (task.continue_from or task.fork_from).partition(":")[0]
         samples = [SampleSoFar() for _ in range(task.n)]
         with _tracer.start_as_current_span("router.generate", attributes={
-                "trellis.branch": task.branch, "trellis.n": task.n, "trellis.task_id": request.task_id}) as span:
+                "trellis.branch": task.branch, "trellis.n": task.n, "trellis.task_id": request.task_id},
+                record_exception=False, set_status_on_exception=False) as span, _outcome("generate", span):
             result = await self._generate_traced(request, holder, samples, on_token)
             span.set_attribute("trellis.completion_tokens", result.completion_tokens)
             return result
@@ -177,6 +219,7 @@ class RemoteRunner:
             trace.get_current_span().add_event("migrating", {"attempt": attempt, "samples": len(unfinished),
                                                              "reason": failure.message})
             self.usage.migrations += 1
+            metrics.migrations.add(len(unfinished))
 
             async def resume(i: int, attempt: int = attempt) -> common_pb2.GenerateResult:
                 resumed = worker_pb2.WorkerRequest(
@@ -204,8 +247,9 @@ class RemoteRunner:
                                                              f"got {task.kind!r}", "kind"))
         request = common_pb2.ScoreRequest(prompt=prompt_to_pb(task.prompt), candidates=task.candidates, kind=kind,
                                           step_separator=task.step_separator, model=task.model)
-        with _tracer.start_as_current_span("router.score", attributes={"trellis.kind": task.kind,
-                                                                       "trellis.candidates": len(task.candidates)}):
+        with _tracer.start_as_current_span("router.score", attributes={
+                "trellis.kind": task.kind, "trellis.candidates": len(task.candidates)},
+                record_exception=False, set_status_on_exception=False) as span, _outcome("score", span):
             return await self._score(request)
 
     async def _score(self, request: common_pb2.ScoreRequest) -> ScoreOutput:

@@ -16,7 +16,7 @@ import uuid
 
 from controllers import Controller, Prompt, Result
 from controllers.runtime import DeltaSink, EventSink, drive
-from router.dispatch import RemoteRunner
+from router.dispatch import RemoteRunner, step_span
 from router.pool import WorkerPool
 from trellis_rpc.v1 import common_pb2
 
@@ -31,7 +31,7 @@ async def run_in_process(controller: Controller, prompt: Prompt, services: list,
         runner = RemoteRunner(pool, uuid.uuid4().hex, model, sampling or common_pb2.SamplingParams(),
                               deadline=deadline, worker_wait_s=10.0)
         run = drive(controller, prompt, runner, on_event or (lambda event: None),
-                    on_delta or (lambda branch, text, count: None))
+                    on_delta or (lambda branch, text, count: None), step_span)
         return await (run if timeout_s is None else asyncio.wait_for(run, timeout_s))
     finally:
         await pool.close()

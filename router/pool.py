@@ -11,6 +11,7 @@ import asyncio
 
 import grpc
 
+from router import metrics
 from router.routing import Router, prefix_hashes
 from router.worker_connection import WorkerConnection
 from trellis_rpc.errors import StatusError
@@ -85,6 +86,8 @@ class WorkerPool:
             if candidates:
                 decision = self.routing.choose(candidates, hashes)
                 self.routing.record(decision.worker, hashes)
+                metrics.routing_decisions.add(1, {"policy": "pinned" if worker_id else decision.policy,
+                                                  "prefix_hit": decision.overlap_blocks > 0})
                 return decision.worker
             left = deadline - loop.time()
             if left <= 0:

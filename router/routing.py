@@ -99,8 +99,10 @@ class Router:
         rotated = candidates[start:] + candidates[:start]
         if self.policy == "round_robin":
             return Decision(rotated[0], self.policy)
-        if self.policy == "least_loaded" or not hashes or self._imbalanced(rotated):
-            return Decision(min(rotated, key=self.load), "least_loaded" if self.policy != "kv" else "kv-balance")
+        if self.policy == "least_loaded" or not hashes:
+            return Decision(min(rotated, key=self.load), self.policy)
+        if self._imbalanced(rotated):
+            return Decision(min(rotated, key=self.load), "kv-balance")
         overlaps = {id(w): self._indexes[w.address].overlap(hashes) for w in rotated}
 
         def cost(w: Candidate) -> float:

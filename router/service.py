@@ -15,9 +15,10 @@ from opentelemetry import trace
 
 from controllers import REGISTRY, Controller, ControllerError, ParamError, Prompt, controller_class
 from controllers.runtime import drive
+from router import metrics
 from router.admission import Admission, Exhausted, Ticket
 from router.convert import dict_to_struct, event_to_pb, prompt_from_pb, result_to_pb, struct_to_dict
-from router.dispatch import RemoteRunner, dispatch
+from router.dispatch import RemoteRunner, dispatch, step_span
 from router.pool import WorkerPool
 from trellis_rpc.errors import StatusError, code_number, invalid
 from trellis_rpc.sampling import check_prompt, resolve_sampling
@@ -96,6 +97,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
     def __init__(self, pool: WorkerPool, max_n: int = 64, worker_wait_s: float = 2.0, max_migrations: int = 2,
                  admission: Admission | None = None) -> None:
         self.pool = pool
+        metrics.watch(self)
         self.max_migrations = max_migrations
         self.admission = admission or Admission()
         self.max_n = max_n
@@ -105,6 +107,15 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     def prepare(self, request: router_pb2.RunRequest, prefix: str = "", client: str = "") -> PreparedRun:
         """Validate the run, then reserve its place (RESOURCE_EXHAUSTED when the router or the client is full)."""
+        try:
+            return self._prepare(request, prefix, client)
+        except StatusError as err:
+            # Counted with the runs that ended, under their status code; a name nobody registered is not a label.
+            name = request.controller if request.controller in REGISTRY else "unknown"
+            metrics.runs.add(1, {"controller": name, "code": err.code.name})
+            raise
+
+    def _prepare(self, request: router_pb2.RunRequest, prefix: str, client: str) -> PreparedRun:
         try:
             cls = controller_class(request.controller)
             check_prompt(request.prompt, f"{prefix}prompt")
@@ -142,33 +153,58 @@ class RouterService(router_pb2_grpc.RouterServicer):
             if req.stream_tokens:
                 emit({"delta": router_pb2.BranchDelta(branch=branch, text=text, token_count=count)})
 
-        outcome = "ok"
+        outcome = "OK"
         span = _tracer.start_span("router.run", context=run.trace_parent, attributes={
             "trellis.run_id": run.run_id, "trellis.controller": run.controller.name})
-        try:
-            with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
-                result = await drive(run.controller, run.prompt, runner, lambda e: emit(event_to_pb(e)), on_delta)
-        except ControllerError as err:
-            outcome = err.code
-            raise StatusError(_status_of(err.code), err.message) from err
-        except ParamError as err:
-            outcome = "INVALID_ARGUMENT"
-            raise invalid(err.field, err.message) from err
-        except asyncio.CancelledError:
-            outcome = "CANCELLED"
-            raise
-        finally:
-            span.set_attributes({"trellis.outcome": outcome, "trellis.tasks": runner.usage.tasks,
-                                 "trellis.completion_tokens": runner.usage.completion_tokens,
-                                 "trellis.migrations": runner.usage.migrations})
-            total_ms = (time.monotonic() - run.accepted) * 1000
-            log.info("run", run_id=run.run_id, controller=run.controller.name, outcome=outcome,
-                     total_ms=round(total_ms, 1), tasks=runner.usage.tasks, migrations=runner.usage.migrations,
-                     completion_tokens=runner.usage.completion_tokens)
+        # The run's log lines carry its run_id (and, inside the span, its trace and span ids).
+        with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False), \
+                structlog.contextvars.bound_contextvars(run_id=run.run_id):
+            try:
+                result = await drive(run.controller, run.prompt, runner, lambda e: emit(event_to_pb(e)), on_delta,
+                                     step_span)
+            except ControllerError as err:
+                outcome = _status_of(err.code).name
+                span.set_status(trace.Status(trace.StatusCode.ERROR, f"{outcome}: {err.message}"))
+                raise StatusError(_status_of(err.code), err.message) from err
+            except ParamError as err:
+                outcome = "INVALID_ARGUMENT"
+                span.set_status(trace.Status(trace.StatusCode.ERROR, f"{outcome}: {err.message}"))
+                raise invalid(err.field, err.message) from err
+            except asyncio.CancelledError:
+                outcome = "CANCELLED"
+                raise
+            except Exception as err:
+                outcome = "INTERNAL"
+                span.set_status(trace.Status(trace.StatusCode.ERROR, f"{outcome}: {err!r}"))
+                raise
+            finally:
+                self._record_run(run, runner, outcome, span)
         ttft = (runner.usage.first_token - run.accepted) * 1000 if runner.usage.first_token else 0.0
         timings = router_pb2.RunTimings(queue_ms=run.ticket.waited_ms, ttft_ms=ttft,
                                         total_ms=(time.monotonic() - run.accepted) * 1000)
         return result_to_pb(run.run_id, run.controller.name, result, runner.usage.pb(), timings)
+
+    @staticmethod
+    def _record_run(run: PreparedRun, runner: RemoteRunner, outcome: str, span: trace.Span) -> None:
+        """One INFO line per run, its metrics and its span's totals, however it ended."""
+        usage, controller = runner.usage, run.controller.name
+        total_s = time.monotonic() - run.accepted
+        ttft_s = usage.first_token - run.accepted if usage.first_token else None
+        span.set_attributes({"trellis.outcome": outcome, "trellis.tasks": usage.tasks,
+                             "trellis.prompt_tokens": usage.prompt_tokens,
+                             "trellis.completion_tokens": usage.completion_tokens,
+                             "trellis.migrations": usage.migrations})
+        metrics.runs.add(1, {"controller": controller, "code": outcome})
+        metrics.run_duration.record(total_s, {"controller": controller})
+        if ttft_s is not None:
+            metrics.run_ttft.record(ttft_s, {"controller": controller})
+        metrics.prompt_tokens.add(usage.prompt_tokens)
+        metrics.completion_tokens.add(usage.completion_tokens)
+        log.info("run", controller=controller, outcome=outcome, total_ms=round(total_s * 1000, 1),
+                 queue_ms=round(run.ticket.waited_ms, 1) if run.ticket else 0.0,
+                 ttft_ms=round(ttft_s * 1000, 1) if ttft_s is not None else None, tasks=usage.tasks,
+                 migrations=usage.migrations, prompt_tokens=usage.prompt_tokens,
+                 completion_tokens=usage.completion_tokens)
 
     def _event(self, run: PreparedRun, **fields) -> router_pb2.RunEvent:
         return router_pb2.RunEvent(run_id=run.run_id, elapsed_ms=(time.monotonic() - run.accepted) * 1000, **fields)
@@ -310,11 +346,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             task = worker_pb2.WorkerRequest(
                 task_id=f"gen-{uuid.uuid4().hex}", timeout_ms=self._timeout_ms(context),
                 generate=worker_pb2.GenerateTask(prompt=request.prompt, sampling=request.sampling))
-            async for response in dispatch(self.pool, task, request.model, common_pb2.CAPABILITY_GENERATE,
-                                           self.worker_wait_s):
-                if response.WhichOneof("kind") == "generate_result":
-                    return response.generate_result
-            raise StatusError(grpc.StatusCode.INTERNAL, "worker ended the task without a result")
+            return await self._direct("generate", context, task, request.model, common_pb2.CAPABILITY_GENERATE)
         except StatusError as err:
             await context.abort(err.code, err.message)
 
@@ -325,13 +357,31 @@ class RouterService(router_pb2_grpc.RouterServicer):
             task = worker_pb2.WorkerRequest(task_id=f"score-{uuid.uuid4().hex}", timeout_ms=self._timeout_ms(context),
                                             score=worker_pb2.ScoreTask(request=request))
             # Routed by capability: a reward model's worker for OUTCOME/PROCESS, a causal LM's for VERIFIER.
-            async for response in dispatch(self.pool, task, request.model, CAPABILITY_OF_KIND[kind],
-                                           self.worker_wait_s):
-                if response.WhichOneof("kind") == "score_result":
-                    return response.score_result
-            raise StatusError(grpc.StatusCode.INTERNAL, "worker ended the task without a result")
+            return await self._direct("score", context, task, request.model, CAPABILITY_OF_KIND[kind])
         except StatusError as err:
             await context.abort(err.code, err.message)
+
+    async def _direct(self, kind: str, context: grpc.aio.ServicerContext, task: worker_pb2.WorkerRequest,
+                      model: str, capability: int):
+        """One task sent straight to a worker (Router.Generate, Router.Score), in its own span, counted."""
+        result_field, code = f"{kind}_result", "OK"
+        with _tracer.start_as_current_span(f"router.{kind}", context=extract(context.invocation_metadata()),
+                                           attributes={"trellis.task_id": task.task_id}, record_exception=False,
+                                           set_status_on_exception=False) as span:
+            try:
+                async for response in dispatch(self.pool, task, model, capability, self.worker_wait_s):
+                    if response.WhichOneof("kind") == result_field:
+                        return getattr(response, result_field)
+                raise StatusError(grpc.StatusCode.INTERNAL, "worker ended the task without a result")
+            except StatusError as err:
+                code = err.code.name
+                span.set_status(trace.Status(trace.StatusCode.ERROR, f"{code}: {err.message}"))
+                raise
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            finally:
+                metrics.tasks.add(1, {"kind": kind, "code": code})
 
     @staticmethod
     def _timeout_ms(context: grpc.aio.ServicerContext) -> int:

@@ -77,6 +77,9 @@ class Finished:
     ttft_ms: float
     latency_ms: float
     handles: list[str] = field(default_factory=list)  # per completion, when the task asked to keep them
+    prefill_batch_size: int = 0       # sequences in the engine step that produced the first token
+    decode_steps: int = 0             # engine steps that decoded this task's sequences after the first token
+    decode_batch_mean: float = 0.0    # sequences per step, averaged over those steps
 
 
 @dataclass

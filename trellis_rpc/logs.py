@@ -1,4 +1,8 @@
-"""structlog setup: JSON lines when not on a terminal (production), a readable renderer on one."""
+"""structlog setup: JSON lines when not on a terminal (production), a readable renderer on one.
+
+Every line carries the process, and inside a traced span its trace_id and span_id, so a log search and
+a trace view meet; the router binds run_id for the lines of a run (structlog.contextvars).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,16 @@ import os
 import sys
 
 import structlog
+
+from trellis_rpc.telemetry import trace_ids
+
+
+def add_trace_ids(_logger: object, _method: str, event: dict) -> dict:
+    ids = trace_ids()
+    if ids is not None:
+        event.setdefault("trace_id", ids[0])
+        event.setdefault("span_id", ids[1])
+    return event
 
 
 def configure_logging(process: str, level: str | None = None) -> None:
@@ -17,6 +31,7 @@ def configure_logging(process: str, level: str | None = None) -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            add_trace_ids,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

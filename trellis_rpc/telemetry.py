@@ -1,11 +1,13 @@
-"""OpenTelemetry tracing for every Trellis process, configured by the standard OTEL_* variables.
+"""OpenTelemetry for every Trellis process: traces configured by the standard OTEL_* variables, metrics
+served on a Prometheus scrape endpoint.
 
     OTEL_TRACES_EXPORTER=otlp|console|none (default none)   OTEL_EXPORTER_OTLP_ENDPOINT=http://collector:4317
-    OTEL_SERVICE_NAME (default: the process, e.g. trellis-router)   OTEL_BSP_SCHEDULE_DELAY ... as usual
+    OTEL_SERVICE_NAME (default: the process, e.g. trellis-router)   OTEL_BSP_*, OTEL_TRACES_SAMPLER ... as usual
+    --metrics-port N or TRELLIS_METRICS_PORT=N: GET http://<host>:N/metrics (off by default)
 
-With no exporter configured the global tracer provider stays OpenTelemetry's no-op one, so spans cost
-next to nothing. Context travels as W3C trace context: in gRPC metadata on a call, and inside each
-WorkerRequest (`trace_context`) because many tasks share one worker stream.
+With nothing configured the global tracer and meter providers stay OpenTelemetry's no-op proxies, so
+spans and measurements cost next to nothing. Context travels as W3C trace context: in gRPC metadata on
+a call, and inside each WorkerRequest (`trace_context`) because many tasks share one worker stream.
 """
 
 from __future__ import annotations
@@ -14,16 +16,27 @@ import os
 from collections.abc import Iterable, Mapping
 
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import metrics, propagate, trace
 
-_configured = False
+# Latency histograms in seconds: from a loopback hop (~1 ms) to a long reasoning run (minutes).
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                     120.0, 300.0)
+# Time per output token: a GPU decode step (~5 ms) to a loaded CPU worker (~1 s).
+TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+
+_tracing = False
+_metrics_server = None
+
+
+def _service_name(process: str) -> str:
+    return os.environ.get("OTEL_SERVICE_NAME", f"trellis-{process}")
 
 
 def configure_tracing(process: str) -> None:
     """Install an exporting tracer provider when OTEL_TRACES_EXPORTER asks for one (once per process)."""
-    global _configured
+    global _tracing
     exporter_name = os.environ.get("OTEL_TRACES_EXPORTER", "none").strip().lower()
-    if _configured or exporter_name in ("", "none"):
+    if _tracing or exporter_name in ("", "none"):
         return
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -37,22 +50,50 @@ def configure_tracing(process: str) -> None:
         exporter = OTLPSpanExporter()  # endpoint, headers, insecure...: OTEL_EXPORTER_OTLP_* variables
     else:
         raise SystemExit(f"OTEL_TRACES_EXPORTER={exporter_name!r}: Trellis supports otlp, console or none")
-    service = os.environ.get("OTEL_SERVICE_NAME", f"trellis-{process}")
-    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    # The SDK reads OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG itself (default: parent-based, always on).
+    provider = TracerProvider(resource=Resource.create({"service.name": _service_name(process)}))
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
-    _configured = True
+    _tracing = True
 
 
-def shutdown_tracing() -> None:
-    """Flush spans still queued (a process about to exit)."""
-    provider = trace.get_tracer_provider()
-    if hasattr(provider, "shutdown"):
-        provider.shutdown()
+def metrics_port_default() -> int:
+    return int(os.environ.get("TRELLIS_METRICS_PORT", "0") or 0)
+
+
+def configure_metrics(process: str, port: int, host: str = "0.0.0.0") -> int:
+    """Serve this process's metrics for Prometheus on host:port (port 0: off). Returns the port served."""
+    global _metrics_server
+    if not port or _metrics_server is not None:
+        return _metrics_server.server_port if _metrics_server is not None else 0
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.resources import Resource
+    from prometheus_client import start_http_server
+
+    _metrics_server, _thread = start_http_server(port, addr=host)
+    provider = MeterProvider(metric_readers=[PrometheusMetricReader()],
+                             resource=Resource.create({"service.name": _service_name(process)}))
+    metrics.set_meter_provider(provider)
+    return _metrics_server.server_port
+
+
+def shutdown_telemetry() -> None:
+    """Flush spans still queued and stop the metrics endpoint (a process about to exit)."""
+    for provider in (trace.get_tracer_provider(), metrics.get_meter_provider()):
+        if hasattr(provider, "shutdown"):
+            provider.shutdown()
+    if _metrics_server is not None:
+        _metrics_server.shutdown()
 
 
 def tracer(name: str) -> trace.Tracer:
     return trace.get_tracer(name)
+
+
+def meter(name: str) -> metrics.Meter:
+    """Instruments made before configure_metrics() still report once it runs (the API's proxy meter)."""
+    return metrics.get_meter(name)
 
 
 def inject() -> dict[str, str]:
@@ -69,3 +110,11 @@ def extract(carrier: Mapping[str, str] | Iterable[tuple[str, str]] | None) -> ot
     if not isinstance(carrier, Mapping):
         carrier = {k: v for k, v in carrier if isinstance(v, str)}
     return propagate.extract(carrier)
+
+
+def trace_ids() -> tuple[str, str] | None:
+    """(trace_id, span_id) of the current span in hex, for log lines; None outside any recorded span."""
+    ctx = trace.get_current_span().get_span_context()
+    if not ctx.is_valid:
+        return None
+    return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 
 import grpc
 import structlog
-from opentelemetry import trace
 
 from trellis_rpc.engine_api import (
     DEFAULT_STEP_SEPARATOR,
@@ -33,11 +32,10 @@ from trellis_rpc.engine_api import (
 from trellis_rpc.errors import StatusError, code_number
 from trellis_rpc.sampling import check_prompt, resolve_sampling
 from trellis_rpc.scoring import CAPABILITY_OF_KIND, check_score_request
-from trellis_rpc.telemetry import extract, tracer
 from trellis_rpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from trellis_rpc.worker_telemetry import WorkerTelemetry
 
 log = structlog.get_logger(__name__)
-_tracer = tracer(__name__)
 
 _FINISH = {
     "stop": common_pb2.FINISH_REASON_STOP,
@@ -135,6 +133,11 @@ def error_response(task_id: str, err: StatusError) -> worker_pb2.WorkerResponse:
         task_id=task_id, error=worker_pb2.TaskError(code=code_number(err.code), message=err.message, field=err.field))
 
 
+def _send_error(out: asyncio.Queue, task_id: str, err: StatusError) -> StatusError:
+    out.put_nowait(error_response(task_id, err))
+    return err
+
+
 class WorkerService(worker_pb2_grpc.WorkerServicer):
     """Serves an engine and/or a scorer once `attach` is called; UNAVAILABLE before that (model loading)."""
 
@@ -148,6 +151,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.engine: Engine | None = None
         self.scorer: Scorer | None = None
         self._attached = False
+        self.telemetry = WorkerTelemetry(self.worker_id, self._load)
 
     def attach(self, engine: Engine | None, scorer: Scorer | None = None) -> None:
         """engine: generation (None on a reward-model worker); scorer: score tasks (None: score tasks are refused)."""
@@ -256,19 +260,18 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 kind = req.WhichOneof("kind")
                 if kind in ("generate", "score"):
                     if req.task_id in running:
-                        out.put_nowait(error_response(req.task_id, StatusError(
-                            grpc.StatusCode.ALREADY_EXISTS, f"task_id: {req.task_id} is already running", "task_id")))
+                        self._refuse(out, kind, req.task_id, StatusError(
+                            grpc.StatusCode.ALREADY_EXISTS, f"task_id: {req.task_id} is already running", "task_id"))
                         continue
                     if kind == "generate" and engine is None:
-                        out.put_nowait(error_response(req.task_id, StatusError(
+                        self._refuse(out, kind, req.task_id, StatusError(
                             grpc.StatusCode.FAILED_PRECONDITION,
-                            "this worker serves a reward model and cannot generate", "generate")))
+                            "this worker serves a reward model and cannot generate", "generate"))
                         continue
                     if kind == "generate":
-                        work = self._generate(engine, req, out)
-                        task = asyncio.create_task(self._traced("worker.generate", req, work))
+                        task = asyncio.create_task(self._observed(kind, req, self._generate(engine, req, out)))
                     else:
-                        task = asyncio.create_task(self._traced("worker.score", req, self._score(req, out)))
+                        task = asyncio.create_task(self._observed(kind, req, self._score(req, out)))
                         scoring.add(req.task_id)
                     running[req.task_id] = task
 
@@ -294,7 +297,26 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 await asyncio.gather(*running.values(), return_exceptions=True)
             out.put_nowait(_END)
 
-    async def _generate(self, engine: Engine, req: worker_pb2.WorkerRequest, out: asyncio.Queue) -> None:
+    def _refuse(self, out: asyncio.Queue, kind: str, task_id: str, err: StatusError) -> None:
+        self.telemetry.ended(kind, err.code.name, err.message)
+        out.put_nowait(error_response(task_id, err))
+
+    async def _observed(self, kind: str, req: worker_pb2.WorkerRequest, work) -> None:
+        """Run a task's coroutine (which returns its error, or None) in its span, and count how it ended."""
+        with self.telemetry.task_span(f"worker.{kind}", req.task_id, dict(req.trace_context)):
+            try:
+                err = await work
+            except asyncio.CancelledError:
+                self.telemetry.ended(kind, "CANCELLED", "cancelled by the router")
+                raise
+            if err is None:
+                self.telemetry.ended(kind, "OK")
+            else:
+                self.telemetry.ended(kind, err.code.name, err.message)
+                log.debug("task failed", task_id=req.task_id, code=err.code.name, message=err.message)
+
+    async def _generate(self, engine: Engine, req: worker_pb2.WorkerRequest,
+                        out: asyncio.Queue) -> StatusError | None:
         task_id = req.task_id
         gen = req.generate
         try:
@@ -318,32 +340,26 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                                 logprobs=logprobs_pb(event.logprobs),
                                 finish_reason=_FINISH.get(event.finish_reason, 0))))
                     elif isinstance(event, Finished):
-                        trace.get_current_span().set_attributes({
-                            "trellis.prompt_tokens": event.prompt_tokens,
-                            "trellis.cached_prompt_tokens": event.cached_prompt_tokens,
-                            "trellis.completion_tokens": sum(len(c.token_ids) for c in event.completions),
-                            "trellis.queue_ms": event.queue_ms, "trellis.ttft_ms": event.ttft_ms})
+                        self.telemetry.generated(event)
                         out.put_nowait(worker_pb2.WorkerResponse(
                             task_id=task_id, generate_result=result_pb(event, engine.info.model_id, self.worker_id)))
+                        if any(c.finish_reason == "cancelled" for c in event.completions):
+                            # The router cancelled it and got the partial result; for the books it ended CANCELLED.
+                            return StatusError(grpc.StatusCode.CANCELLED, "cancelled by the router")
+            return None
         except StatusError as err:
-            out.put_nowait(error_response(task_id, err))
+            return _send_error(out, task_id, err)
         except TimeoutError:
             engine.cancel(task_id)
-            out.put_nowait(error_response(task_id, StatusError(
-                grpc.StatusCode.DEADLINE_EXCEEDED, f"task {task_id} ran past its {req.timeout_ms} ms deadline")))
+            return _send_error(out, task_id, StatusError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"task {task_id} ran past its {req.timeout_ms} ms deadline"))
         except asyncio.CancelledError:
             engine.cancel(task_id)
             raise
         except Exception as exc:  # an engine bug must fail this task, not the stream
             log.exception("generate failed", task_id=task_id)
             engine.cancel(task_id)
-            out.put_nowait(error_response(task_id, StatusError(grpc.StatusCode.INTERNAL, f"engine error: {exc!r}")))
-
-    async def _traced(self, name: str, req: worker_pb2.WorkerRequest, work) -> None:
-        """Run a task's coroutine in a span whose parent is the router's dispatch span (req.trace_context)."""
-        with _tracer.start_as_current_span(name, context=extract(dict(req.trace_context)), attributes={
-                "trellis.task_id": req.task_id, "trellis.worker_id": self.worker_id}):
-            await work
+            return _send_error(out, task_id, StatusError(grpc.StatusCode.INTERNAL, f"engine error: {exc!r}"))
 
     def _score_input(self, request: common_pb2.ScoreRequest) -> ScoreInput:
         """Checks that need this worker: a scorer of the requested kind, the requested model."""
@@ -362,26 +378,28 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return ScoreInput(prompt=prompt_input(request.prompt), candidates=list(request.candidates), kind=kind,
                           step_separator=request.step_separator or DEFAULT_STEP_SEPARATOR)
 
-    async def _score(self, req: worker_pb2.WorkerRequest, out: asyncio.Queue) -> None:
+    async def _score(self, req: worker_pb2.WorkerRequest, out: asyncio.Queue) -> StatusError | None:
         task_id = req.task_id
         try:
             request = self._score_input(req.score.request)
             timeout = req.timeout_ms / 1000.0 if req.timeout_ms > 0 else None
             async with asyncio.timeout(timeout):
                 done = await self.scorer.score(task_id, request)
+            self.telemetry.scored(done)
             out.put_nowait(worker_pb2.WorkerResponse(
                 task_id=task_id, score_result=score_result_pb(done, self.scorer.info.model_id, self.worker_id)))
+            return None
         except StatusError as err:
-            out.put_nowait(error_response(task_id, err))
+            return _send_error(out, task_id, err)
         except TimeoutError:
-            out.put_nowait(error_response(task_id, StatusError(
-                grpc.StatusCode.DEADLINE_EXCEEDED, f"task {task_id} ran past its {req.timeout_ms} ms deadline")))
+            return _send_error(out, task_id, StatusError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"task {task_id} ran past its {req.timeout_ms} ms deadline"))
         except asyncio.CancelledError:
             out.put_nowait(error_response(task_id, StatusError(grpc.StatusCode.CANCELLED, f"task {task_id} cancelled")))
             raise
         except Exception as exc:  # a scorer bug must fail this task, not the stream
             log.exception("score failed", task_id=task_id)
-            out.put_nowait(error_response(task_id, StatusError(grpc.StatusCode.INTERNAL, f"scorer error: {exc!r}")))
+            return _send_error(out, task_id, StatusError(grpc.StatusCode.INTERNAL, f"scorer error: {exc!r}"))
 
     def _source(self, gen: worker_pb2.GenerateTask) -> SequenceSource | None:
         which = gen.WhichOneof("source")

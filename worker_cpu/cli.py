@@ -12,7 +12,7 @@ import structlog
 
 from trellis_rpc.logs import configure_logging
 from trellis_rpc.server import start_server
-from trellis_rpc.telemetry import configure_tracing, shutdown_tracing
+from trellis_rpc.telemetry import configure_metrics, configure_tracing, metrics_port_default, shutdown_telemetry
 from trellis_rpc.v1 import worker_pb2, worker_pb2_grpc
 from trellis_rpc.worker_service import WorkerService
 
@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="largest number of candidates one score task may carry")
     p.add_argument("--score-batch-tokens", type=int, default=16384,
                    help="padded tokens per scoring forward pass; a score task that needs more runs in several")
+    p.add_argument("--metrics-port", type=int, default=metrics_port_default(),
+                   help="Prometheus metrics at http://<metrics-host>:PORT/metrics (0: off; env TRELLIS_METRICS_PORT)")
+    p.add_argument("--metrics-host", default="0.0.0.0", help="interface of the metrics endpoint")
     p.add_argument("--drain-seconds", type=float, default=30.0, help="grace period for in-flight work on SIGTERM")
     return p.parse_args(argv)
 
@@ -54,6 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging("worker_cpu")
     configure_tracing("worker")
+    metrics_port = configure_metrics("worker", args.metrics_port, args.metrics_host)
+    if metrics_port:
+        log.info("metrics", url=f"http://{args.metrics_host}:{metrics_port}/metrics")
     loop = asyncio.new_event_loop()
     rpc = threading.Thread(target=loop.run_forever, name="grpc", daemon=True)
     rpc.start()
@@ -126,4 +132,4 @@ def main(argv: list[str] | None = None) -> None:
             call(served.server.stop(0))
         loop.call_soon_threadsafe(loop.stop)
         rpc.join(timeout=5)
-        shutdown_tracing()
+        shutdown_telemetry()

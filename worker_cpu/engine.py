@@ -304,10 +304,18 @@ class TorchEngine:
                 self.stats.decode_tokens += item.tokens
         logits, sampled = self.runner.run(plan)
         self.stats.steps += 1
+        batch, step = len(plan.items), self.stats.steps
         for item in plan.items:
             seq = item.seq
             seq.computed += item.tokens
             self.blocks.seal(seq.table, seq.token_ids, seq.computed)
+            request = seq.request
+            if not request.first_token:
+                request.prefill_batch_size = batch
+            elif request.last_step != step:  # once per step, however many of its n sequences ran
+                request.last_step = step
+                request.decode_steps += 1
+                request.decode_batch_sum += batch
         if not sampled:
             return
         seqs: list[Sequence] = []
@@ -409,6 +417,8 @@ class TorchEngine:
             ttft_ms=((request.first_token or now) - request.submitted) * 1000,
             latency_ms=(now - request.submitted) * 1000,
             handles=[request.handles.get(i, "") for i in range(request.cfg.n)] if request.keep_ttl_s else [],
+            prefill_batch_size=request.prefill_batch_size, decode_steps=request.decode_steps,
+            decode_batch_mean=request.decode_batch_sum / request.decode_steps if request.decode_steps else 0.0,
         ))
         self._retire(request)
 

@@ -45,6 +45,10 @@ class Request:
     appended: list[int] = field(default_factory=list)   # tokens to add to the source sequence
     keep_ttl_s: float | None = None
     handles: dict[int, str] = field(default_factory=dict)
+    prefill_batch_size: int = 0
+    decode_steps: int = 0
+    decode_batch_sum: int = 0
+    last_step: int = -1
 
     def generator(self, index: int) -> torch.Generator | None:
         """One generator per sample, so a seeded request reproduces whatever else is in the batch."""

@@ -1,0 +1,159 @@
+"""What a worker reports about its tasks: spans and metrics.
+
+Each task runs in a `worker.generate` / `worker.score` span, a child of the router's dispatch span. Its
+phases (queue wait, prefill, decode) become child spans rebuilt from the engine's own timings when the
+task finishes: the engine thread never touches OpenTelemetry, and with tracing off nothing is built.
+
+Metrics (Prometheus names): trellis_worker_time_to_first_token_seconds, _time_per_output_token_seconds,
+_task_duration_seconds and _queue_duration_seconds histograms; _tasks_total by kind and status code;
+_prompt_tokens_total, _cached_prompt_tokens_total, _completion_tokens_total; gauges for queue depth,
+running sequences, KV blocks used and free, kept sequences and the prefix-cache hit ratio.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from opentelemetry import trace
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.trace import Span, Status, StatusCode
+
+from trellis_rpc.engine_api import Finished, LoadStats, ScoreOutput
+from trellis_rpc.telemetry import LATENCY_BUCKETS_S, TOKEN_BUCKETS_S, extract, meter, tracer
+
+_tracer = tracer("trellis.worker")
+_meter = meter("trellis.worker")
+
+_ttft = _meter.create_histogram("trellis.worker.time_to_first_token", unit="s",
+                                description="submit to first sampled token, per generate task",
+                                explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S)
+_tpot = _meter.create_histogram("trellis.worker.time_per_output_token", unit="s",
+                                description="decode time per token after the first, per generate task",
+                                explicit_bucket_boundaries_advisory=TOKEN_BUCKETS_S)
+_duration = _meter.create_histogram("trellis.worker.task.duration", unit="s", description="submit to result",
+                                    explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S)
+_queue = _meter.create_histogram("trellis.worker.queue.duration", unit="s",
+                                 description="submit to first scheduled step (or scoring batch)",
+                                 explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S)
+_tasks = _meter.create_counter("trellis.worker.tasks", description="tasks ended, by kind and gRPC status code")
+_prompt_tokens = _meter.create_counter("trellis.worker.prompt_tokens", unit="{token}")
+_cached_tokens = _meter.create_counter("trellis.worker.cached_prompt_tokens", unit="{token}",
+                                       description="prompt tokens whose KV came from the prefix cache")
+_completion_tokens = _meter.create_counter("trellis.worker.completion_tokens", unit="{token}")
+
+_workers: weakref.WeakSet[WorkerTelemetry] = weakref.WeakSet()
+
+
+def _gauge(name: str, description: str, read: Callable[[WorkerTelemetry], float]) -> None:
+    def observe(_options: CallbackOptions) -> Iterable[Observation]:
+        for worker in list(_workers):
+            value = worker.read(read)
+            if value is not None:
+                yield Observation(value, worker.attributes)
+
+    _meter.create_observable_gauge(name, callbacks=[observe], description=description)
+
+
+@dataclass
+class _Totals:
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+
+
+class WorkerTelemetry:
+    """One per WorkerService. load: the service's current load (read at scrape time)."""
+
+    def __init__(self, worker_id: str, load: Callable[[], LoadStats]) -> None:
+        self.worker_id = worker_id
+        self.load = load
+        self.totals = _Totals()
+        self.attributes = {"worker_id": worker_id}
+        _workers.add(self)
+
+    def read(self, field: Callable[[WorkerTelemetry], float]) -> float | None:
+        try:
+            return field(self)
+        except Exception:  # not attached yet (model loading): nothing to report
+            return None
+
+    # ---- spans -------------------------------------------------------------------------------
+
+    def task_span(self, name: str, task_id: str, carrier: dict[str, str]):
+        """The task's span, current while it runs; its parent is the router's dispatch span (carrier)."""
+        return _tracer.start_as_current_span(name, context=extract(carrier), attributes={
+            "trellis.task_id": task_id, "trellis.worker_id": self.worker_id})
+
+    @staticmethod
+    def _phase(parent: Span, name: str, start_ns: int, end_ns: int, attributes: dict | None = None) -> None:
+        span = _tracer.start_span(name, context=trace.set_span_in_context(parent), start_time=start_ns,
+                                  attributes=attributes)
+        span.end(end_time=max(start_ns, end_ns))
+
+    # ---- outcomes ----------------------------------------------------------------------------
+
+    def generated(self, done: Finished) -> None:
+        """A generate task finished: its phases as spans, its timings and tokens as metrics."""
+        completion = sum(len(c.token_ids) for c in done.completions)
+        longest = max((len(c.token_ids) for c in done.completions), default=0)
+        span = trace.get_current_span()
+        if span.is_recording():
+            end = time.time_ns()
+            submitted = end - int(done.latency_ms * 1e6)
+            started = submitted + int(done.queue_ms * 1e6)
+            first = submitted + int(done.ttft_ms * 1e6)
+            span.set_attributes({
+                "trellis.prompt_tokens": done.prompt_tokens, "trellis.cached_prompt_tokens": done.cached_prompt_tokens,
+                "trellis.completion_tokens": completion, "trellis.samples": len(done.completions)})
+            self._phase(span, "worker.queue", submitted, started)
+            self._phase(span, "worker.prefill", started, first, {
+                "trellis.prompt_tokens": done.prompt_tokens, "trellis.cached_prompt_tokens": done.cached_prompt_tokens,
+                "trellis.batch_size": done.prefill_batch_size})
+            if done.decode_steps:
+                self._phase(span, "worker.decode", first, end, {
+                    "trellis.completion_tokens": completion, "trellis.steps": done.decode_steps,
+                    "trellis.batch_size_mean": round(done.decode_batch_mean, 2)})
+        _ttft.record(done.ttft_ms / 1000)
+        _duration.record(done.latency_ms / 1000, {"kind": "generate"})
+        _queue.record(done.queue_ms / 1000, {"kind": "generate"})
+        if longest > 1:
+            # The n samples of a task decode in lockstep, so the longest spans every decode step.
+            _tpot.record((done.latency_ms - done.ttft_ms) / 1000 / (longest - 1))
+        _prompt_tokens.add(done.prompt_tokens)
+        _cached_tokens.add(done.cached_prompt_tokens)
+        _completion_tokens.add(completion)
+        self.totals.prompt_tokens += done.prompt_tokens
+        self.totals.cached_prompt_tokens += done.cached_prompt_tokens
+
+    def scored(self, done: ScoreOutput) -> None:
+        span = trace.get_current_span()
+        if span.is_recording():
+            end = time.time_ns()
+            submitted = end - int(done.latency_ms * 1e6)
+            span.set_attributes({"trellis.candidates": len(done.scores), "trellis.prompt_tokens": done.prompt_tokens})
+            self._phase(span, "worker.queue", submitted, submitted + int(done.queue_ms * 1e6))
+        _duration.record(done.latency_ms / 1000, {"kind": "score"})
+        _queue.record(done.queue_ms / 1000, {"kind": "score"})
+        _prompt_tokens.add(done.prompt_tokens)
+
+    @staticmethod
+    def ended(kind: str, code: str, message: str = "") -> None:
+        """Every task ends here exactly once, with its gRPC status code name ("OK" when it succeeded)."""
+        _tasks.add(1, {"kind": kind, "code": code})
+        if code != "OK":
+            span = trace.get_current_span()
+            span.set_attribute("trellis.status_code", code)
+            if code != "CANCELLED":  # a cancel is the caller's choice, not a failure
+                span.set_status(Status(StatusCode.ERROR, f"{code}: {message}"))
+
+
+_gauge("trellis.worker.queue_depth", "tasks waiting for their first step", lambda w: w.load().queue_depth)
+_gauge("trellis.worker.running_sequences", "sequences in the running batch", lambda w: w.load().running_sequences)
+_gauge("trellis.worker.kv_blocks_used", "KV cache blocks in use", lambda w: w.load().kv_blocks_used)
+_gauge("trellis.worker.kv_blocks_free", "KV cache blocks free", lambda w: w.load().kv_blocks_free)
+_gauge("trellis.worker.kept_sequences", "finished sequences kept for continue/fork",
+       lambda w: w.load().kept_sequences)
+_gauge("trellis.worker.prefix_cache_hit_ratio", "cached / all prompt tokens since start",
+       lambda w: w.totals.cached_prompt_tokens / w.totals.prompt_tokens if w.totals.prompt_tokens else 0.0)
