@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import statistics
 import tempfile
@@ -151,21 +152,37 @@ def telemetry_env(mode: str, collector_port: int) -> tuple[dict[str, str], bool]
     return env, True
 
 
+def cpu_seconds(pids: tuple[int, ...]) -> list[float]:
+    """User + system CPU time of each process so far (Linux /proc): a cost measure the noisy machine's
+    scheduling does not blur the way throughput is blurred."""
+    out = []
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        out.append((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    return out
+
+
 def telemetry_round(mode: str, collector_port: int, tasks: int) -> dict[str, float]:
     env, with_metrics = telemetry_env(mode, collector_port)
-    metrics = (lambda: ["--metrics-port", str(free_port()), "--metrics-host", "127.0.0.1"]) if with_metrics \
-        else (lambda: [])
+    metrics = (lambda: ["--metrics-port", str(free_port())]) if with_metrics else (lambda: [])
     worker = fake_worker(env=env, extra=metrics())
     worker.wait_serving(30)
     router = start_router([worker.address], LOGS, name=f"bench-router-{mode}", env=env,
-                          extra=["--max-running-runs", "0", *metrics()])
+                          extra=["--max-running-runs", "0", *metrics(), "--metrics-host", "127.0.0.1"])
     router.wait_serving(60)
+    pids = (router.popen.pid, worker.popen.pid)
     try:
         asyncio.run(router_latencies(router.address, 50))  # warm-up
         latencies = asyncio.run(router_latencies(router.address, tasks))
+        cpu = cpu_seconds(pids)
         per_s = asyncio.run(tasks_per_s(router.address, 2000, 64))
+        task_cpu = [(b - a) / 2000 * 1e6 for a, b in zip(cpu, cpu_seconds(pids), strict=True)]
+        cpu = cpu_seconds(pids)
         msgs, tokens = asyncio.run(token_messages_per_s(router.address, 256, 64, 32))
-        return {"p50_ms": pct(latencies, 0.5) * 1000, "tasks_s": per_s, "msgs_s": msgs, "tokens_s": tokens}
+        run_cpu = [(b - a) / 256 * 1e6 for a, b in zip(cpu, cpu_seconds(pids), strict=True)]
+        return {"p50_ms": pct(latencies, 0.5) * 1000, "tasks_s": per_s, "msgs_s": msgs, "tokens_s": tokens,
+                "task_cpu_router_us": task_cpu[0], "task_cpu_worker_us": task_cpu[1],
+                "run_cpu_router_us": run_cpu[0], "run_cpu_worker_us": run_cpu[1]}
     finally:
         router.stop()
         worker.stop()
@@ -186,13 +203,24 @@ def part_telemetry(args) -> None:
     finally:
         sink.stop()
     print(f"\n### Telemetry cost (medians of {args.repeats}, modes interleaved; OTLP to a collector process)\n")
-    print("| telemetry | router p50 | tasks/s | vs off | token messages/s | tokens/s | vs off |")
-    print("|---|---|---|---|---|---|---|")
+    print("| telemetry | router p50 | tasks/s | vs off | tokens/s (RunStream) | vs off |")
+    print("|---|---|---|---|---|---|")
     med = {m: {k: statistics.median(r[k] for r in rows[m]) for k in rows[m][0]} for m in modes}
     for m in modes:
         print(f"| {m} | {med[m]['p50_ms']:.2f} ms | {med[m]['tasks_s']:,.0f} | "
-              f"{med[m]['tasks_s'] / med['off']['tasks_s']:.2f}x | {med[m]['msgs_s']:,.0f} | {med[m]['tokens_s']:,.0f} "
+              f"{med[m]['tasks_s'] / med['off']['tasks_s']:.2f}x | {med[m]['tokens_s']:,.0f} "
               f"| {med[m]['tokens_s'] / med['off']['tokens_s']:.2f}x |")
+    print("\nCPU time per task (Router.Generate) and per run (RunStream, 64 tokens), router + worker process:\n")
+    print("| telemetry | router / task | worker / task | vs off | router / run | worker / run | vs off |")
+    print("|---|---|---|---|---|---|---|")
+    for m in modes:
+        task = med[m]["task_cpu_router_us"] + med[m]["task_cpu_worker_us"]
+        run = med[m]["run_cpu_router_us"] + med[m]["run_cpu_worker_us"]
+        task_off = med["off"]["task_cpu_router_us"] + med["off"]["task_cpu_worker_us"]
+        run_off = med["off"]["run_cpu_router_us"] + med["off"]["run_cpu_worker_us"]
+        print(f"| {m} | {med[m]['task_cpu_router_us']:.0f} us | {med[m]['task_cpu_worker_us']:.0f} us | "
+              f"{task / task_off:.2f}x | {med[m]['run_cpu_router_us']:.0f} us | {med[m]['run_cpu_worker_us']:.0f} us | "
+              f"{run / run_off:.2f}x |")
 
 
 # ---- routing quality ----------------------------------------------------------------------------

@@ -47,9 +47,8 @@ async def dispatch(pool: WorkerPool, request: worker_pb2.WorkerRequest, model: s
     """Send one task to a worker of the pool (to worker_id, if given); yield its responses; a worker
     error raises StatusError."""
     worker = await pool.pick(model, capability, wait_s=wait_s, worker_id=worker_id, prompt_key=prompt_key(request))
-    span = trace.get_current_span()
-    span.set_attribute("trellis.worker", worker.address)
-    span.add_event("dispatched", {"trellis.worker": worker.address, "trellis.task_id": request.task_id})
+    # The span names the last worker tried; a migration's event says why the one before was given up.
+    trace.get_current_span().set_attribute("trellis.worker", worker.address)
     request.trace_context.update(inject())
     async for response in worker.submit(request):
         if response.WhichOneof("kind") == "error":
@@ -89,7 +88,7 @@ def _outcome(kind: str, span: trace.Span) -> Iterator[None]:
         span.set_status(trace.Status(trace.StatusCode.ERROR, f"INTERNAL: {exc!r}"))
         raise
     finally:
-        metrics.tasks.add(1, {"kind": kind, "code": code})
+        metrics.tasks.add(1, kind, code)
 
 
 def step_span(controller: str, number: int, step: object) -> contextlib.AbstractContextManager:
@@ -162,7 +161,6 @@ class RemoteRunner:
                 "trellis.branch": task.branch, "trellis.n": task.n, "trellis.task_id": request.task_id},
                 record_exception=False, set_status_on_exception=False) as span, _outcome("generate", span):
             result = await self._generate_traced(request, holder, samples, on_token)
-            span.set_attribute("trellis.completion_tokens", result.completion_tokens)
             return result
 
     async def _generate_traced(self, request: worker_pb2.WorkerRequest, holder: str, samples: list[SampleSoFar],

@@ -86,8 +86,8 @@ class WorkerPool:
             if candidates:
                 decision = self.routing.choose(candidates, hashes)
                 self.routing.record(decision.worker, hashes)
-                metrics.routing_decisions.add(1, {"policy": "pinned" if worker_id else decision.policy,
-                                                  "prefix_hit": decision.overlap_blocks > 0})
+                metrics.routing_decisions.add(1, "pinned" if worker_id else decision.policy,
+                                              decision.overlap_blocks > 0)
                 return decision.worker
             left = deadline - loop.time()
             if left <= 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -23,7 +24,7 @@ from router.pool import WorkerPool
 from trellis_rpc.errors import StatusError, code_number, invalid
 from trellis_rpc.sampling import check_prompt, resolve_sampling
 from trellis_rpc.scoring import CAPABILITY_OF_KIND, check_score_request
-from trellis_rpc.telemetry import extract, tracer
+from trellis_rpc.telemetry import extract, traced_parent, tracer
 from trellis_rpc.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2
 
 log = structlog.get_logger(__name__)
@@ -112,7 +113,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         except StatusError as err:
             # Counted with the runs that ended, under their status code; a name nobody registered is not a label.
             name = request.controller if request.controller in REGISTRY else "unknown"
-            metrics.runs.add(1, {"controller": name, "code": err.code.name})
+            metrics.runs.add(1, name, err.code.name)
             raise
 
     def _prepare(self, request: router_pb2.RunRequest, prefix: str, client: str) -> PreparedRun:
@@ -194,7 +195,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                              "trellis.prompt_tokens": usage.prompt_tokens,
                              "trellis.completion_tokens": usage.completion_tokens,
                              "trellis.migrations": usage.migrations})
-        metrics.runs.add(1, {"controller": controller, "code": outcome})
+        metrics.runs.add(1, controller, outcome)
         metrics.run_duration.record(total_s, {"controller": controller})
         if ttft_s is not None:
             metrics.run_ttft.record(ttft_s, {"controller": controller})
@@ -365,9 +366,11 @@ class RouterService(router_pb2_grpc.RouterServicer):
                       model: str, capability: int):
         """One task sent straight to a worker (Router.Generate, Router.Score), in its own span, counted."""
         result_field, code = f"{kind}_result", "OK"
-        with _tracer.start_as_current_span(f"router.{kind}", context=extract(context.invocation_metadata()),
-                                           attributes={"trellis.task_id": task.task_id}, record_exception=False,
-                                           set_status_on_exception=False) as span:
+        parent = traced_parent(context.invocation_metadata())
+        scope = contextlib.nullcontext(trace.INVALID_SPAN) if parent is None else _tracer.start_as_current_span(
+            f"router.{kind}", context=parent, attributes={"trellis.task_id": task.task_id}, record_exception=False,
+            set_status_on_exception=False)
+        with scope as span:
             try:
                 async for response in dispatch(self.pool, task, model, capability, self.worker_wait_s):
                     if response.WhichOneof("kind") == result_field:
@@ -381,7 +384,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 code = "CANCELLED"
                 raise
             finally:
-                metrics.tasks.add(1, {"kind": kind, "code": code})
+                metrics.tasks.add(1, kind, code)
 
     @staticmethod
     def _timeout_ms(context: grpc.aio.ServicerContext) -> int:

@@ -25,6 +25,7 @@ LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
 TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 
 _tracing = False
+_parent_based = True       # the sampler follows the caller's decision (the default, parentbased_always_on)
 _metrics_server = None
 
 
@@ -32,9 +33,10 @@ def _service_name(process: str) -> str:
     return os.environ.get("OTEL_SERVICE_NAME", f"trellis-{process}")
 
 
-def configure_tracing(process: str) -> None:
-    """Install an exporting tracer provider when OTEL_TRACES_EXPORTER asks for one (once per process)."""
-    global _tracing
+def configure_tracing(process: str, instance: str = "") -> None:
+    """Install an exporting tracer provider when OTEL_TRACES_EXPORTER asks for one (once per process).
+    instance: service.instance.id (a worker's id), said once per export batch instead of on every span."""
+    global _tracing, _parent_based
     exporter_name = os.environ.get("OTEL_TRACES_EXPORTER", "none").strip().lower()
     if _tracing or exporter_name in ("", "none"):
         return
@@ -51,10 +53,27 @@ def configure_tracing(process: str) -> None:
     else:
         raise SystemExit(f"OTEL_TRACES_EXPORTER={exporter_name!r}: Trellis supports otlp, console or none")
     # The SDK reads OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG itself (default: parent-based, always on).
-    provider = TracerProvider(resource=Resource.create({"service.name": _service_name(process)}))
+    from opentelemetry.sdk.trace.sampling import ParentBased
+
+    resource = {"service.name": _service_name(process)} | ({"service.instance.id": instance} if instance else {})
+    provider = TracerProvider(resource=Resource.create(resource))
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     _tracing = True
+    _parent_based = isinstance(provider.sampler, ParentBased)
+
+
+def traced_parent(carrier: Mapping[str, str] | Iterable[tuple[str, str]]) -> otel_context.Context | None:
+    """The context to open a span under, from W3C headers; None when no span would be recorded: tracing
+    is off, or the caller did not sample this trace and the sampler follows the caller. Skipping the
+    span then saves its whole cost on a per-task path (~15 us even for a span that records nothing)."""
+    if not _tracing:
+        return None
+    parent = extract(carrier)
+    span_context = trace.get_current_span(parent).get_span_context()
+    if _parent_based and span_context.is_valid and not span_context.trace_flags.sampled:
+        return None
+    return parent
 
 
 def metrics_port_default() -> int:
@@ -67,12 +86,13 @@ def configure_metrics(process: str, port: int, host: str = "0.0.0.0") -> int:
     if not port or _metrics_server is not None:
         return _metrics_server.server_port if _metrics_server is not None else 0
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
-    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
     from opentelemetry.sdk.resources import Resource
     from prometheus_client import start_http_server
 
     _metrics_server, _thread = start_http_server(port, addr=host)
-    provider = MeterProvider(metric_readers=[PrometheusMetricReader()],
+    # Exemplars would cost every measurement taken inside a sampled span; the Prometheus text format drops them.
+    provider = MeterProvider(metric_readers=[PrometheusMetricReader()], exemplar_filter=AlwaysOffExemplarFilter(),
                              resource=Resource.create({"service.name": _service_name(process)}))
     metrics.set_meter_provider(provider)
     return _metrics_server.server_port
@@ -94,6 +114,31 @@ def tracer(name: str) -> trace.Tracer:
 def meter(name: str) -> metrics.Meter:
     """Instruments made before configure_metrics() still report once it runs (the API's proxy meter)."""
     return metrics.get_meter(name)
+
+
+class Tally:
+    """A counter kept as plain numbers per label values and reported through an OpenTelemetry
+    ObservableCounter when scraped: adding costs a dict update (~0.2 us) instead of a synchronous
+    Counter's ~6 us, which matters on per-task paths at thousands of tasks per second."""
+
+    def __init__(self, owner: metrics.Meter, name: str, labels: tuple[str, ...] = (), unit: str = "",
+                 description: str = "") -> None:
+        self.labels = labels
+        self.values: dict[tuple, float] = {}
+        owner.create_observable_counter(name, callbacks=[self._observe], unit=unit, description=description)
+
+    def add(self, amount: float = 1, *values: object) -> None:
+        """values: one per label, in the order given at creation."""
+        self.values[values] = self.values.get(values, 0) + amount
+
+    def total(self, **labels: object) -> float:
+        return sum(v for key, v in list(self.values.items())
+                   if all(dict(zip(self.labels, key, strict=True)).get(k) == want for k, want in labels.items()))
+
+    def _observe(self, _options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        for key, value in list(self.values.items()):  # a copy: the event loop adds while a scrape reads
+            yield metrics.Observation(value, {k: str(v).lower() if isinstance(v, bool) else v
+                                              for k, v in zip(self.labels, key, strict=True)})
 
 
 def inject() -> dict[str, str]:

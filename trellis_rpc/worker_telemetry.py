@@ -4,17 +4,20 @@ Each task runs in a `worker.generate` / `worker.score` span, a child of the rout
 phases (queue wait, prefill, decode) become child spans rebuilt from the engine's own timings when the
 task finishes: the engine thread never touches OpenTelemetry, and with tracing off nothing is built.
 
-Metrics (Prometheus names): trellis_worker_time_to_first_token_seconds, _time_per_output_token_seconds,
-_task_duration_seconds and _queue_duration_seconds histograms; _tasks_total by kind and status code;
+Metrics (Prometheus names; the counters are Tally's, cheap on this per-task path):
+trellis_worker_time_to_first_token_seconds, _time_per_output_token_seconds,
+_queue_duration_seconds histograms (end-to-end latency is the router's); _tasks_total by kind and status code;
 _prompt_tokens_total, _cached_prompt_tokens_total, _completion_tokens_total; gauges for queue depth,
 running sequences, KV blocks used and free, kept sequences and the prefix-cache hit ratio.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from opentelemetry import trace
@@ -22,7 +25,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span, Status, StatusCode
 
 from trellis_rpc.engine_api import Finished, LoadStats, ScoreOutput
-from trellis_rpc.telemetry import LATENCY_BUCKETS_S, TOKEN_BUCKETS_S, extract, meter, tracer
+from trellis_rpc.telemetry import LATENCY_BUCKETS_S, TOKEN_BUCKETS_S, Tally, meter, traced_parent, tracer
 
 _tracer = tracer("trellis.worker")
 _meter = meter("trellis.worker")
@@ -33,16 +36,14 @@ _ttft = _meter.create_histogram("trellis.worker.time_to_first_token", unit="s",
 _tpot = _meter.create_histogram("trellis.worker.time_per_output_token", unit="s",
                                 description="decode time per token after the first, per generate task",
                                 explicit_bucket_boundaries_advisory=TOKEN_BUCKETS_S)
-_duration = _meter.create_histogram("trellis.worker.task.duration", unit="s", description="submit to result",
-                                    explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S)
 _queue = _meter.create_histogram("trellis.worker.queue.duration", unit="s",
                                  description="submit to first scheduled step (or scoring batch)",
                                  explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S)
-_tasks = _meter.create_counter("trellis.worker.tasks", description="tasks ended, by kind and gRPC status code")
-_prompt_tokens = _meter.create_counter("trellis.worker.prompt_tokens", unit="{token}")
-_cached_tokens = _meter.create_counter("trellis.worker.cached_prompt_tokens", unit="{token}",
-                                       description="prompt tokens whose KV came from the prefix cache")
-_completion_tokens = _meter.create_counter("trellis.worker.completion_tokens", unit="{token}")
+_tasks = Tally(_meter, "trellis.worker.tasks", ("kind", "code"), description="tasks ended, by kind and status code")
+_prompt_tokens = Tally(_meter, "trellis.worker.prompt_tokens", unit="{token}")
+_cached_tokens = Tally(_meter, "trellis.worker.cached_prompt_tokens", unit="{token}",
+                       description="prompt tokens whose KV came from the prefix cache")
+_completion_tokens = Tally(_meter, "trellis.worker.completion_tokens", unit="{token}")
 
 _workers: weakref.WeakSet[WorkerTelemetry] = weakref.WeakSet()
 
@@ -81,10 +82,14 @@ class WorkerTelemetry:
 
     # ---- spans -------------------------------------------------------------------------------
 
-    def task_span(self, name: str, task_id: str, carrier: dict[str, str]):
-        """The task's span, current while it runs; its parent is the router's dispatch span (carrier)."""
-        return _tracer.start_as_current_span(name, context=extract(carrier), attributes={
-            "trellis.task_id": task_id, "trellis.worker_id": self.worker_id})
+    @staticmethod
+    def task_span(name: str, task_id: str, carrier: dict[str, str]) -> AbstractContextManager:
+        """The task's span, current while it runs; its parent is the router's dispatch span (carrier).
+        The worker's id is the trace resource's service.instance.id."""
+        parent = traced_parent(carrier)
+        if parent is None:
+            return contextlib.nullcontext()
+        return _tracer.start_as_current_span(name, context=parent, attributes={"trellis.task_id": task_id})
 
     @staticmethod
     def _phase(parent: Span, name: str, start_ns: int, end_ns: int, attributes: dict | None = None) -> None:
@@ -104,19 +109,16 @@ class WorkerTelemetry:
             submitted = end - int(done.latency_ms * 1e6)
             started = submitted + int(done.queue_ms * 1e6)
             first = submitted + int(done.ttft_ms * 1e6)
-            span.set_attributes({
-                "trellis.prompt_tokens": done.prompt_tokens, "trellis.cached_prompt_tokens": done.cached_prompt_tokens,
-                "trellis.completion_tokens": completion, "trellis.samples": len(done.completions)})
+            # Each attribute costs ~5 us to export (OTLP encoding in Python): each count is said once.
+            span.set_attribute("trellis.completion_tokens", completion)
             self._phase(span, "worker.queue", submitted, started)
             self._phase(span, "worker.prefill", started, first, {
                 "trellis.prompt_tokens": done.prompt_tokens, "trellis.cached_prompt_tokens": done.cached_prompt_tokens,
                 "trellis.batch_size": done.prefill_batch_size})
             if done.decode_steps:
                 self._phase(span, "worker.decode", first, end, {
-                    "trellis.completion_tokens": completion, "trellis.steps": done.decode_steps,
-                    "trellis.batch_size_mean": round(done.decode_batch_mean, 2)})
+                    "trellis.steps": done.decode_steps, "trellis.batch_size_mean": round(done.decode_batch_mean, 2)})
         _ttft.record(done.ttft_ms / 1000)
-        _duration.record(done.latency_ms / 1000, {"kind": "generate"})
         _queue.record(done.queue_ms / 1000, {"kind": "generate"})
         if longest > 1:
             # The n samples of a task decode in lockstep, so the longest spans every decode step.
@@ -134,14 +136,13 @@ class WorkerTelemetry:
             submitted = end - int(done.latency_ms * 1e6)
             span.set_attributes({"trellis.candidates": len(done.scores), "trellis.prompt_tokens": done.prompt_tokens})
             self._phase(span, "worker.queue", submitted, submitted + int(done.queue_ms * 1e6))
-        _duration.record(done.latency_ms / 1000, {"kind": "score"})
         _queue.record(done.queue_ms / 1000, {"kind": "score"})
         _prompt_tokens.add(done.prompt_tokens)
 
     @staticmethod
     def ended(kind: str, code: str, message: str = "") -> None:
         """Every task ends here exactly once, with its gRPC status code name ("OK" when it succeeded)."""
-        _tasks.add(1, {"kind": kind, "code": code})
+        _tasks.add(1, kind, code)
         if code != "OK":
             span = trace.get_current_span()
             span.set_attribute("trellis.status_code", code)

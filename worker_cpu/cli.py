@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import threading
+import uuid
 
 import structlog
 
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     in-flight tasks get --drain-seconds, then the engine stops."""
     args = parse_args(argv)
     configure_logging("worker_cpu")
-    configure_tracing("worker")
+    worker_id = args.worker_id or f"worker-{uuid.uuid4().hex[:8]}"
+    configure_tracing("worker", instance=worker_id)
     metrics_port = configure_metrics("worker", args.metrics_port, args.metrics_host)
     if metrics_port:
         log.info("metrics", url=f"http://{args.metrics_host}:{metrics_port}/metrics")
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     def call(coro):
         return asyncio.run_coroutine_threadsafe(coro, loop).result()
 
-    service = WorkerService(worker_id=args.worker_id or None, max_n=args.max_n)
+    service = WorkerService(worker_id=worker_id, max_n=args.max_n)
     served = call(start_server(
         args.host, args.port, lambda server: worker_pb2_grpc.add_WorkerServicer_to_server(service, server),
         (worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name,)))
