@@ -23,7 +23,8 @@ def add_trace_ids(_logger: object, _method: str, event: dict) -> dict:
     return event
 
 
-def configure_logging(process: str, level: str | None = None) -> None:
+def configure_logging(process: str, level: str | None = None) -> str:
+    """Returns the format chosen: "json" or "console"."""
     level_name = (level or os.environ.get("TRELLIS_LOG_LEVEL", "INFO")).upper()
     fmt = os.environ.get("TRELLIS_LOG_FORMAT") or ("console" if sys.stderr.isatty() else "json")
     renderer = structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
@@ -42,3 +43,4 @@ def configure_logging(process: str, level: str | None = None) -> None:
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.bind_contextvars(process=process)
+    return fmt

@@ -29,8 +29,9 @@ _parent_based = True       # the sampler follows the caller's decision (the defa
 _metrics_server = None
 
 
-def _service_name(process: str) -> str:
-    return os.environ.get("OTEL_SERVICE_NAME", f"trellis-{process}")
+def _resource(process: str, instance: str) -> dict[str, str]:
+    name = {"service.name": os.environ.get("OTEL_SERVICE_NAME", f"trellis-{process}")}
+    return name | ({"service.instance.id": instance} if instance else {})
 
 
 def configure_tracing(process: str, instance: str = "") -> None:
@@ -55,8 +56,7 @@ def configure_tracing(process: str, instance: str = "") -> None:
     # The SDK reads OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG itself (default: parent-based, always on).
     from opentelemetry.sdk.trace.sampling import ParentBased
 
-    resource = {"service.name": _service_name(process)} | ({"service.instance.id": instance} if instance else {})
-    provider = TracerProvider(resource=Resource.create(resource))
+    provider = TracerProvider(resource=Resource.create(_resource(process, instance)))
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     _tracing = True
@@ -80,7 +80,7 @@ def metrics_port_default() -> int:
     return int(os.environ.get("TRELLIS_METRICS_PORT", "0") or 0)
 
 
-def configure_metrics(process: str, port: int, host: str = "0.0.0.0") -> int:
+def configure_metrics(process: str, port: int, host: str = "0.0.0.0", instance: str = "") -> int:
     """Serve this process's metrics for Prometheus on host:port (port 0: off). Returns the port served."""
     global _metrics_server
     if not port or _metrics_server is not None:
@@ -93,7 +93,7 @@ def configure_metrics(process: str, port: int, host: str = "0.0.0.0") -> int:
     _metrics_server, _thread = start_http_server(port, addr=host)
     # Exemplars would cost every measurement taken inside a sampled span; the Prometheus text format drops them.
     provider = MeterProvider(metric_readers=[PrometheusMetricReader()], exemplar_filter=AlwaysOffExemplarFilter(),
-                             resource=Resource.create({"service.name": _service_name(process)}))
+                             resource=Resource.create(_resource(process, instance)))
     metrics.set_meter_provider(provider)
     return _metrics_server.server_port
 

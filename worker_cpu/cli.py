@@ -56,10 +56,14 @@ def main(argv: list[str] | None = None) -> None:
     (torch is ~2x faster there, see worker_cpu/engine.py). SIGTERM drains: NOT_SERVING at once,
     in-flight tasks get --drain-seconds, then the engine stops."""
     args = parse_args(argv)
-    configure_logging("worker_cpu")
+    if configure_logging("worker_cpu") == "json":
+        # One JSON object per line: no progress bars (the first .gguf conversion draws one).
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     worker_id = args.worker_id or f"worker-{uuid.uuid4().hex[:8]}"
     configure_tracing("worker", instance=worker_id)
-    metrics_port = configure_metrics("worker", args.metrics_port, args.metrics_host)
+    metrics_port = configure_metrics("worker", args.metrics_port, args.metrics_host, instance=worker_id)
     if metrics_port:
         log.info("metrics", url=f"http://{args.metrics_host}:{metrics_port}/metrics")
     loop = asyncio.new_event_loop()
