@@ -15,7 +15,8 @@ FORBIDDEN = {
                     "router", "worker_cpu", "worker_gpu", "client"},
     "router": {"torch", "transformers", "worker_cpu", "worker_gpu", "client"},
     "worker_cpu": {"router", "controllers", "worker_gpu", "client"},
-    "worker_gpu": {"router", "controllers", "worker_cpu", "client"},
+    # worker_gpu --engine torch runs worker_cpu's engine on CUDA (worker_cpu is the PyTorch engine package).
+    "worker_gpu": {"router", "controllers", "client"},
     "trellis_rpc": {"router", "controllers", "worker_cpu", "worker_gpu", "client", "torch", "transformers"},
     "client": {"router", "controllers", "worker_cpu", "worker_gpu", "torch", "transformers"},
 }

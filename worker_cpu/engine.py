@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import queue
 import threading
 import time
@@ -64,6 +65,25 @@ class TorchEngine:
         self.tokenizer = loaded.tokenizer
         model = loaded.model
         self.dtype = next(model.parameters()).dtype
+        # The engine runs where the model's weights are (worker_gpu's --engine torch moves them to CUDA):
+        # tensors made without a device land there, through a device context on CUDA only, because on
+        # the CPU that context would put a Python hook on every torch call.
+        self.device = next(model.parameters()).device
+        self._on_device = contextlib.nullcontext() if self.device.type == "cpu" else self.device
+        with self._on_device:
+            self._build(model, max_batch_size, kv_cache_tokens, max_num_tokens, block_size, loaded.model_id)
+        self._threads = threads
+        self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
+        self._requests: dict[str, Request] = {}
+        self._active: list[Request] = []
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        if start_thread:
+            self._thread = threading.Thread(target=self.run, name="engine", daemon=True)
+            self._thread.start()
+
+    def _build(self, model, max_batch_size: int, kv_cache_tokens: int, max_num_tokens: int, block_size: int,
+               model_id: str) -> None:
         self.decoder = PagedDecoder(decoder_from_hf(model, self.dtype), self.dtype)
         spec = self.decoder.spec
         self.max_context = spec.max_positions
@@ -78,19 +98,10 @@ class TorchEngine:
         self._kept: collections.OrderedDict[str, Kept] = collections.OrderedDict()
         self.stats = EngineStats()
         self.info = EngineInfo(
-            model_id=loaded.model_id, engine="torch-cpu", max_context_tokens=self.max_context,
+            model_id=model_id, engine=f"torch-{self.device.type}", max_context_tokens=self.max_context,
             max_batch_size=max_batch_size, kv_block_size=block_size, kv_blocks_total=num_blocks,
             eos_token=self.tokenizer.eos_token or "", keeps_sequences=True,
         )
-        self._threads = threads
-        self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
-        self._requests: dict[str, Request] = {}
-        self._active: list[Request] = []
-        self._stopped = threading.Event()
-        self._thread: threading.Thread | None = None
-        if start_thread:
-            self._thread = threading.Thread(target=self.run, name="engine", daemon=True)
-            self._thread.start()
 
     @staticmethod
     def kv_bytes_per_token(model) -> int:
@@ -196,7 +207,7 @@ class TorchEngine:
         """The engine loop; returns after close(). Started on its own thread unless start_thread=False."""
         if self._threads:
             torch.set_num_threads(self._threads)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._on_device:
             while not self._stopped.is_set():
                 self._admit(block=not self.scheduler.running and not self.scheduler.waiting)
                 self._reap_cancelled()

@@ -104,7 +104,7 @@ def load_model(spec: str, dtype: str = "float32") -> LoadedModel:
     model_id = path.stem if path.is_file() else path.name
     if path.is_file():
         path = convert_gguf(path)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -144,7 +144,7 @@ def load_reward_model(spec: str, dtype: str = "float32") -> LoadedModel:
         raise ValueError(f"--model {spec}: not a reward model (config.json architectures must end in "
                          f"{' or '.join(REWARD_ARCHITECTURES)})")
     auto = AutoModelForSequenceClassification if kind == "outcome" else AutoModelForTokenClassification
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     model = auto.from_pretrained(path, dtype=torch_dtype)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -89,11 +89,12 @@ def _draw(z: torch.Tensor, rows: list[Row]) -> torch.Tensor:
     pad = -V % _DRAW_BLOCK
     blocks = (F.pad(p, (0, pad)) if pad else p).view(R, -1, _DRAW_BLOCK)
     ends = blocks.sum(-1).double().cumsum_(-1)                       # [R, blocks] running mass
-    u = torch.rand(R, dtype=torch.float64)
+    # Drawn on the CPU, where the per-sample generators live, whatever device the logits are on.
+    u = torch.rand(R, dtype=torch.float64, device="cpu")
     for r, row in enumerate(rows):
         if row.generator is not None:
-            u[r] = torch.rand(1, dtype=torch.float64, generator=row.generator)
-    target = (u * ends[:, -1]).unsqueeze(-1)
+            u[r] = torch.rand(1, dtype=torch.float64, generator=row.generator, device="cpu")
+    target = (u.to(ends.device) * ends[:, -1]).unsqueeze(-1)
     # right=True: the first block whose running mass exceeds the target, so never an empty block.
     b = torch.searchsorted(ends, target, right=True).clamp_(max=ends.shape[-1] - 1)
     before = torch.where(b > 0, ends.gather(1, (b - 1).clamp(min=0)), torch.zeros_like(target))

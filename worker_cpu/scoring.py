@@ -30,6 +30,7 @@ does for a reward-model worker) and hands results back to the event loop, which 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import queue
 import threading
@@ -229,7 +230,9 @@ class TorchScorer:
                 raise invalid(f"candidates[{i}]", f"{len(row.ids)} tokens (prompt and candidate together) do not fit "
                                                   f"the model's context of {self.max_context} tokens")
         values: list[list[float]] = [[] for _ in rows]
-        with torch.inference_mode():
+        device = next(self.model.parameters()).device
+        # Inputs are built without a device: on CUDA (worker_gpu --engine torch) they must land there.
+        with torch.inference_mode(), contextlib.nullcontext() if device.type == "cpu" else device:
             for batch in self._batches(rows):
                 for i, v in zip(batch, self._forward([rows[i] for i in batch]), strict=True):
                     values[i] = v

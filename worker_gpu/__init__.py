@@ -1,2 +1,3 @@
-"""GPU worker on TensorRT-LLM: serves the same worker contract as worker_cpu (trellis_rpc.worker_service).
-Not built yet; see the GPU worker issue."""
+"""GPU worker: serves the worker contract of trellis_rpc.worker_service on TensorRT-LLM's LLM API
+(`trtllm_engine.py`, sampling mapped in `trtllm_sampling.py`, reward scoring from context logits in
+`trtllm_scoring.py`) or on Trellis' own PyTorch engine on CUDA (`torch_engine.py`)."""

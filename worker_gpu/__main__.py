@@ -1,0 +1,5 @@
+"""python -m worker_gpu --model PATH --port N"""
+
+from worker_gpu.cli import main
+
+main()

@@ -1,0 +1,123 @@
+"""Command line of the GPU worker: listen at once (NOT_SERVING), load the model, then serve.
+
+    python -m worker_gpu --model /models/Qwen2.5-7B-Instruct                 # TensorRT-LLM (PyTorch backend)
+    python -m worker_gpu --engine torch --model default --device cuda        # Trellis' own PyTorch engine
+
+Both serve the worker contract of trellis_rpc.worker_service, exactly as worker_cpu does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import uuid
+
+import structlog
+
+from trellis_rpc.logs import configure_logging
+from trellis_rpc.server import run_until_signalled, start_server
+from trellis_rpc.telemetry import configure_metrics, configure_tracing, metrics_port_default, shutdown_telemetry
+from trellis_rpc.v1 import worker_pb2, worker_pb2_grpc
+from trellis_rpc.worker_service import WorkerService
+
+log = structlog.get_logger(__name__)
+
+ENGINES = ("tensorrt-llm", "torch")
+TRTLLM_IMAGE = "nvcr.io/nvidia/tensorrt-llm/release"
+MISSING_TRTLLM = (
+    "worker_gpu --engine tensorrt-llm needs TensorRT-LLM, which is not installed in this environment "
+    "(PyPI only holds a placeholder). Run the worker in NVIDIA's TensorRT-LLM image ({image}:<tag>; "
+    "deploy/docker/worker-gpu.Dockerfile builds on it), or install the wheel from NVIDIA's index "
+    "(pip install tensorrt_llm --extra-index-url https://pypi.nvidia.com) on a CUDA machine; "
+    "or run Trellis' own PyTorch engine instead: --engine torch.")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m worker_gpu", description="Trellis GPU worker (TensorRT-LLM or torch)")
+    p.add_argument("--engine", choices=ENGINES, default="tensorrt-llm")
+    p.add_argument("--model", default="default",
+                   help="Hugging Face model directory (or 'default': the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50061, help="0 picks a free port (printed in the 'serving' log line)")
+    p.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
+                   help="auto: the model's own dtype on TensorRT-LLM, bfloat16 on the torch engine")
+    p.add_argument("--max-batch-size", type=int, default=256, help="cap on sequences in flight")
+    p.add_argument("--max-num-tokens", type=int, default=8192, help="token budget per engine step")
+    p.add_argument("--kv-cache-free-gpu-memory-fraction", type=float, default=0.9,
+                   help="share of the GPU memory left after loading the weights that the KV cache may take")
+    p.add_argument("--kv-cache-tokens", type=int, default=262144, help="torch engine: KV cache capacity in tokens")
+    p.add_argument("--device", default="cuda", help="torch engine: the torch device (cuda, cuda:1, or cpu)")
+    p.add_argument("--max-n", type=int, default=64, help="largest n one generate task may ask for")
+    p.add_argument("--no-verifier", action="store_true", help="do not offer SCORE_VERIFIER on the worker's model")
+    p.add_argument("--prm-tokens", default="",
+                   help="serve process rewards from a causal-LM PRM: 'GOOD,BAD' (e.g. '+,-' for Math-Shepherd); "
+                        "a step's score is P(GOOD) / (P(GOOD) + P(BAD)) at its separator")
+    p.add_argument("--worker-id", default="", help="defaults to a random id")
+    p.add_argument("--metrics-port", type=int, default=metrics_port_default(),
+                   help="Prometheus metrics at http://<metrics-host>:PORT/metrics (0: off; env TRELLIS_METRICS_PORT)")
+    p.add_argument("--metrics-host", default="0.0.0.0", help="interface of the metrics endpoint")
+    p.add_argument("--drain-seconds", type=float, default=30.0, help="grace period for in-flight work on SIGTERM")
+    args = p.parse_args(argv)
+    if not 0.0 < args.kv_cache_free_gpu_memory_fraction <= 1.0:
+        p.error("--kv-cache-free-gpu-memory-fraction: must be in (0, 1]")
+    if args.prm_tokens and len(args.prm_tokens.split(",")) != 2:
+        p.error("--prm-tokens: give two tokens, GOOD,BAD")
+    return args
+
+
+def trtllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt_llm") is not None
+
+
+def build(args: argparse.Namespace):
+    """(engine, scorer) for the chosen engine; runs on a helper thread (loading takes a while)."""
+    if args.engine == "tensorrt-llm":
+        from worker_gpu.trtllm_engine import build_trtllm
+
+        return build_trtllm(args)
+    from worker_gpu.torch_engine import build_torch
+
+    return build_torch(args)
+
+
+async def serve(args: argparse.Namespace, worker_id: str) -> None:
+    service = WorkerService(worker_id=worker_id, max_n=args.max_n)
+    served = await start_server(
+        args.host, args.port, lambda server: worker_pb2_grpc.add_WorkerServicer_to_server(service, server),
+        (worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name,))
+    log.info("listening", port=served.port, model=args.model, engine=args.engine, state="loading")
+    loading = asyncio.ensure_future(asyncio.to_thread(build, args))
+    engine = scorer = None
+    try:
+        engine, scorer = await loading
+        service.attach(engine, scorer)
+        await served.set_serving(True)
+        log.info("serving", port=served.port, model_id=service.model_id, worker_id=worker_id, engine=args.engine,
+                 pid=os.getpid())
+        await run_until_signalled(served, args.drain_seconds)
+    finally:
+        await served.server.stop(0)
+        for part in (engine, scorer):
+            if part is not None:
+                part.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    configure_logging("worker_gpu")
+    if args.engine == "tensorrt-llm" and not trtllm_available():
+        print(MISSING_TRTLLM.format(image=TRTLLM_IMAGE), file=sys.stderr)
+        raise SystemExit(2)
+    worker_id = args.worker_id or f"worker-{uuid.uuid4().hex[:8]}"
+    configure_tracing("worker", instance=worker_id)
+    metrics_port = configure_metrics("worker", args.metrics_port, args.metrics_host, instance=worker_id)
+    if metrics_port:
+        log.info("metrics", url=f"http://{args.metrics_host}:{metrics_port}/metrics")
+    try:
+        asyncio.run(serve(args, worker_id))
+    finally:
+        shutdown_telemetry()
