@@ -182,7 +182,12 @@ class TrtLlmEngine:
 
 
 class _Sample:
-    """One of a task's n samples as TensorRT-LLM streams it: turns each step's diffs into a Delta."""
+    """One of a task's n samples as TensorRT-LLM streams it: each step's new part becomes a Delta.
+
+    New parts are sliced from the cumulative `token_ids` / `text` / `logprobs` at this sample's own
+    offsets rather than read from `token_ids_diff` & co.: with n > 1, TensorRT-LLM's responses update
+    one sequence at a time, and a sequence the current response did not touch still shows its previous
+    diff."""
 
     def __init__(self, cfg: SamplingConfig, token_text) -> None:
         self.cfg = cfg
@@ -190,24 +195,37 @@ class _Sample:
         self.stops = StopStringMatcher(cfg.stop)
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
+        self.seen_text = 0
+        self.seen_logprobs = 0
         self.cumulative_logprob = 0.0
         self.finish_reason = ""
 
     def delta(self, completion) -> Delta | None:
         if self.finish_reason:
             return None
-        new_ids = list(completion.token_ids_diff)
+        new_ids = list(completion.token_ids[len(self.token_ids):])
         self.token_ids += new_ids
-        lps = self._logprobs(completion.logprobs_diff, new_ids)
+        entries = completion.logprobs[self.seen_logprobs:]
+        self.seen_logprobs = len(completion.logprobs)
+        lps = self._logprobs(entries, new_ids)
         self.logprobs += lps
-        text = self.stops.feed(completion.text_diff)
+        full = completion.text
+        text = self.stops.feed(full[self.seen_text:])
+        self.seen_text = max(self.seen_text, len(full))
         if completion.finish_reason:
             if completion.finish_reason == "timeout":
                 raise StatusError(grpc.StatusCode.DEADLINE_EXCEEDED, "TensorRT-LLM timed the request out")
             self.finish_reason = _FINISH.get(completion.finish_reason, "stop")
-            if self.stops.matched:
+            if isinstance(completion.stop_reason, str) and not self.stops.matched:
+                # TensorRT-LLM cut the text at a stop string we had only begun to see: its text is final.
+                self.stops.matched = completion.stop_reason
+                self.stops.text = full
+                text += full[self.stops.sent:]
+                self.stops.sent = len(full)
+            elif not self.stops.matched:
+                text += self.stops.flush()
+            else:
                 self.finish_reason = "stop"
-            text += self.stops.flush() if not self.stops.matched else ""
             if completion.cumulative_logprob is not None:
                 self.cumulative_logprob = completion.cumulative_logprob
         if not new_ids and not text and not self.finish_reason:

@@ -1,0 +1,1 @@
+"""Mirrors tensorrt_llm/_torch/pyexecutor."""
