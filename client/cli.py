@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import TextIO
 
 import grpc
@@ -21,9 +22,25 @@ from google.protobuf import json_format
 from client import eval as eval_cmd
 from client import up as up_cmd
 from trellis_rpc.telemetry import configure_tracing, inject, shutdown_telemetry, trace_ids, tracer
+from trellis_rpc.tls import ClientTLS
 from trellis_rpc.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 DEFAULT_ROUTER = os.environ.get("TRELLIS_ROUTER", "127.0.0.1:50051")
+
+
+def open_channel(args: argparse.Namespace) -> grpc.Channel:
+    """TLS when --tls-ca (or a client certificate) is given, else plaintext."""
+    client_tls = ClientTLS(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name) \
+        if args.tls_ca or args.tls_cert else None
+    if client_tls is None:
+        return grpc.insecure_channel(args.router)
+    return grpc.secure_channel(args.router, client_tls.credentials(), options=client_tls.options())
+
+
+def call_metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """The bearer token (--token or TRELLIS_TOKEN) and the trace context, for every call."""
+    token = args.token or os.environ.get("TRELLIS_TOKEN", "")
+    return ((("authorization", f"Bearer {token}"),) if token else ()) + tuple(inject().items())
 
 
 def _plain(value):
@@ -134,11 +151,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     configure_tracing("client")
     try:
         with tracer("trellis.client").start_as_current_span("client.run", attributes={
-                "trellis.controller": args.controller}), grpc.insecure_channel(args.router) as channel:
+                "trellis.controller": args.controller}), open_channel(args) as channel:
             ids = trace_ids()
             stub = router_pb2_grpc.RouterStub(channel)
             try:
-                for ev in stub.RunStream(request, timeout=args.timeout, metadata=tuple(inject().items())):
+                for ev in stub.RunStream(request, timeout=args.timeout, metadata=call_metadata(args)):
                     if ev.WhichOneof("event") == "result":
                         printer.result(ev.result)
                     else:
@@ -155,9 +172,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_controllers(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.router) as channel:
+    with open_channel(args) as channel:
         reply = router_pb2_grpc.RouterStub(channel).ListControllers(router_pb2.ListControllersRequest(),
-                                                                    timeout=args.timeout)
+                                                                    timeout=args.timeout, metadata=call_metadata(args))
     for c in reply.controllers:
         print(f"{c.name}: {c.description}")
         for p in c.params:
@@ -171,6 +188,11 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--router", help=f"router host:port (env TRELLIS_ROUTER, default {DEFAULT_ROUTER})")
     p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
+    p.add_argument("--token", default="", help="bearer token for a router with --auth-file (env TRELLIS_TOKEN)")
+    p.add_argument("--tls-ca", type=Path, help="dial the router over TLS, verifying it with this CA (PEM)")
+    p.add_argument("--tls-cert", type=Path, help="mutual TLS: this client's certificate (PEM)")
+    p.add_argument("--tls-key", type=Path, help="mutual TLS: its private key (PEM)")
+    p.add_argument("--tls-server-name", default="", help="the name in the router's certificate, if not the host")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a controller and stream its progress")

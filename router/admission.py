@@ -64,11 +64,13 @@ class Admission:
         ahead = 1 + len(self._queue) / max(1, self.max_running or 1)
         return max(100, int(typical * ahead * 1000))
 
-    def reserve(self, priority: int, client: str) -> Ticket:
-        if self.per_client and self._by_client[client] >= self.per_client:
+    def reserve(self, priority: int, client: str, client_limit: int = 0) -> Ticket:
+        """client_limit: this client's own cap on runs in flight (its auth entry), over the router's per_client."""
+        limit = min((x for x in (self.per_client, client_limit) if x), default=0)
+        if limit and self._by_client[client] >= limit:
             hint = self._retry_after_ms()
             raise Exhausted(f"client {client!r} already has {self._by_client[client]} runs in flight (limit "
-                            f"{self.per_client} per client); retry after ~{hint} ms", hint)
+                            f"{limit}); retry after ~{hint} ms", hint)
         full = self.max_running and self.running >= self.max_running
         if full and len(self._queue) >= self.max_queued:
             hint = self._retry_after_ms()

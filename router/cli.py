@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+from pathlib import Path
 
 import structlog
 
 from router.admission import Admission
+from router.auth import Authenticator
 from router.discovery import Discovery
 from router.pool import WorkerPool
 from router.routing import POLICIES, Router
-from router.service import RouterService
+from router.service import Limits, RouterService
+from trellis_rpc import tls
 from trellis_rpc.logs import configure_logging
 from trellis_rpc.server import run_until_signalled, start_server
 from trellis_rpc.telemetry import configure_metrics, configure_tracing, metrics_port_default, shutdown_telemetry
@@ -48,7 +51,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="kv: weigh KV-prefix overlap against load (default); least_loaded; round_robin")
     p.add_argument("--overlap-weight", type=float, default=1.0,
                    help="kv routing: cost of a prompt block to prefill, against one block of load")
+    p.add_argument("--auth-file", type=Path,
+                   help="clients allowed in (token hashes or mTLS names) and their limits; JSON, see router/auth.py")
+    p.add_argument("--max-tokens", type=int, default=0, help="largest max_tokens of one generate task (0: no limit)")
+    p.add_argument("--max-prompt-chars", type=int, default=1_000_000,
+                   help="largest prompt in characters (token ids count one each); 0: no limit")
+    p.add_argument("--max-run-seconds", type=float, default=0.0,
+                   help="longest a run may take, whatever deadline the client sets (0: the client's deadline)")
+    p.add_argument("--max-tasks-per-run", type=int, default=10_000,
+                   help="tasks one run may start (bounds a search tree); 0: no limit")
+    tls.add_server_args(p)
+    tls.add_client_args(p, "worker-", "workers")
     args = p.parse_args(argv)
+    args.tls = tls.server_tls(args, p)
+    args.worker_tls = tls.client_tls(args, p, "worker-")
+    if args.auth_file is not None:
+        try:
+            args.auth = Authenticator.load(args.auth_file)
+        except (OSError, ValueError) as err:
+            p.error(f"--auth-file: {err}")
+    else:
+        args.auth = None
     args.worker_list = [w.strip() for w in args.workers.split(",") if w.strip()]
     if not args.worker_list:
         p.error("--workers: give at least one host:port")
@@ -56,17 +79,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    pool = WorkerPool([], routing=Router(args.routing, args.overlap_weight))
+    pool = WorkerPool([], routing=Router(args.routing, args.overlap_weight), tls=args.worker_tls)
     discovery = Discovery(pool, args.worker_list, args.discovery_interval)
     await discovery.refresh()
     pool.start()
     discovery.start()
     service = RouterService(pool, max_n=args.max_n, worker_wait_s=args.worker_wait_seconds,
                             max_migrations=args.max_migrations,
-                            admission=Admission(args.max_running_runs, args.max_queued_runs, args.max_runs_per_client))
+                            admission=Admission(args.max_running_runs, args.max_queued_runs, args.max_runs_per_client),
+                            auth=args.auth,
+                            limits=Limits(max_n=args.max_n, max_tokens=args.max_tokens,
+                                          max_prompt_chars=args.max_prompt_chars, max_run_s=args.max_run_seconds,
+                                          max_tasks_per_run=args.max_tasks_per_run))
     served = await start_server(
         args.host, args.port, lambda server: router_pb2_grpc.add_RouterServicer_to_server(service, server),
-        (router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,))
+        (router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,), tls=args.tls)
     await served.set_serving(True)
     log.info("serving", port=served.port, workers=args.worker_list, pid=os.getpid())
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
 from controllers import Candidate, Intermediate, Message, Progress, Prompt, Result
 from trellis_rpc.errors import invalid
@@ -13,6 +13,7 @@ from trellis_rpc.v1 import common_pb2, router_pb2
 _FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH,
            "cancelled": common_pb2.FINISH_REASON_CANCELLED}
 FINISH_NAMES = {v: k for k, v in _FINISH.items()}
+_INT32_LIMIT = 2**31
 
 
 def prompt_from_pb(p: common_pb2.Prompt) -> Prompt:
@@ -36,7 +37,21 @@ def prompt_to_pb(p: Prompt) -> common_pb2.Prompt:
 
 
 def struct_to_dict(s: struct_pb2.Struct) -> dict[str, Any]:
-    return json_format.MessageToDict(s)
+    # Not json_format.MessageToDict: it raises ValueError on a NaN or infinite number_value (JSON has
+    # neither), which a client can send in the binary encoding; that escaped as UNKNOWN. Here they stay
+    # floats, and the controller's parameter check rejects them naming the parameter.
+    return {key: _value(value) for key, value in s.fields.items()}
+
+
+def _value(v: struct_pb2.Value) -> Any:
+    kind = v.WhichOneof("kind")
+    if kind == "struct_value":
+        return struct_to_dict(v.struct_value)
+    if kind == "list_value":
+        return [_value(item) for item in v.list_value.values]
+    if kind in ("number_value", "string_value", "bool_value"):
+        return getattr(v, kind)
+    return None  # null_value, or a Value with no kind set
 
 
 def dict_to_struct(d: dict[str, Any]) -> struct_pb2.Struct:
@@ -63,11 +78,17 @@ def sampling_with_overrides(base: common_pb2.SamplingParams, overrides: dict[str
     return merged
 
 
+def _int32(count: int) -> int:
+    # Progress counts are int32 on the wire, and a controller's total can be a budget the client chose
+    # (beam_search max_steps=1e12): setting it raised ValueError mid-run, which failed the run as UNKNOWN.
+    return max(-_INT32_LIMIT, min(int(count), _INT32_LIMIT - 1))
+
+
 def event_to_pb(event: Progress | Intermediate) -> dict[str, Any]:
     """The RunEvent oneof field for a controller event, as keyword arguments."""
     if isinstance(event, Progress):
         return {"progress": router_pb2.Progress(stage=event.stage, message=event.message,
-                                                tasks_done=event.done, tasks_total=event.total)}
+                                                tasks_done=_int32(event.done), tasks_total=_int32(event.total))}
     return {"intermediate": router_pb2.Intermediate(
         kind=event.kind, branch=event.branch, answer=event.answer, value=event.value,
         details=dict_to_struct(event.details))}

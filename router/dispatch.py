@@ -120,7 +120,9 @@ class RunUsage:
 
 class RemoteRunner:
     def __init__(self, pool: WorkerPool, run_id: str, model: str, sampling: common_pb2.SamplingParams,
-                 deadline: float | None, worker_wait_s: float, max_migrations: int = 2) -> None:
+                 deadline: float | None, worker_wait_s: float, max_migrations: int = 2, max_tasks: int = 0,
+                 max_tokens: int = 0) -> None:
+        """max_tasks: tasks this run may start (bounds a search tree); max_tokens: per generate task. 0: no limit."""
         self.pool = pool
         self.run_id = run_id
         self.model = model
@@ -130,6 +132,15 @@ class RemoteRunner:
         self.max_migrations = max_migrations
         self.usage = RunUsage()
         self._ids = itertools.count()
+        self.max_tasks = max_tasks
+        self.max_tokens = max_tokens
+
+    def _next_task(self) -> int:
+        number = next(self._ids)
+        if self.max_tasks and number >= self.max_tasks:
+            raise TaskFailed(TaskFailure("RESOURCE_EXHAUSTED", f"this run has started its limit of {self.max_tasks} "
+                                                               f"tasks (the router's --max-tasks-per-run)"))
+        return number
 
     def _timeout_ms(self) -> int:
         if self.deadline is None:
@@ -137,8 +148,12 @@ class RemoteRunner:
         return max(1, int((self.deadline - time.monotonic()) * 1000))
 
     async def generate(self, task: Generate, on_token: TokenSink) -> GenerateOutput:
-        number = next(self._ids)
+        number = self._next_task()
         sampling = sampling_with_overrides(self.sampling, task.sampling, task.n)
+        asked = sampling.max_tokens if sampling.HasField("max_tokens") else DEFAULT_MAX_TOKENS
+        if self.max_tokens and asked > self.max_tokens:
+            raise TaskFailed(TaskFailure("PERMISSION_DENIED", f"sampling.max_tokens: {asked} is over this run's limit "
+                                                              f"of {self.max_tokens}", "sampling.max_tokens"))
         if sampling.HasField("seed") and "seed" not in task.sampling and number:
             # A seeded run stays reproducible, but its tasks must not all draw the same samples: the
             # worker seeds sample i of a task from (seed, i), so n separate n=1 tasks would be copies.
@@ -253,7 +268,7 @@ class RemoteRunner:
     async def _score(self, request: common_pb2.ScoreRequest) -> ScoreOutput:
         try:
             kind_name = check_score_request(request)
-            wire = worker_pb2.WorkerRequest(task_id=f"{self.run_id}/{next(self._ids)}",
+            wire = worker_pb2.WorkerRequest(task_id=f"{self.run_id}/{self._next_task()}",
                                             timeout_ms=self._timeout_ms(), score=worker_pb2.ScoreTask(request=request))
             # The reward model's pool is named by the task, not by the run's generation model.
             async for response in dispatch(self.pool, wire, request.model, CAPABILITY_OF_KIND[kind_name],

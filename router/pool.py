@@ -15,6 +15,7 @@ from router import metrics
 from router.routing import Router, prefix_hashes
 from router.worker_connection import WorkerConnection
 from trellis_rpc.errors import StatusError
+from trellis_rpc.tls import ClientTLS
 from trellis_rpc.v1 import common_pb2
 
 
@@ -23,11 +24,13 @@ class NoWorker(StatusError):
 
 
 class WorkerPool:
-    def __init__(self, addresses: list[str], services: list | None = None, routing: Router | None = None) -> None:
-        """addresses: workers over gRPC; services: WorkerService objects in this process."""
+    def __init__(self, addresses: list[str], services: list | None = None, routing: Router | None = None,
+                 tls: ClientTLS | None = None) -> None:
+        """addresses: workers over gRPC (TLS when tls is given); services: WorkerService objects in this process."""
         self._any_ready = asyncio.Event()
         self.routing = routing or Router()
-        self.workers = [WorkerConnection(a, self._any_ready, on_drop=self.routing.forget) for a in addresses]
+        self.tls = tls
+        self.workers = [WorkerConnection(a, self._any_ready, on_drop=self.routing.forget, tls=tls) for a in addresses]
         self.workers += [WorkerConnection(f"in-process:{s.worker_id}", self._any_ready, service=s,
                                           on_drop=self.routing.forget) for s in services or []]
 
@@ -48,7 +51,7 @@ class WorkerPool:
         """Make the remote workers exactly `addresses` (discovery): connect new ones, retire gone ones."""
         known = {w.address for w in self.workers if not w.retiring}
         for address in sorted(addresses - known):
-            link = WorkerConnection(address, self._any_ready, on_drop=self.routing.forget)
+            link = WorkerConnection(address, self._any_ready, on_drop=self.routing.forget, tls=self.tls)
             self.workers.append(link)
             if self._started:
                 link.start()

@@ -18,11 +18,12 @@ from controllers import REGISTRY, Controller, ControllerError, ParamError, Promp
 from controllers.runtime import drive
 from router import metrics
 from router.admission import Admission, Exhausted, Ticket
+from router.auth import Authenticator, ClientPolicy
 from router.convert import dict_to_struct, event_to_pb, prompt_from_pb, result_to_pb, struct_to_dict
 from router.dispatch import RemoteRunner, dispatch, step_span
 from router.pool import WorkerPool
 from trellis_rpc.errors import StatusError, code_number, invalid
-from trellis_rpc.sampling import check_prompt, resolve_sampling
+from trellis_rpc.sampling import DEFAULT_MAX_TOKENS, check_prompt, resolve_sampling
 from trellis_rpc.scoring import CAPABILITY_OF_KIND, check_score_request
 from trellis_rpc.telemetry import extract, traced_parent, tracer
 from trellis_rpc.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2
@@ -43,6 +44,7 @@ class PreparedRun:
     accepted: float
     ticket: Ticket | None = None
     trace_parent: object = None          # the caller's trace context (W3C, from gRPC metadata)
+    client: ClientPolicy = ClientPolicy("")
 
 
 def coalesce(events: list[router_pb2.RunEvent]) -> list[router_pb2.RunEvent]:
@@ -75,6 +77,11 @@ def _status_of(name: str) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, name, grpc.StatusCode.UNKNOWN)
 
 
+def _lowest(*limits: int | None) -> int:
+    """The tightest of some limits (0 or None: no limit); 0 when none applies."""
+    return min((x for x in limits if x), default=0)
+
+
 def _client(context: grpc.aio.ServicerContext) -> str:
     """Who is calling, for per-client limits: the x-trellis-client metadata, else the peer's host."""
     for key, value in context.invocation_metadata() or ():
@@ -94,35 +101,86 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for, whoever asks (a client's auth entry may lower them). 0: no limit."""
+
+    max_n: int = 64
+    max_tokens: int = 0               # per generate task
+    max_prompt_chars: int = 0         # the router has no tokenizer; workers check tokens against the context
+    max_run_s: float = 0.0            # caps the client's deadline
+    max_tasks_per_run: int = 0        # bounds a search's tree
+
+
 class RouterService(router_pb2_grpc.RouterServicer):
     def __init__(self, pool: WorkerPool, max_n: int = 64, worker_wait_s: float = 2.0, max_migrations: int = 2,
-                 admission: Admission | None = None) -> None:
+                 admission: Admission | None = None, auth: Authenticator | None = None,
+                 limits: Limits | None = None) -> None:
         self.pool = pool
         metrics.watch(self)
         self.max_migrations = max_migrations
         self.admission = admission or Admission()
-        self.max_n = max_n
+        self.limits = limits or Limits(max_n=max_n)
+        self.max_n = self.limits.max_n
         self.worker_wait_s = worker_wait_s
+        self.auth = auth
+
+    def caller(self, context: grpc.aio.ServicerContext) -> ClientPolicy:
+        """Who is calling: an authenticated client when --auth-file is set (UNAUTHENTICATED otherwise), else
+        an open policy named by x-trellis-client or the peer's host."""
+        if self.auth is not None:
+            return self.auth.identify(context)
+        return ClientPolicy(_client(context))
+
+    def _deadline(self, context: grpc.aio.ServicerContext) -> float | None:
+        deadline = _deadline(context)
+        if self.limits.max_run_s:
+            cap = time.monotonic() + self.limits.max_run_s
+            deadline = cap if deadline is None else min(deadline, cap)
+        return deadline
+
+    def _check_amounts(self, prompt: common_pb2.Prompt, sampling: common_pb2.SamplingParams, prefix: str,
+                       client: ClientPolicy) -> None:
+        """Prompt size and max_tokens against the router's limits and the client's."""
+        if self.limits.max_prompt_chars:
+            kind = prompt.WhichOneof("kind")
+            size = (len(prompt.text) if kind == "text" else len(prompt.token_ids.ids) if kind == "token_ids"
+                    else sum(len(m.content) for m in prompt.chat.messages))
+            if size > self.limits.max_prompt_chars:
+                raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, f"{prefix}prompt: {size} characters (or tokens), "
+                                  f"more than this router's limit of {self.limits.max_prompt_chars}", f"{prefix}prompt")
+        cap = _lowest(self.limits.max_tokens, client.max_tokens)
+        asked = sampling.max_tokens if sampling.HasField("max_tokens") else DEFAULT_MAX_TOKENS
+        if cap and asked > cap:
+            field = f"{prefix}sampling.max_tokens"
+            code = grpc.StatusCode.PERMISSION_DENIED if client.max_tokens == cap else grpc.StatusCode.INVALID_ARGUMENT
+            who = f"client {client.name!r}" if code == grpc.StatusCode.PERMISSION_DENIED else "this router"
+            raise StatusError(code, f"{field}: {asked} is over {who}'s limit of {cap}"
+                                    + ("" if sampling.HasField("max_tokens") else " (the default; set max_tokens)"),
+                              field)
 
     # ---- validation ------------------------------------------------------------------------
 
-    def prepare(self, request: router_pb2.RunRequest, prefix: str = "", client: str = "") -> PreparedRun:
+    def prepare(self, request: router_pb2.RunRequest, prefix: str = "",
+                client: ClientPolicy | None = None) -> PreparedRun:
         """Validate the run, then reserve its place (RESOURCE_EXHAUSTED when the router or the client is full)."""
         try:
-            return self._prepare(request, prefix, client)
+            return self._prepare(request, prefix, client or ClientPolicy(""))
         except StatusError as err:
             # Counted with the runs that ended, under their status code; a name nobody registered is not a label.
             name = request.controller if request.controller in REGISTRY else "unknown"
             metrics.runs.add(1, name, err.code.name)
             raise
 
-    def _prepare(self, request: router_pb2.RunRequest, prefix: str, client: str) -> PreparedRun:
+    def _prepare(self, request: router_pb2.RunRequest, prefix: str, client: ClientPolicy) -> PreparedRun:
         try:
             cls = controller_class(request.controller)
+            client.check_controller(request.controller, f"{prefix}controller")
             check_prompt(request.prompt, f"{prefix}prompt")
             resolve_sampling(request.sampling, max_n=1, prefix=f"{prefix}sampling")
-            controller = cls.from_params(struct_to_dict(request.params), limits={"n": self.max_n},
-                                         prefix=f"{prefix}params")
+            self._check_amounts(request.prompt, request.sampling, prefix, client)
+            controller = cls.from_params(struct_to_dict(request.params),
+                                         limits={"n": _lowest(self.max_n, client.max_n)}, prefix=f"{prefix}params")
         except ParamError as err:
             field = err.field if err.field.startswith(prefix) else prefix + err.field
             raise invalid(field, err.message) from err
@@ -133,7 +191,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
             raise
         return PreparedRun(run_id=request.run_id or uuid.uuid4().hex, request=request, controller=controller,
                            prompt=prompt_from_pb(request.prompt), accepted=time.monotonic(),
-                           ticket=self.admission.reserve(request.priority, client))
+                           ticket=self.admission.reserve(request.priority, client.name,
+                                                         client.max_concurrent_runs or 0), client=client)
 
     # ---- running ---------------------------------------------------------------------------
 
@@ -148,7 +207,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
     async def _execute(self, run: PreparedRun, deadline: float | None, emit: Emit) -> router_pb2.RunResult:
         req = run.request
         runner = RemoteRunner(self.pool, run.run_id, req.model, req.sampling, deadline, self.worker_wait_s,
-                              self.max_migrations)
+                              self.max_migrations, self.limits.max_tasks_per_run,
+                              _lowest(self.limits.max_tokens, run.client.max_tokens))
 
         def on_delta(branch: str, text: str, count: int) -> None:
             if req.stream_tokens:
@@ -239,18 +299,18 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     async def Run(self, request: router_pb2.RunRequest, context: grpc.aio.ServicerContext) -> router_pb2.RunResult:
         try:
-            run = self.prepare(request, client=_client(context))
+            run = self.prepare(request, client=self.caller(context))
             run.trace_parent = extract(context.invocation_metadata())
-            return await self.execute(run, _deadline(context), lambda _fields: None)
+            return await self.execute(run, self._deadline(context), lambda _fields: None)
         except StatusError as err:
             await _abort(context, err)
 
     async def RunStream(self, request: router_pb2.RunRequest,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[router_pb2.RunEvent]:
         try:
-            run = self.prepare(request, client=_client(context))
+            run = self.prepare(request, client=self.caller(context))
             run.trace_parent = extract(context.invocation_metadata())
-            async for event in self._events(run, _deadline(context)):
+            async for event in self._events(run, self._deadline(context)):
                 yield event
         except StatusError as err:
             await _abort(context, err)
@@ -259,8 +319,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
                       context: grpc.aio.ServicerContext) -> AsyncIterator[router_pb2.RunEvent]:
         out: asyncio.Queue = asyncio.Queue()
         runs: dict[str, asyncio.Task] = {}
-        deadline = _deadline(context)
-        client = _client(context)
+        deadline = self._deadline(context)
+        try:
+            client = self.caller(context)
+        except StatusError as err:
+            await _abort(context, err)
+            return
         parent = extract(context.invocation_metadata())
 
         def error_event(run_id: str, err: StatusError) -> router_pb2.RunEvent:
@@ -324,15 +388,21 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     async def ListControllers(self, request: router_pb2.ListControllersRequest,
                               context: grpc.aio.ServicerContext) -> router_pb2.ListControllersResponse:
+        try:
+            client = self.caller(context)
+        except StatusError as err:
+            await _abort(context, err)
         specs = []
         for cls in REGISTRY.values():
+            if client.controllers is not None and cls.name not in client.controllers:
+                continue
             params = []
             for p in cls.params:
                 spec = router_pb2.ParamSpec(name=p.name, type=p.type, description=p.description, choices=p.choices)
                 json_format.ParseDict(p.default, spec.default)
                 if p.minimum is not None:
                     spec.minimum = p.minimum
-                maximum = self.max_n if p.name == "n" else p.maximum
+                maximum = _lowest(self.max_n, client.max_n) if p.name == "n" else p.maximum
                 if maximum is not None:
                     spec.maximum = maximum
                 params.append(spec)
@@ -342,8 +412,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
     async def Generate(self, request: router_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> common_pb2.GenerateResult:
         try:
+            client = self.caller(context)
             check_prompt(request.prompt)
-            resolve_sampling(request.sampling, max_n=self.max_n)
+            resolve_sampling(request.sampling, max_n=_lowest(self.max_n, client.max_n))
+            self._check_amounts(request.prompt, request.sampling, "", client)
             task = worker_pb2.WorkerRequest(
                 task_id=f"gen-{uuid.uuid4().hex}", timeout_ms=self._timeout_ms(context),
                 generate=worker_pb2.GenerateTask(prompt=request.prompt, sampling=request.sampling))
@@ -354,6 +426,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
     async def Score(self, request: common_pb2.ScoreRequest,
                     context: grpc.aio.ServicerContext) -> common_pb2.ScoreResult:
         try:
+            self.caller(context)
             kind = check_score_request(request)
             task = worker_pb2.WorkerRequest(task_id=f"score-{uuid.uuid4().hex}", timeout_ms=self._timeout_ms(context),
                                             score=worker_pb2.ScoreTask(request=request))

@@ -15,11 +15,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from router.breaker import Breaker
 from trellis_rpc.errors import StatusError, code_from_number, code_number
 from trellis_rpc.server import CHANNEL_OPTIONS
+from trellis_rpc.tls import ClientTLS
 from trellis_rpc.v1 import worker_pb2, worker_pb2_grpc
 
 log = structlog.get_logger(__name__)
 
 _CLOSE = object()
+# A worker sends a load report at least once a second even when idle (WorkerService.heartbeat_s), so a
+# link that has carried nothing for this long is a worker that hangs without answering (SIGSTOPped,
+# wedged, a half-open connection): the link gives up on it and its tasks fail over at once. gRPC
+# keepalive does not catch this in time: grpcio (1.85) closes a transport whose keepalive ping goes
+# unanswered only after grpc.http2.ping_timeout_ms (default 60 s), not keepalive_timeout_ms, so with
+# CHANNEL_OPTIONS a SIGSTOPped worker held its tasks for 60 s (tests/test_faults.py).
+SILENCE_S = 5.0
 WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
 
 
@@ -29,8 +37,10 @@ class WorkerConnection:
     controllers against in-process workers through exactly the same dispatch path."""
 
     def __init__(self, address: str, on_ready: asyncio.Event, service=None, on_drop=None,
-                 breaker: Breaker | None = None) -> None:
+                 breaker: Breaker | None = None, tls: ClientTLS | None = None, silence_s: float = SILENCE_S) -> None:
         self.address = address
+        # An in-process service shares this event loop: its silence cannot mean a hung peer.
+        self.silence_s = None if service else silence_s
         self.info: worker_pb2.WorkerInfo | None = None
         self.load: worker_pb2.LoadReport | None = None
         self.ready = False
@@ -41,7 +51,9 @@ class WorkerConnection:
         self._on_ready = on_ready
         self._on_drop = on_drop
         self._service = service
-        self._channel = None if service else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = None if service else (
+            grpc.aio.secure_channel(address, tls.credentials(), options=CHANNEL_OPTIONS + tls.options()) if tls
+            else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS))
         self._stub = None if service else worker_pb2_grpc.WorkerStub(self._channel)
         self._pending: dict[str, asyncio.Queue] = {}
         self._outbox: asyncio.Queue | None = None
@@ -143,15 +155,22 @@ class WorkerConnection:
         self.ready = True
         self._on_ready.set()
         log.info("worker connected", worker=self.address, worker_id=self.info.worker_id, model_id=self.info.model_id)
+        loop = asyncio.get_running_loop()
+        silence_s = self.silence_s
         try:
-            async for response in call:
-                if response.WhichOneof("kind") == "load":
-                    self.load = response.load
-                    continue
-                queue = self._pending.get(response.task_id)
-                if queue is not None:
-                    queue.put_nowait(response)
+            async with asyncio.timeout_at(None if silence_s is None else loop.time() + silence_s) as silent:
+                async for response in call:
+                    if silence_s is not None:
+                        silent.reschedule(loop.time() + silence_s)
+                    if response.WhichOneof("kind") == "load":
+                        self.load = response.load
+                        continue
+                    queue = self._pending.get(response.task_id)
+                    if queue is not None:
+                        queue.put_nowait(response)
             self.last_error = "worker closed the stream"
+        except TimeoutError:
+            self.last_error = f"worker sent nothing (not even a load report) for {silence_s:g} s: hung or unreachable"
         finally:
             outbox.put_nowait(_CLOSE)
             call.cancel()

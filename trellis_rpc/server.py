@@ -12,6 +12,8 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from trellis_rpc.tls import ServerTLS
+
 log = structlog.get_logger(__name__)
 
 # Messages carry whole token lists and logprobs; the 4 MiB default is too small for long outputs.
@@ -41,8 +43,9 @@ class Served:
 
 
 async def start_server(host: str, port: int, register: Callable[[grpc.aio.Server], None],
-                       service_names: tuple[str, ...]) -> Served:
-    """Start a server NOT_SERVING; the caller flips it to SERVING once it can do its job."""
+                       service_names: tuple[str, ...], tls: ServerTLS | None = None) -> Served:
+    """Start a server NOT_SERVING; the caller flips it to SERVING once it can do its job. tls: serve TLS
+    (mutual when it names a client CA); None: plaintext (the CLIs allow that on loopback or when asked)."""
     server = grpc.aio.server(options=SERVER_OPTIONS)
     register(server)
     health_servicer = health.aio.HealthServicer()
@@ -51,7 +54,8 @@ async def start_server(host: str, port: int, register: Callable[[grpc.aio.Server
         (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
     if bound == 0:
         raise RuntimeError(f"cannot listen on {host}:{port}")
     await server.start()

@@ -11,6 +11,7 @@ import uuid
 
 import structlog
 
+from trellis_rpc import tls
 from trellis_rpc.logs import configure_logging
 from trellis_rpc.server import start_server
 from trellis_rpc.telemetry import configure_metrics, configure_tracing, metrics_port_default, shutdown_telemetry
@@ -48,7 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Prometheus metrics at http://<metrics-host>:PORT/metrics (0: off; env TRELLIS_METRICS_PORT)")
     p.add_argument("--metrics-host", default="0.0.0.0", help="interface of the metrics endpoint")
     p.add_argument("--drain-seconds", type=float, default=30.0, help="grace period for in-flight work on SIGTERM")
-    return p.parse_args(argv)
+    tls.add_server_args(p)
+    args = p.parse_args(argv)
+    args.tls = tls.server_tls(args, p)
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     service = WorkerService(worker_id=worker_id, max_n=args.max_n)
     served = call(start_server(
         args.host, args.port, lambda server: worker_pb2_grpc.add_WorkerServicer_to_server(service, server),
-        (worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name,)))
+        (worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name,), tls=args.tls))
     log.info("listening", port=served.port, model=args.model, state="loading")
 
     engine = None

@@ -16,6 +16,7 @@ import uuid
 
 import structlog
 
+from trellis_rpc import tls
 from trellis_rpc.logs import configure_logging
 from trellis_rpc.server import run_until_signalled, start_server
 from trellis_rpc.telemetry import configure_metrics, configure_tracing, metrics_port_default, shutdown_telemetry
@@ -59,7 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Prometheus metrics at http://<metrics-host>:PORT/metrics (0: off; env TRELLIS_METRICS_PORT)")
     p.add_argument("--metrics-host", default="0.0.0.0", help="interface of the metrics endpoint")
     p.add_argument("--drain-seconds", type=float, default=30.0, help="grace period for in-flight work on SIGTERM")
+    tls.add_server_args(p)
     args = p.parse_args(argv)
+    args.tls = tls.server_tls(args, p)
     if not 0.0 < args.kv_cache_free_gpu_memory_fraction <= 1.0:
         p.error("--kv-cache-free-gpu-memory-fraction: must be in (0, 1]")
     if args.prm_tokens and len(args.prm_tokens.split(",")) != 2:
@@ -88,7 +91,7 @@ async def serve(args: argparse.Namespace, worker_id: str) -> None:
     service = WorkerService(worker_id=worker_id, max_n=args.max_n)
     served = await start_server(
         args.host, args.port, lambda server: worker_pb2_grpc.add_WorkerServicer_to_server(service, server),
-        (worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name,))
+        (worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name,), tls=args.tls)
     log.info("listening", port=served.port, model=args.model, engine=args.engine, state="loading")
     loading = asyncio.ensure_future(asyncio.to_thread(build, args))
     engine = scorer = None

@@ -36,4 +36,4 @@ WORKDIR /tmp
 EXPOSE 50051 9464
 ENTRYPOINT ["python", "-m", "router"]
 # Listen beyond loopback; workers from TRELLIS_WORKERS or --workers (arguments given replace this line).
-CMD ["--host=0.0.0.0"]
+CMD ["--host=0.0.0.0", "--plaintext"]

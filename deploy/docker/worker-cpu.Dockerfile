@@ -39,4 +39,4 @@ WORKDIR /tmp
 
 EXPOSE 50061 9464
 ENTRYPOINT ["python", "-m", "worker_cpu"]
-CMD ["--host=0.0.0.0", "--model=default"]
+CMD ["--host=0.0.0.0", "--plaintext", "--model=default"]

@@ -43,4 +43,4 @@ WORKDIR /tmp
 
 EXPOSE 50061 9464
 ENTRYPOINT ["python3", "-m", "worker_gpu"]
-CMD ["--host=0.0.0.0"]
+CMD ["--host=0.0.0.0", "--plaintext"]
