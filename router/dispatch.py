@@ -57,6 +57,13 @@ async def dispatch(pool: WorkerPool, request: worker_pb2.WorkerRequest, model: s
         yield response
 
 
+class Unresumable(StatusError):
+    """A sample cut off by a failed worker that another worker refused to resume: moving it again cannot help."""
+
+
+# What a worker answers when it refuses a task as asked (its prompt too long for the context or the KV cache).
+_REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
 _SCORE_KINDS = {"outcome": common_pb2.SCORE_KIND_OUTCOME, "process": common_pb2.SCORE_KIND_PROCESS,
                 "verifier": common_pb2.SCORE_KIND_VERIFIER}
 
@@ -234,11 +241,21 @@ class RemoteRunner:
             self.usage.migrations += 1
             metrics.migrations.add(len(unfinished))
 
-            async def resume(i: int, attempt: int = attempt) -> common_pb2.GenerateResult:
+            async def resume(i: int, attempt: int = attempt, why: str = failure.message) -> common_pb2.GenerateResult:
                 resumed = worker_pb2.WorkerRequest(
                     task_id=f"{request.task_id}/m{attempt}.{i}", timeout_ms=self._timeout_ms(),
                     generate=continuation(task, samples[i], max_tokens, attempt))
-                return await self._stream(resumed, "", samples, [i], on_token)
+                try:
+                    return await self._stream(resumed, "", samples, [i], on_token)
+                except StatusError as err:
+                    if err.code not in _REFUSALS or not (samples[i].text or samples[i].token_ids):
+                        raise
+                    # The client's request was valid; what the worker refused is its resumed form, the prompt
+                    # plus the text so far, which re-tokenizes differently (a random model's invalid UTF-8
+                    # comes back as U+FFFD, 3 bytes) and may no longer fit the context. The run fails because
+                    # a worker did: UNAVAILABLE (retry), not INVALID_ARGUMENT (change your request).
+                    raise Unresumable(grpc.StatusCode.UNAVAILABLE,
+                                      f"{why}; sample {i} could not resume on another worker: {err.message}") from err
 
             outcomes = await asyncio.gather(*(resume(i) for i in unfinished), return_exceptions=True)
             results += [o for o in outcomes if isinstance(o, common_pb2.GenerateResult)]
@@ -248,7 +265,8 @@ class RemoteRunner:
                 return merged_result(samples, first.usage.prompt_tokens, first.usage.cached_prompt_tokens,
                                      first.model_id, [r.worker_id for r in results])
             failure = next((e for e in errors if isinstance(e, StatusError)), None)
-            if failure is None or failure.code != grpc.StatusCode.UNAVAILABLE or isinstance(failure, NoWorker):
+            if (failure is None or failure.code != grpc.StatusCode.UNAVAILABLE
+                    or isinstance(failure, (NoWorker, Unresumable))):
                 raise failure or errors[0]
         raise StatusError(grpc.StatusCode.UNAVAILABLE,
                           f"{failure.message} (gave up after {self.max_migrations} migrations to other workers)")

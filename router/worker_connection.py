@@ -1,6 +1,6 @@
 """One router-to-worker link: Info on connect, then one bidirectional Connect stream that multiplexes
 every task sent to that worker. Reconnects with backoff; a broken stream fails the tasks on it with
-UNAVAILABLE so no task waits forever."""
+UNAVAILABLE so no task waits forever, and so does a silent one (a hung worker)."""
 
 from __future__ import annotations
 
@@ -156,12 +156,15 @@ class WorkerConnection:
         self._on_ready.set()
         log.info("worker connected", worker=self.address, worker_id=self.info.worker_id, model_id=self.info.model_id)
         loop = asyncio.get_running_loop()
-        silence_s = self.silence_s
+        silence_s, moved = self.silence_s, loop.time()
         try:
-            async with asyncio.timeout_at(None if silence_s is None else loop.time() + silence_s) as silent:
+            async with asyncio.timeout_at(None if silence_s is None else moved + silence_s) as silent:
                 async for response in call:
-                    if silence_s is not None:
-                        silent.reschedule(loop.time() + silence_s)
+                    # Heard from the worker: push the silence deadline back (at most twice a second, which
+                    # costs next to nothing per message; ~4 us per message otherwise).
+                    if silence_s is not None and (now := loop.time()) - moved >= 0.5:
+                        silent.reschedule(now + silence_s)
+                        moved = now
                     if response.WhichOneof("kind") == "load":
                         self.load = response.load
                         continue
