@@ -38,7 +38,7 @@ def sample_candidates(n: int, prompt: Prompt, extract: Extractor) -> Generator[A
     task = Generate(prompt, n=n, branch="sample")
     yield task
     if not task.ok:
-        raise ControllerError(task.failure.code, task.failure.message)
+        raise ControllerError(task.failure.code, task.failure.message, task.failure.field)
     return [Candidate(f"sample/{s.index}", s.text, extract(s.text), finish_reason=s.finish_reason)
             for s in task.output.samples]
 

@@ -12,6 +12,7 @@ failure means, or raises ControllerError to fail the run with a status.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -32,10 +33,11 @@ class Result:
 class ControllerError(Exception):
     """Fail the run. code is a gRPC status name ('UNAVAILABLE', 'INVALID_ARGUMENT', ...)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, field: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.field = field          # the request field at fault, when a task's failure named one
 
 
 class ParamError(ValueError):
@@ -46,6 +48,14 @@ class ParamError(ValueError):
 
 
 _TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+# The largest value of a parameter that goes into an int32 field of SamplingParams (max_tokens): a larger one
+# cannot be sent to a worker at all.
+INT32_MAX = 2**31 - 1
+
+
+def _number(x: float) -> str:
+    """A bound as a person writes it: 2147483647, not 2.14748e+09."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 @dataclass(frozen=True)
@@ -57,18 +67,24 @@ class Param:
     minimum: float | None = None
     maximum: float | None = None
     choices: tuple[str, ...] = ()
+    # The router limit (by name) that caps this parameter; empty: the limit named like it. A width that is the
+    # n of a generate task (tree_of_thoughts' breadth) names "n": uncapped, breadth=1e9 made the router allocate
+    # a billion samples' state before any worker could refuse the task.
+    limit: str = ""
 
     def check(self, value: Any, field: str) -> Any:
         if self.type == "int" and isinstance(value, float) and value.is_integer():
             value = int(value)  # protobuf Struct carries every number as a double
         if (isinstance(value, bool) and self.type != "bool") or not isinstance(value, _TYPES[self.type]):
             raise ParamError(field, f"must be of type {self.type}, got {type(value).__name__}")
-        if self.type == "float" and value != value:
-            raise ParamError(field, "must be a number, got NaN")
+        if self.type == "float" and not math.isfinite(value):
+            # NaN compares false with every bound and infinity passes a one-sided one (mcts exploration): both
+            # reach the wire in a Struct's binary encoding, and neither means anything as a parameter.
+            raise ParamError(field, f"must be a finite number, got {value}")
         if self.minimum is not None and value < self.minimum:
-            raise ParamError(field, f"must be >= {self.minimum:g}, got {value}")
+            raise ParamError(field, f"must be >= {_number(self.minimum)}, got {value}")
         if self.maximum is not None and value > self.maximum:
-            raise ParamError(field, f"must be <= {self.maximum:g}, got {value}")
+            raise ParamError(field, f"must be <= {_number(self.maximum)}, got {value}")
         if self.choices and value not in self.choices:
             raise ParamError(field, f"must be one of {', '.join(self.choices)}, got {value!r}")
         return float(value) if self.type == "float" else value
@@ -96,9 +112,10 @@ class Controller:
         for p in cls.params:
             field_name = f"{prefix}.{p.name}"
             value = p.check(raw[p.name], field_name) if p.name in raw else p.default
-            cap = (limits or {}).get(p.name)
+            cap = (limits or {}).get(p.limit or p.name)
             if cap is not None and value > cap:
-                raise ParamError(field_name, f"must be <= {cap:g} (this router's limit), got {value}")
+                limit = f" on {p.limit}" if p.limit else ""
+                raise ParamError(field_name, f"must be <= {cap:g} (this router's limit{limit}), got {value}")
             values[p.name] = value
         return cls(**values)
 

@@ -44,7 +44,7 @@ class BeamSearch(SearchController):
                    "into `expansions` next steps, keep the beam_width best by process reward (Snell et al. 2024).")
     params = (
         Param("beam_width", "int", 4, "partial solutions kept after each step (N/M in Snell et al.)", minimum=1),
-        Param("expansions", "int", 4, "next steps sampled from each kept solution (M)", minimum=1),
+        Param("expansions", "int", 4, "next steps sampled from each kept solution (M)", minimum=1, limit="n"),
         Param("max_steps", "int", 40, "steps after which an open beam is stopped where it is", minimum=1),
         *search_params("process"),
     )

@@ -46,7 +46,7 @@ class BestFirstSearch(SearchController):
                    "process reward; stop at the first complete solution popped or after max_expansions.")
     params = (
         Param("max_expansions", "int", 32, "partial solutions expanded at most (the search budget)", minimum=1),
-        Param("expansions", "int", 4, "next steps sampled from each expanded solution", minimum=1),
+        Param("expansions", "int", 4, "next steps sampled from each expanded solution", minimum=1, limit="n"),
         Param("max_steps", "int", 40, "steps after which a solution is cut off and no longer expanded", minimum=1),
         *search_params("process"),
     )

@@ -135,7 +135,7 @@ class DeepConfOffline(Controller):
         task = Generate(prompt, n=self.n, sampling={"logprobs": self.logprobs}, branch="trace")
         yield task
         if not task.ok:
-            raise ControllerError(task.failure.code, task.failure.message)
+            raise ControllerError(task.failure.code, task.failure.message, task.failure.field)
         candidates = []
         for s in task.output.samples:
             branch = f"trace/{s.index}"

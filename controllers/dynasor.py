@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from controllers import extractors
 from controllers.answers import EXTRACTOR_PARAMS, answer_extractor
-from controllers.base import Controller, ControllerError, Param, ParamError, Result
+from controllers.base import INT32_MAX, Controller, ControllerError, Param, ParamError, Result
 from controllers.tasks import Candidate, Generate, Intermediate, Message, Progress, Prompt, SampleOut
 
 PROBE = "... Oh, I suddenly got the answer to the whole problem, **Final Answer**\n\n\\[ \\boxed{"
@@ -73,9 +73,11 @@ class DynasorCoT(Controller):
                    "(Dynasor-CoT).")
     params = (
         Param("max_tokens", "int", 2048, "reasoning tokens at most (probes not counted)", minimum=1),
-        Param("probe_interval", "int", 64, "reasoning tokens between probes", minimum=1),
+        # These two become SamplingParams.max_tokens (an int32): a larger value failed the run as INTERNAL mid-way.
+        Param("probe_interval", "int", 64, "reasoning tokens between probes", minimum=1, maximum=INT32_MAX),
         Param("agree", "int", 3, "consecutive probes that must give the same certain answer", minimum=1),
-        Param("probe_tokens", "int", 20, "tokens a probe may write to state its answer", minimum=1),
+        Param("probe_tokens", "int", 20, "tokens a probe may write to state its answer", minimum=1,
+              maximum=INT32_MAX),
         Param("probe", "str", PROBE, "text appended to the reasoning so far to draw out the answer"),
         Param("keep_s", "float", 30.0, "seconds the worker keeps the reasoning (and its KV) for the next chunk "
               "and probe; 0: re-send the prompt and the reasoning every time", minimum=0.0, maximum=3600.0),
@@ -168,7 +170,7 @@ class DynasorCoT(Controller):
             if task.ok:
                 return task
             if task.failure.code not in HANDLE_LOST:
-                raise ControllerError(task.failure.code, task.failure.message)
+                raise ControllerError(task.failure.code, task.failure.message, task.failure.field)
             state.handle = ""
             state.fallbacks += 1
             yield Intermediate("fallback", branch, details={"code": task.failure.code,
@@ -176,7 +178,7 @@ class DynasorCoT(Controller):
         task = Generate(extend(prompt, state.text + suffix), sampling=sampling, branch=branch, keep_s=keep_s)
         yield task
         if not task.ok:
-            raise ControllerError(task.failure.code, task.failure.message)
+            raise ControllerError(task.failure.code, task.failure.message, task.failure.field)
         return task
 
     def _boxed_probe(self) -> bool:

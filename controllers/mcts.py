@@ -27,6 +27,8 @@ from controllers.base import ControllerError, Param, Result
 from controllers.steps import SearchController, check_prompt, dropped, pruned, search_params
 from controllers.tasks import Candidate, Intermediate, Progress, Prompt, TaskFailure
 
+MAX_ITERATIONS = 10_000
+
 
 @dataclass(eq=False)
 class Node:
@@ -58,8 +60,11 @@ class MCTS(SearchController):
     description = ("Monte Carlo tree search over reasoning steps: UCT selection, expansion by sampling next steps, "
                    "evaluation by process reward, backpropagation of mean values (ReST-MCTS*-style).")
     params = (
-        Param("iterations", "int", 16, "selection-expansion-evaluation-backpropagation rounds", minimum=1),
-        Param("expansions", "int", 3, "next steps sampled when a node is expanded", minimum=1),
+        # At most MAX_ITERATIONS: once every leaf is terminal an iteration is a revisit that starts no task, so
+        # nothing else bounds the loop, and it never awaits: iterations=1e9 held the router's event loop.
+        Param("iterations", "int", 16, "selection-expansion-evaluation-backpropagation rounds", minimum=1,
+              maximum=MAX_ITERATIONS),
+        Param("expansions", "int", 3, "next steps sampled when a node is expanded", minimum=1, limit="n"),
         Param("exploration", "float", math.sqrt(2), "UCT exploration constant C (sqrt 2 is UCB1's, for values "
               "in [0, 1])", minimum=0.0),
         Param("max_steps", "int", 40, "depth at which a node is terminal", minimum=1),

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controllers import extractors
-from controllers.base import Controller, ControllerError, Param, ParamError
+from controllers.base import INT32_MAX, Controller, ControllerError, Param, ParamError
 from controllers.tasks import (
     Generate,
     Intermediate,
@@ -40,7 +40,8 @@ def search_params(kind: str = "process") -> tuple[Param, ...]:
     return (
         Param("step_separator", "str", "\n\n", "where a reasoning step ends: the stop string of every proposed step, "
               "and where the process reward model splits a solution into steps"),
-        Param("max_step_tokens", "int", 512, "max_tokens of one proposed step", minimum=1),
+        # SamplingParams.max_tokens is an int32: a larger value failed every step as INTERNAL once the run was going.
+        Param("max_step_tokens", "int", 512, "max_tokens of one proposed step", minimum=1, maximum=INT32_MAX),
         Param("kind", "str", kind, "how partial solutions are valued: process (a process reward model, per step), "
               "outcome (an outcome reward model) or verifier (the generation model asked whether it is right)",
               choices=KINDS),

@@ -44,7 +44,7 @@ class TreeOfThoughts(SearchController):
     description = ("Tree of Thoughts, BFS: propose `breadth` thoughts per state, value every state, keep the "
                    "`beam` best, `depth` times; then finish the best state (Yao et al. 2023).")
     params = (
-        Param("breadth", "int", 5, "thoughts proposed per state at each depth (k)", minimum=1),
+        Param("breadth", "int", 5, "thoughts proposed per state at each depth (k)", minimum=1, limit="n"),
         Param("beam", "int", 5, "states kept at each depth (b)", minimum=1),
         Param("depth", "int", 4, "levels of thoughts (T)", minimum=1),
         *search_params("verifier"),

@@ -19,6 +19,7 @@ from trellis_rpc import tls
 from trellis_rpc.logs import configure_logging
 from trellis_rpc.server import run_until_signalled, start_server
 from trellis_rpc.telemetry import configure_metrics, configure_tracing, metrics_port_default, shutdown_telemetry
+from trellis_rpc.undecodable import RefuseUndecodable
 from trellis_rpc.v1 import router_pb2, router_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -93,7 +94,8 @@ async def serve(args: argparse.Namespace) -> None:
                                           max_tasks_per_run=args.max_tasks_per_run))
     served = await start_server(
         args.host, args.port, lambda server: router_pb2_grpc.add_RouterServicer_to_server(service, server),
-        (router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,), tls=args.tls)
+        (router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,), tls=args.tls,
+        interceptors=(RefuseUndecodable(),))
     await served.set_serving(True)
     log.info("serving", port=served.port, workers=args.worker_list, pid=os.getpid())
     try:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
@@ -139,6 +140,8 @@ class RemoteRunner:
         self.max_migrations = max_migrations
         self.usage = RunUsage()
         self._ids = itertools.count()
+        # Task ids must be unique on a worker; run_id is the client's and two runs may share one.
+        self.task_prefix = f"{run_id}.{uuid.uuid4().hex[:8]}"
         self.max_tasks = max_tasks
         self.max_tokens = max_tokens
 
@@ -174,7 +177,7 @@ class RemoteRunner:
             generate.continue_from.handle = task.continue_from
         elif task.fork_from:
             generate.fork_from.handle = task.fork_from
-        request = worker_pb2.WorkerRequest(task_id=f"{self.run_id}/{number}", timeout_ms=self._timeout_ms(),
+        request = worker_pb2.WorkerRequest(task_id=f"{self.task_prefix}/{number}", timeout_ms=self._timeout_ms(),
                                            generate=generate)
         # A continuation or fork must run where its KV lives: the handle names the worker.
         holder = (task.continue_from or task.fork_from).partition(":")[0]
@@ -286,7 +289,7 @@ class RemoteRunner:
     async def _score(self, request: common_pb2.ScoreRequest) -> ScoreOutput:
         try:
             kind_name = check_score_request(request)
-            wire = worker_pb2.WorkerRequest(task_id=f"{self.run_id}/{self._next_task()}",
+            wire = worker_pb2.WorkerRequest(task_id=f"{self.task_prefix}/{self._next_task()}",
                                             timeout_ms=self._timeout_ms(), score=worker_pb2.ScoreTask(request=request))
             # The reward model's pool is named by the task, not by the run's generation model.
             async for response in dispatch(self.pool, wire, request.model, CAPABILITY_OF_KIND[kind_name],

@@ -226,7 +226,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             except ControllerError as err:
                 outcome = _status_of(err.code).name
                 span.set_status(trace.Status(trace.StatusCode.ERROR, f"{outcome}: {err.message}"))
-                raise StatusError(_status_of(err.code), err.message) from err
+                raise StatusError(_status_of(err.code), err.message, err.field) from err
             except ParamError as err:
                 outcome = "INVALID_ARGUMENT"
                 span.set_status(trace.Status(trace.StatusCode.ERROR, f"{outcome}: {err.message}"))
@@ -336,6 +336,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 async for event in self._events(run, deadline):
                     out.put_nowait(event)
             except StatusError as err:
+                if err.field and not err.field.startswith("run."):
+                    # Found once the run was under way (a worker's check): name it as the Session's field.
+                    err = StatusError(err.code, f"run.{err.message}" if err.message.startswith(err.field)
+                                      else err.message, f"run.{err.field}")
                 out.put_nowait(error_event(run.run_id, err))
             except asyncio.CancelledError:
                 cancelled = StatusError(grpc.StatusCode.CANCELLED, "cancelled by the client")

@@ -45,10 +45,11 @@ class Served:
 
 
 async def start_server(host: str, port: int, register: Callable[[grpc.aio.Server], None],
-                       service_names: tuple[str, ...], tls: ServerTLS | None = None) -> Served:
+                       service_names: tuple[str, ...], tls: ServerTLS | None = None,
+                       interceptors: tuple[grpc.aio.ServerInterceptor, ...] = ()) -> Served:
     """Start a server NOT_SERVING; the caller flips it to SERVING once it can do its job. tls: serve TLS
     (mutual when it names a client CA); None: plaintext (the CLIs allow that on loopback or when asked)."""
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -152,6 +152,10 @@ class TorchEngine:
         if source is None and len(ids) >= self.max_context:
             raise invalid("prompt", f"{len(ids)} tokens do not fit the model's context of {self.max_context} tokens "
                                     f"(at least one token must be left to generate)")
+        bad_stop = [t for t in cfg.stop_token_ids if t >= self.vocab]
+        if bad_stop:  # the sampler indexes the logits with them: out of range would fail the whole engine step
+            raise invalid("sampling.stop_token_ids", f"token id {bad_stop[0]} is outside the vocabulary "
+                                                     f"(size {self.vocab})")
         if cfg.n > self.max_batch_size:
             raise invalid("sampling.n", f"must be <= the worker's max batch size {self.max_batch_size}, got {cfg.n}")
         if self.blocks.blocks_for(len(ids) + 1) > self.blocks.num_blocks:

@@ -103,6 +103,10 @@ class TrtLlmEngine:
             raise StatusError(grpc.StatusCode.NOT_FOUND, "generate.source: a TensorRT-LLM worker keeps no "
                                                          "sequences; send the whole prompt", "generate.source")
         self._start_stats()
+        vocab = len(self.tokenizer)
+        bad_stop = [t for t in cfg.stop_token_ids if t >= vocab]
+        if bad_stop:
+            raise invalid("sampling.stop_token_ids", f"token id {bad_stop[0]} is outside the vocabulary (size {vocab})")
         ids = self.tokenize(prompt)
         if self.max_context and len(ids) >= self.max_context:
             raise invalid("prompt", f"{len(ids)} tokens do not fit the model's context of {self.max_context} tokens "
