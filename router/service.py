@@ -406,7 +406,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 json_format.ParseDict(p.default, spec.default)
                 if p.minimum is not None:
                     spec.minimum = p.minimum
-                maximum = _lowest(self.max_n, client.max_n) if p.name == "n" else p.maximum
+                maximum = _lowest(self.max_n, client.max_n) if (p.limit or p.name) == "n" else p.maximum
                 if maximum is not None:
                     spec.maximum = maximum
                 params.append(spec)
