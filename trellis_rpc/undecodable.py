@@ -13,7 +13,10 @@ from google.protobuf.message import DecodeError
 
 
 class _Undecodable:
-    def __init__(self, error): self.error = error
+    """What the deserializer hands the handler instead of a request it could not parse."""
+
+    def __init__(self, error: DecodeError) -> None:
+        self.error = error
 
 
 class RefuseUndecodable(grpc.aio.ServerInterceptor):
