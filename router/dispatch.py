@@ -74,7 +74,7 @@ _tracer = tracer(__name__)
 
 
 @contextlib.contextmanager
-def _outcome(kind: str, span: trace.Span) -> Iterator[None]:
+def task_outcome(kind: str, span: trace.Span) -> Iterator[None]:
     """Count the task by how it ended (gRPC status code name) and mark its span when it failed."""
     code = "OK"
     try:
@@ -86,6 +86,10 @@ def _outcome(kind: str, span: trace.Span) -> Iterator[None]:
     except TaskFailed as exc:
         code = exc.failure.code
         span.set_status(trace.Status(trace.StatusCode.ERROR, f"{code}: {exc.failure.message}"))
+        raise
+    except StatusError as err:  # a task sent straight to a worker (Router.Generate / Router.Score)
+        code = err.code.name
+        span.set_status(trace.Status(trace.StatusCode.ERROR, f"{code}: {err.message}"))
         raise
     except asyncio.CancelledError:
         code = "CANCELLED"
@@ -184,7 +188,7 @@ class RemoteRunner:
         samples = [SampleSoFar() for _ in range(task.n)]
         with _tracer.start_as_current_span("router.generate", attributes={
                 "trellis.branch": task.branch, "trellis.n": task.n, "trellis.task_id": request.task_id},
-                record_exception=False, set_status_on_exception=False) as span, _outcome("generate", span):
+                record_exception=False, set_status_on_exception=False) as span, task_outcome("generate", span):
             result = await self._generate_traced(request, holder, samples, on_token)
             return result
 
@@ -283,7 +287,7 @@ class RemoteRunner:
                                           step_separator=task.step_separator, model=task.model)
         with _tracer.start_as_current_span("router.score", attributes={
                 "trellis.kind": task.kind, "trellis.candidates": len(task.candidates)},
-                record_exception=False, set_status_on_exception=False) as span, _outcome("score", span):
+                record_exception=False, set_status_on_exception=False) as span, task_outcome("score", span):
             return await self._score(request)
 
     async def _score(self, request: common_pb2.ScoreRequest) -> ScoreOutput:

@@ -20,7 +20,7 @@ from router import metrics
 from router.admission import Admission, Exhausted, Ticket
 from router.auth import Authenticator, ClientPolicy
 from router.convert import dict_to_struct, event_to_pb, prompt_from_pb, result_to_pb, struct_to_dict
-from router.dispatch import RemoteRunner, dispatch, step_span
+from router.dispatch import RemoteRunner, dispatch, step_span, task_outcome
 from router.pool import WorkerPool
 from trellis_rpc.errors import StatusError, code_number, invalid
 from trellis_rpc.sampling import DEFAULT_MAX_TOKENS, check_prompt, resolve_sampling
@@ -442,26 +442,16 @@ class RouterService(router_pb2_grpc.RouterServicer):
     async def _direct(self, kind: str, context: grpc.aio.ServicerContext, task: worker_pb2.WorkerRequest,
                       model: str, capability: int):
         """One task sent straight to a worker (Router.Generate, Router.Score), in its own span, counted."""
-        result_field, code = f"{kind}_result", "OK"
+        result_field = f"{kind}_result"
         parent = traced_parent(context.invocation_metadata())
         scope = contextlib.nullcontext(trace.INVALID_SPAN) if parent is None else _tracer.start_as_current_span(
             f"router.{kind}", context=parent, attributes={"trellis.task_id": task.task_id}, record_exception=False,
             set_status_on_exception=False)
-        with scope as span:
-            try:
-                async for response in dispatch(self.pool, task, model, capability, self.worker_wait_s):
-                    if response.WhichOneof("kind") == result_field:
-                        return getattr(response, result_field)
-                raise StatusError(grpc.StatusCode.INTERNAL, "worker ended the task without a result")
-            except StatusError as err:
-                code = err.code.name
-                span.set_status(trace.Status(trace.StatusCode.ERROR, f"{code}: {err.message}"))
-                raise
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            finally:
-                metrics.tasks.add(1, kind, code)
+        with scope as span, task_outcome(kind, span):
+            async for response in dispatch(self.pool, task, model, capability, self.worker_wait_s):
+                if response.WhichOneof("kind") == result_field:
+                    return getattr(response, result_field)
+            raise StatusError(grpc.StatusCode.INTERNAL, "worker ended the task without a result")
 
     @staticmethod
     def _timeout_ms(context: grpc.aio.ServicerContext) -> int:

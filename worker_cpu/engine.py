@@ -37,6 +37,7 @@ from trellis_rpc.engine_api import (
 )
 from trellis_rpc.errors import StatusError, invalid
 from trellis_rpc.sampling import SamplingConfig
+from trellis_rpc.tokens import check_token_ids, encode_prompt
 from worker_cpu.block_manager import BlockManager
 from worker_cpu.detokenizer import IncrementalDetokenizer
 from worker_cpu.model import KVCache, PagedDecoder, decoder_from_hf
@@ -122,20 +123,7 @@ class TorchEngine:
     # ---- asyncio side ----------------------------------------------------------------------
 
     def tokenize(self, prompt: PromptInput) -> list[int]:
-        if prompt.token_ids is not None:
-            bad = [t for t in prompt.token_ids if t >= self.vocab]
-            if bad:
-                raise invalid("prompt.token_ids.ids",
-                              f"token id {bad[0]} is outside the vocabulary (size {self.vocab})")
-            return list(prompt.token_ids)
-        if prompt.chat is not None:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise invalid("prompt.chat", "this model has no chat template; send prompt.text instead")
-            text = self.tokenizer.apply_chat_template(
-                prompt.chat, tokenize=False, add_generation_prompt=not prompt.continue_final_message,
-                continue_final_message=prompt.continue_final_message)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.tokenizer(prompt.text)["input_ids"]
+        return encode_prompt(self.tokenizer, prompt, self.vocab)
 
     def _appended(self, prompt: PromptInput) -> list[int]:
         """Tokens to add to a kept sequence: raw text (no special tokens) or token ids."""
@@ -152,10 +140,8 @@ class TorchEngine:
         if source is None and len(ids) >= self.max_context:
             raise invalid("prompt", f"{len(ids)} tokens do not fit the model's context of {self.max_context} tokens "
                                     f"(at least one token must be left to generate)")
-        bad_stop = [t for t in cfg.stop_token_ids if t >= self.vocab]
-        if bad_stop:  # the sampler indexes the logits with them: out of range would fail the whole engine step
-            raise invalid("sampling.stop_token_ids", f"token id {bad_stop[0]} is outside the vocabulary "
-                                                     f"(size {self.vocab})")
+        # The sampler indexes the logits with stop ids: one out of range would fail the whole engine step.
+        check_token_ids(cfg.stop_token_ids, self.vocab, "sampling.stop_token_ids")
         if cfg.n > self.max_batch_size:
             raise invalid("sampling.n", f"must be <= the worker's max batch size {self.max_batch_size}, got {cfg.n}")
         if self.blocks.blocks_for(len(ids) + 1) > self.blocks.num_blocks:

@@ -38,6 +38,7 @@ from trellis_rpc.engine_api import (
 )
 from trellis_rpc.errors import StatusError, invalid
 from trellis_rpc.sampling import SamplingConfig
+from trellis_rpc.tokens import check_token_ids, encode_prompt
 from worker_cpu.stop_strings import StopStringMatcher
 from worker_gpu.trtllm_sampling import Support, allow_greedy_n, trtllm_kwargs
 
@@ -67,6 +68,7 @@ class TrtLlmEngine:
         self.SamplingParams = sampling_params_cls
         self.support = Support.of(version)
         self.tokenizer = llm.tokenizer.tokenizer if hasattr(llm.tokenizer, "tokenizer") else llm.tokenizer
+        self.vocab = len(self.tokenizer)
         self.max_context = getattr(llm.args, "max_seq_len", None) or model_context(model_dir) or 0
         self.info = EngineInfo(
             model_id=model_id, engine=f"tensorrt-llm-{version}", max_context_tokens=self.max_context,
@@ -79,20 +81,7 @@ class TrtLlmEngine:
     # ---- prompts -------------------------------------------------------------------------------
 
     def tokenize(self, prompt: PromptInput) -> list[int]:
-        if prompt.token_ids is not None:
-            vocab = len(self.tokenizer)
-            bad = [t for t in prompt.token_ids if t >= vocab]
-            if bad:
-                raise invalid("prompt.token_ids.ids", f"token id {bad[0]} is outside the vocabulary (size {vocab})")
-            return list(prompt.token_ids)
-        if prompt.chat is not None:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise invalid("prompt.chat", "this model has no chat template; send prompt.text instead")
-            text = self.tokenizer.apply_chat_template(
-                prompt.chat, tokenize=False, add_generation_prompt=not prompt.continue_final_message,
-                continue_final_message=prompt.continue_final_message)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.tokenizer(prompt.text)["input_ids"]
+        return encode_prompt(self.tokenizer, prompt, self.vocab)
 
     # ---- generation ----------------------------------------------------------------------------
 
@@ -103,10 +92,7 @@ class TrtLlmEngine:
             raise StatusError(grpc.StatusCode.NOT_FOUND, "generate.source: a TensorRT-LLM worker keeps no "
                                                          "sequences; send the whole prompt", "generate.source")
         self._start_stats()
-        vocab = len(self.tokenizer)
-        bad_stop = [t for t in cfg.stop_token_ids if t >= vocab]
-        if bad_stop:
-            raise invalid("sampling.stop_token_ids", f"token id {bad_stop[0]} is outside the vocabulary (size {vocab})")
+        check_token_ids(cfg.stop_token_ids, self.vocab, "sampling.stop_token_ids")
         ids = self.tokenize(prompt)
         if self.max_context and len(ids) >= self.max_context:
             raise invalid("prompt", f"{len(ids)} tokens do not fit the model's context of {self.max_context} tokens "
