@@ -4,6 +4,7 @@ the same controller objects run in the router against remote workers and in-proc
 from controllers.base import Controller, ControllerError, Param, ParamError, Result
 from controllers.registry import REGISTRY, controller_class
 from controllers.tasks import (
+    CONTEXT_LENGTH_EXCEEDED,
     Branch,
     Cancel,
     Candidate,
@@ -23,7 +24,7 @@ from controllers.tasks import (
 )
 
 __all__ = [
-    "Branch", "Cancel", "Candidate", "Controller", "ControllerError", "Generate", "GenerateOutput", "Intermediate",
-    "Message", "Param", "ParamError", "Progress", "Prompt", "REGISTRY", "Result", "SampleOut", "Score",
-    "ScoreOutput", "TaskFailure", "TokenDelta", "Trace", "WaitAny", "controller_class",
+    "CONTEXT_LENGTH_EXCEEDED", "Branch", "Cancel", "Candidate", "Controller", "ControllerError", "Generate",
+    "GenerateOutput", "Intermediate", "Message", "Param", "ParamError", "Progress", "Prompt", "REGISTRY", "Result",
+    "SampleOut", "Score", "ScoreOutput", "TaskFailure", "TokenDelta", "Trace", "WaitAny", "controller_class",
 ]

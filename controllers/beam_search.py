@@ -10,7 +10,8 @@ search-and-learn ("Scaling test-time compute with open models", Beeching, Tunsta
     4. from each, sample M proposals for the next step, giving N/M x M candidate prefixes; repeat 2-4.
 
 Here N/M is `beam_width` and M is `expansions`. A beam stops when its step ends the solution (end of
-sequence rather than the step separator, or no separator within max_step_tokens) or after `max_steps` steps;
+sequence rather than the step separator, or no separator within max_step_tokens), when it fills the model's
+context, or after `max_steps` steps;
 the search stops once `beam_width` beams have stopped or none is left open. The answer is the best stopped
 beam, complete solutions before cut-off ones, by the PRM's value of its last step (Snell et al.'s aggregate;
 `aggregate` picks min or product instead).
@@ -19,11 +20,11 @@ beam, complete solutions before cut-off ones, by the PRM's value of its last ste
 from __future__ import annotations
 
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from controllers.base import ControllerError, Param, Result
-from controllers.steps import SearchController, check_prompt, dropped, pruned, search_params
+from controllers.base import Param, Result
+from controllers.steps import SearchController, check_prompt, dropped, pruned, search_failed, search_params
 from controllers.tasks import Candidate, Intermediate, Progress, Prompt, TaskFailure
 
 
@@ -36,6 +37,7 @@ class Beam:
     value: float = 0.0
     steps: int = 0
     finish_reason: str = ""     # "" while open; "stop" complete, "length" cut off (step tokens or max_steps)
+    full: bool = False          # cut off because it fills the model's context
 
 
 class BeamSearch(SearchController):
@@ -64,16 +66,17 @@ class BeamSearch(SearchController):
             expansions = yield from self.search.expand(prompt, parents, self.expansions)
 
             candidates: list[Beam] = []
-            for expansion in expansions:
+            for beam, expansion in zip(beams, expansions, strict=True):
                 yield from dropped(expansion)
                 if expansion.failure is not None:
                     failures.append(expansion.failure)
+                if expansion.full:   # it fills the context: stopped where it is, like a step without separator
+                    candidates.append(replace(beam, finish_reason="length", full=True))
                 candidates += [Beam(p.path, f"{expansion.branch}/{p.index}", p.value, step,
                                     p.finish_reason if p.ended else "") for p in expansion.proposals]
             if all(e.failure is not None for e in expansions):
                 if not stopped:
-                    raise ControllerError(failures[-1].code, f"beam search step {step}: every expansion failed: "
-                                                             f"{failures[-1].message}")
+                    raise search_failed(f"beam search step {step}: every expansion failed", failures[-1])
                 beams = []  # keep what has stopped; the failures are in the result's details
                 break
 
@@ -81,7 +84,8 @@ class BeamSearch(SearchController):
                 if beam.finish_reason:
                     stopped.append(beam)
                     yield Intermediate("stopped", beam.branch, self.extract(beam.text), beam.value,
-                                       {"finish_reason": beam.finish_reason, "steps": beam.steps})
+                                       {"finish_reason": beam.finish_reason, "steps": beam.steps,
+                                        **({"reason": "context"} if beam.full else {})})
             # Stable sort: equal values keep the earlier beam, then the earlier sample.
             open_beams = sorted((b for b in candidates if not b.finish_reason), key=lambda b: -b.value)
             beams = open_beams[: self.beam_width]

@@ -13,8 +13,8 @@ model's score of its steps:
         push each of `expansions` next steps sampled from s, valued by the reward model
     return the best complete solution seen, else the best partial one
 
-A solution cut off (no separator within max_step_tokens, or `max_steps` steps) cannot be expanded: popping one
-sets it aside and the search goes on.
+A solution cut off (no separator within max_step_tokens, `max_steps` steps, or the model's context full) cannot
+be expanded: popping one sets it aside and the search goes on.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from collections.abc import Generator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from controllers.base import ControllerError, Param, Result
-from controllers.steps import SearchController, check_prompt, dropped, search_params
+from controllers.base import Param, Result
+from controllers.steps import SearchController, check_prompt, dropped, search_failed, search_params
 from controllers.tasks import Candidate, Intermediate, Progress, Prompt, TaskFailure
 
 
@@ -75,6 +75,12 @@ class BestFirstSearch(SearchController):
             if expansion.failure is not None:
                 failures.append(expansion.failure)
                 continue
+            if expansion.full:    # it fills the context: cut off where it is
+                node.finish_reason = "length"
+                seen.append(node)
+                yield Intermediate("stopped", node.branch, self.extract(node.text), node.value,
+                                   {"finish_reason": "length", "reason": "context"})
+                continue
             for proposal in expansion.proposals:
                 child = Node(proposal.path, f"{node.branch}/{proposal.index}", proposal.value, node.depth + 1,
                              proposal.finish_reason if proposal.ended else "")
@@ -105,7 +111,7 @@ class BestFirstSearch(SearchController):
             answer = max(pool, key=lambda n: (n.finish_reason == "stop", n.value), default=None)
         if answer is None:
             if failures:
-                raise ControllerError(failures[-1].code, f"best-first search found nothing: {failures[-1].message}")
+                raise search_failed("best-first search found nothing", failures[-1])
             return Result(answer="", details=details)
         details.update(score=answer.value, branch=answer.branch, steps=answer.depth)
         candidates = [Candidate(n.branch, n.text, self.extract(n.text), n.value, n.finish_reason)

@@ -6,7 +6,7 @@ probe-in-the-middle: after every `probe_interval` reasoning tokens, append a pro
 got the answer to the whole problem, **Final Answer**: \\boxed{") and let the model write a few tokens
 to read the answer it would give now. Once `agree` consecutive probes give the same answer, each free of
 hesitation ("wait", "hmm", ...), the answer is certain and the reasoning stops; otherwise it goes on
-up to `max_tokens`.
+up to `max_tokens`, or until the reasoning (with a probe after it) fills the model's context.
 
 Serving: the reasoning is kept on the worker between chunks (keep_s): a chunk continues the kept sequence
 (continue_from) and a probe forks it (fork_from), so neither prefills the reasoning again. When the worker
@@ -96,10 +96,16 @@ class DynasorCoT(Controller):
                        0, self.max_tokens)
         while True:
             sample = yield from self._chunk(prompt, state)
+            if sample is None:
+                stop = "context"
+                break
             if sample.finish_reason != "length" or not sample.token_count:
                 stop = "finished"  # the model ended its reasoning on its own
                 break
             probe = yield from self._probe(prompt, state)
+            if probe is None:
+                stop = "context"
+                break
             streak = self._streak(state.probes)
             yield Intermediate("probe", f"probe/{len(state.probes) - 1}/0", probe.answer, float(streak),
                                {"tokens": state.tokens, "certain": probe.certain})
@@ -115,7 +121,8 @@ class DynasorCoT(Controller):
         if stop == "finished":
             answer, text = self.extract(state.text), state.text
             if not answer:  # no answer in the text: ask for it as a probe would
-                answer = (yield from self._probe(prompt, state)).answer
+                probe = yield from self._probe(prompt, state)
+                answer = probe.answer if probe else ""
         else:
             # The latest answer a probe found, written after the reasoning the way the probe asked for it.
             found = next((p for p in reversed(state.probes) if p.answer), None)
@@ -123,9 +130,11 @@ class DynasorCoT(Controller):
             if found:
                 answer = found.answer
                 text += self.probe + (found.answer + "}" if self._boxed_probe() else found.text)
+            elif stop == "context":   # no room left to ask: whatever answer the reasoning holds
+                answer = self.extract(state.text)
         return Result(
             answer=answer, text=text,
-            candidates=[Candidate("reasoning/0", text, answer, finish_reason="stop" if stop != "max_tokens"
+            candidates=[Candidate("reasoning/0", text, answer, finish_reason="stop" if stop in ("finished", "certain")
                                   else "length")],
             details={"stopped_by": stop, "reasoning_tokens": state.tokens, "probe_tokens": state.probe_tokens,
                      "chunks": state.chunks, "probes": [p.answer for p in state.probes],
@@ -135,8 +144,11 @@ class DynasorCoT(Controller):
     # ---- steps --------------------------------------------------------------------------------
 
     def _chunk(self, prompt: Prompt, state: Reasoning):
+        """The next chunk of reasoning, or None when the reasoning already fills the model's context."""
         sampling = {"max_tokens": min(self.probe_interval, self.max_tokens - state.tokens), "min_tokens": 0}
         task = yield from self._generate(prompt, state, "", sampling, "reasoning", fork=False)
+        if task is None:
+            return None
         sample: SampleOut = task.output.samples[0]
         state.text += sample.text
         state.tokens += sample.token_count
@@ -145,10 +157,13 @@ class DynasorCoT(Controller):
         return sample
 
     def _probe(self, prompt: Prompt, state: Reasoning):
+        """Ask for the answer now; None when the reasoning plus the probe do not fit the model's context."""
         # Greedy: the probe reads the answer the reasoning points to, not a sample of it.
         sampling = {"temperature": 0.0, "max_tokens": self.probe_tokens, "min_tokens": 0}
         task = yield from self._generate(prompt, state, self.probe, sampling, f"probe/{len(state.probes)}",
                                          fork=True)
+        if task is None:
+            return None
         out = task.output.samples[0]
         state.probe_tokens += out.token_count
         if self._boxed_probe():
@@ -161,14 +176,18 @@ class DynasorCoT(Controller):
 
     def _generate(self, prompt: Prompt, state: Reasoning, suffix: str, sampling: dict, branch: str, fork: bool):
         """Run one step from the kept sequence when there is one, else (or when it is lost) from a re-sent
-        prompt + reasoning + suffix. A chunk (fork=False) asks to keep what it produces; a probe does not."""
+        prompt + reasoning + suffix. A chunk (fork=False) asks to keep what it produces; a probe does not.
+        None when the text the controller added (reasoning, probe) makes it too long for the model's context."""
         keep_s = 0.0 if fork else self.keep_s
+        own_text = bool(state.text or suffix)
         if state.handle:
             source = {"fork_from": state.handle} if fork else {"continue_from": state.handle}
             task = Generate(Prompt(text=suffix), sampling=sampling, branch=branch, keep_s=keep_s, **source)
             yield task
             if task.ok:
                 return task
+            if task.failure.context_full and own_text:
+                return None
             if task.failure.code not in HANDLE_LOST:
                 raise ControllerError(task.failure.code, task.failure.message, task.failure.field)
             state.handle = ""
@@ -177,9 +196,11 @@ class DynasorCoT(Controller):
                                                             "message": task.failure.message})
         task = Generate(extend(prompt, state.text + suffix), sampling=sampling, branch=branch, keep_s=keep_s)
         yield task
-        if not task.ok:
-            raise ControllerError(task.failure.code, task.failure.message, task.failure.field)
-        return task
+        if task.ok:
+            return task
+        if task.failure.context_full and own_text:
+            return None
+        raise ControllerError(task.failure.code, task.failure.message, task.failure.field)
 
     def _boxed_probe(self) -> bool:
         return self.probe.rstrip().endswith("\\boxed{")

@@ -11,9 +11,9 @@ Hu, Yue, Dong and Tang, "ReST-MCTS*: LLM Self-Training via Process Reward Guided
     3. evaluation: value each new partial solution with the process reward model (in place of a rollout);
     4. backpropagation: add each new value to the visits and value sums of every node up to the root.
 
-A node whose step ends the solution (or that is `max_steps` deep) is terminal: selecting it again backs up its
-value once more. After `iterations`, the answer is the best terminal node: highest mean value, ties to the
-most visited.
+A node whose step ends the solution (or that is `max_steps` deep, or fills the model's context) is terminal:
+selecting it again backs up its value once more. After `iterations`, the answer is the best terminal node:
+highest mean value, ties to the most visited.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from collections.abc import Generator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from controllers.base import ControllerError, Param, Result
-from controllers.steps import SearchController, check_prompt, dropped, pruned, search_params
+from controllers.base import Param, Result
+from controllers.steps import SearchController, check_prompt, dropped, pruned, search_failed, search_params
 from controllers.tasks import Candidate, Intermediate, Progress, Prompt, TaskFailure
 
 MAX_ITERATIONS = 10_000
@@ -95,6 +95,12 @@ class MCTS(SearchController):
             yield from dropped(expansion)
             if expansion.failure is not None:
                 failures.append(expansion.failure)
+            if expansion.full:    # it fills the context: terminal, cut off where it is
+                leaf.finish_reason = "length"
+                self._backpropagate(leaf, leaf.value)
+                yield Intermediate("stopped", leaf.branch, self.extract(leaf.text), leaf.value,
+                                   {"finish_reason": "length", "reason": "context"})
+                continue
             if not expansion.proposals:   # failed, or every sample empty: nothing to search below this node
                 self._kill(leaf)
                 if expansion.failure is None:
@@ -165,7 +171,7 @@ class MCTS(SearchController):
             partial = max((n for n in nodes if n.text), key=lambda n: (n.mean, n.visits), default=None)
             if partial is None:
                 if failures:
-                    raise ControllerError(failures[-1].code, f"mcts expanded nothing: {failures[-1].message}")
+                    raise search_failed("mcts expanded nothing", failures[-1])
                 return Result(answer="", details=details)
             answer = replace(partial, finish_reason="length")
         terminal = sorted((n for n in nodes if n.finish_reason), key=lambda n: (-n.mean, -n.visits))

@@ -7,6 +7,7 @@ reward model (a Score task). This module holds the mechanics, so each controller
 - `continue_prompt`: the prompt with a partial assistant answer appended;
 - `read_step`: what a sampled step says, and whether the solution ended there;
 - `StepSearch.expand`: propose n next steps of several partial solutions and value them, concurrently;
+  a partial solution that has filled the model's context is reported `full` (cut off there), not failed;
 - `SearchController`: the parameters every search takes (separator, reward model, aggregate, extractor).
 """
 
@@ -146,13 +147,16 @@ class Proposal:
 @dataclass
 class Expansion:
     """The proposals sampled from one partial solution, valued. `failure` when its generate or score task
-    failed (then there are no proposals); `dropped` names the samples that made no step."""
+    failed (then there are no proposals); `dropped` names the samples that made no step. `full` when the
+    partial solution cannot grow: it fills the model's context, or every next step would overflow the reward
+    model's; the search ends it there, cut off ("length"), as it would at max_steps."""
 
     prefix: str
     branch: str
     proposals: list[Proposal] = field(default_factory=list)
     dropped: list[tuple[int, str]] = field(default_factory=list)   # (sample index, why)
     failure: TaskFailure | None = None
+    full: bool = False
     generate: Generate | None = None
     score: Score | None = None
 
@@ -236,7 +240,12 @@ class StepSearch:
             waiting = [task for task in waiting if id(task) not in finished]
             for task in done:
                 expansion = owner[id(task)]
-                if task.failure is not None:
+                if task.failure is not None and task.failure.context_full:
+                    rescore = self._overflowed(task, expansion)
+                    if rescore is not None:
+                        owner[id(rescore)] = expansion
+                        waiting.append(rescore)
+                elif task.failure is not None:
                     expansion.failure = task.failure
                     expansion.proposals = []
                 elif isinstance(task, Generate):
@@ -250,6 +259,47 @@ class StepSearch:
                     if expansion.failure is not None:
                         expansion.proposals = []
         return expansions
+
+    def _overflowed(self, task: Generate | Score, expansion: Expansion) -> Score | None:
+        """A task failed because its text does not fit a model's context: what the search does instead.
+
+        The question alone not fitting is the client's prompt at fault: the failure stands. Otherwise the text
+        is the search's own. A proposal too long for the reward model is dropped and the rest scored again (the
+        worker names the first candidate that does not fit); with none left, or when the partial solution
+        itself fills the generator's context, the partial solution is full.
+        """
+        index = _candidate_index(task.failure.field) if isinstance(task, Score) else None
+        if index is not None and index < len(expansion.proposals):
+            lost = expansion.proposals.pop(index)
+            expansion.dropped.append((lost.index, "context"))
+            if expansion.proposals:
+                expansion.score = self.score(task.prompt, expansion.proposals)
+                return expansion.score
+            if not expansion.prefix:
+                expansion.failure = TaskFailure(
+                    "OUT_OF_RANGE", f"every first step is too long for the reward model's context with the prompt "
+                                    f"({task.failure.message}): a smaller params.max_step_tokens keeps steps shorter")
+        elif not expansion.prefix:
+            expansion.failure = task.failure
+        expansion.full = bool(expansion.prefix) and expansion.failure is None
+        expansion.proposals = []
+        return None
+
+
+def _candidate_index(field_path: str) -> int | None:
+    """i of 'candidates[i]', the field a score task's failure names."""
+    if field_path.startswith("candidates[") and field_path.endswith("]"):
+        inner = field_path[len("candidates["):-1]
+        return int(inner) if inner.isdigit() else None
+    return None
+
+
+def search_failed(what: str, failure: TaskFailure) -> ControllerError:
+    """Fail the run for a failure the search cannot go on from. A failure naming a request field (the client's
+    prompt does not fit, say) keeps the field first in its message, so the client reads which field it was."""
+    if failure.field:
+        return ControllerError(failure.code, f"{failure.message} ({what})", failure.field)
+    return ControllerError(failure.code, f"{what}: {failure.message}")
 
 
 def pruned(branch: str, reason: str, value: float = 0.0, failure: TaskFailure | None = None) -> Intermediate:

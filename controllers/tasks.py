@@ -26,6 +26,11 @@ class Prompt:
     continue_final_message: bool = False
 
 
+# TaskFailure.reason of a task whose text does not fit the model's context (the worker contract's
+# TaskError.reason). When the controller wrote that text itself, the branch has only grown as far as it can.
+CONTEXT_LENGTH_EXCEEDED = "CONTEXT_LENGTH_EXCEEDED"
+
+
 @dataclass(frozen=True)
 class TaskFailure:
     """Why a task produced no result. code is a gRPC status name such as 'UNAVAILABLE'."""
@@ -33,6 +38,11 @@ class TaskFailure:
     code: str
     message: str
     field: str = ""
+    reason: str = ""    # machine-readable cause, e.g. CONTEXT_LENGTH_EXCEEDED
+
+    @property
+    def context_full(self) -> bool:
+        return self.reason == CONTEXT_LENGTH_EXCEEDED
 
 
 @dataclass

@@ -23,8 +23,17 @@ from collections.abc import Generator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from controllers.base import ControllerError, Param, Result
-from controllers.steps import SearchController, check_prompt, continue_prompt, dropped, join, pruned, search_params
+from controllers.base import Param, Result
+from controllers.steps import (
+    SearchController,
+    check_prompt,
+    continue_prompt,
+    dropped,
+    join,
+    pruned,
+    search_failed,
+    search_params,
+)
 from controllers.tasks import Candidate, Generate, Intermediate, Progress, Prompt, TaskFailure
 
 
@@ -64,16 +73,19 @@ class TreeOfThoughts(SearchController):
             expansions = yield from self.search.expand(prompt, parents, self.breadth)
 
             proposed: list[State] = []
-            for expansion in expansions:
+            for state, expansion in zip(growing, expansions, strict=True):
                 yield from dropped(expansion)
                 if expansion.failure is not None:
                     failures.append(expansion.failure)
+                if expansion.full:   # it fills the context: finished, cut off where it is
+                    proposed.append(replace(state, finish_reason="length"))
+                    yield Intermediate("stopped", state.branch, self.extract(state.text), state.value,
+                                       {"finish_reason": "length", "reason": "context"})
                 proposed += [State(p.path, f"{expansion.branch}/{p.index}", p.value, depth,
                                    p.finish_reason if p.ended else "") for p in expansion.proposals]
             if all(e.failure is not None for e in expansions):
                 if depth == 1:
-                    raise ControllerError(failures[-1].code, f"tree of thoughts: every proposal failed: "
-                                                             f"{failures[-1].message}")
+                    raise search_failed("tree of thoughts: every proposal failed", failures[-1])
                 break   # nothing new at this depth: S_{t-1} is what the search found
 
             # S'_t: the new states, plus the finished ones of S_{t-1}, which have no thought left to add.
@@ -106,8 +118,9 @@ class TreeOfThoughts(SearchController):
         task = Generate(continue_prompt(prompt, state.text + self.step_separator), n=1, branch="answer")
         yield task
         if task.failure is not None:
-            failures.append(task.failure)
-            yield pruned("answer", "failed", state.value, task.failure)
+            if not task.failure.context_full:   # a full context only means the state is as long as it gets
+                failures.append(task.failure)
+                yield pruned("answer", "failed", state.value, task.failure)
             return replace(state, finish_reason="length")
         sample = task.output.samples[0]
         return State(join(state.text, sample.text, self.step_separator), "answer", state.value, state.depth,

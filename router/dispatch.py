@@ -54,7 +54,7 @@ async def dispatch(pool: WorkerPool, request: worker_pb2.WorkerRequest, model: s
     async for response in worker.submit(request):
         if response.WhichOneof("kind") == "error":
             e = response.error
-            raise StatusError(code_from_number(e.code), e.message, e.field)
+            raise StatusError(code_from_number(e.code), e.message, e.field, e.reason)
         yield response
 
 
@@ -206,7 +206,7 @@ class RemoteRunner:
                 result = await self._migrate(request, samples, on_token, err)
             return self._output(result)
         except StatusError as err:
-            raise TaskFailed(TaskFailure(err.code.name, err.message, err.field)) from err
+            raise TaskFailed(TaskFailure(err.code.name, err.message, err.field, err.reason)) from err
 
     async def _stream(self, request: worker_pb2.WorkerRequest, holder: str, samples: list[SampleSoFar],
                       indexes: list[int], on_token: TokenSink) -> common_pb2.GenerateResult:
@@ -306,7 +306,7 @@ class RemoteRunner:
                     return ScoreOutput(scores=[c.score for c in ordered],
                                        step_scores=[list(c.step_scores) for c in ordered], worker_id=result.worker_id)
         except StatusError as err:
-            raise TaskFailed(TaskFailure(err.code.name, err.message, err.field)) from err
+            raise TaskFailed(TaskFailure(err.code.name, err.message, err.field, err.reason)) from err
         raise TaskFailed(TaskFailure(grpc.StatusCode.INTERNAL.name, "worker ended the task without a result"))
 
     def _wait_s(self) -> float:

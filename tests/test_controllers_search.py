@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import pytest
 
 from controllers import (
+    CONTEXT_LENGTH_EXCEEDED,
     ControllerError,
     GenerateOutput,
     Intermediate,
@@ -36,16 +37,18 @@ def path_of(task) -> str:
     return task.prompt.text[len("q"):].removesuffix(SEP)
 
 
-def tree_runner(tree: dict[str, list[str]], values: dict[str, float], fail: dict[str, str] | None = None,
+def tree_runner(tree: dict[str, list[str]], values: dict[str, float], fail: dict[str, str | TaskFailure] | None = None,
                 runner: type[ScriptedRunner] = ScriptedRunner, **kwargs) -> ScriptedRunner:
     """Sample i of the task that continues `path` says tree[path][i] (a step ending in SEP, as a runner that
     keeps the stop string returns it, or a final step). The reward model values each step by values[step]
-    (0.1 when not listed): per step for kind process, the last step's value otherwise. fail[path] = code fails
-    the generate task continuing that path."""
+    (0.1 when not listed): per step for kind process, the last step's value otherwise. fail[path] = code (or a
+    TaskFailure) fails the generate task continuing that path."""
     fail = fail or {}
 
     def respond(task, i):
         path = path_of(task)
+        if isinstance(fail.get(path), TaskFailure):
+            return fail[path]
         if path in fail:
             return TaskFailure(fail[path], f"worker lost while expanding {path!r}")
         return tree[path][i]
@@ -428,3 +431,63 @@ def test_tree_of_thoughts_keeps_a_finished_state_competing_without_expanding_it(
 
     rec = run_controller(TreeOfThoughts.from_params({"breadth": 2, "beam": 1, "depth": 3}), tree_runner(tree, values))
     assert rec.result.answer == "5" and rec.result.details["depth"] == 1   # nothing open: no more levels
+
+
+# ---- a partial solution that fills the model's context -------------------------------------------
+
+def too_long(field: str) -> TaskFailure:
+    """What a worker answers for a text that does not fit the model's context."""
+    return TaskFailure("INVALID_ARGUMENT", f"{field}: 300 tokens do not fit the model's context of 256 tokens",
+                       field, CONTEXT_LENGTH_EXCEEDED)
+
+
+SEARCHES = [BeamSearch, BestFirstSearch, MCTS, TreeOfThoughts]
+
+
+@pytest.mark.parametrize("cls", SEARCHES, ids=lambda c: c.name)
+def test_a_partial_solution_that_fills_the_context_is_cut_off_there_not_failed(cls):
+    tree = {"": ["a\n\n", "b\n\n"]}
+    runner = tree_runner(tree, {"a": 0.9, "b": 0.5}, fail={"a": too_long("prompt"), "b": too_long("prompt")})
+    params = {"expansions": 2, "breadth": 2, "iterations": 6, "kind": "process"}
+    rec = run_controller(cls.from_params({p.name: params[p.name] for p in cls.params if p.name in params}), runner)
+    assert rec.result.text == "a" and rec.result.details["failures"] == []
+    assert {path_of(t) for t in runner.generated} == {"", "a", "b"}    # neither is expanded twice
+    assert {(c.text, c.finish_reason) for c in rec.result.candidates} >= {("a", "length")}
+
+
+def test_a_step_too_long_for_the_reward_model_is_dropped_and_the_rest_scored():
+    runner = tree_runner({"": ["a\n\n", "long\n\n", "b\n\n"]}, {"a": 0.3, "b": 0.6})
+    score = runner.score_fn
+    runner.score_fn = lambda task: (too_long(f"candidates[{task.candidates.index('long')}]")
+                                    if "long" in task.candidates else score(task))
+    rec = run_controller(BeamSearch.from_params({"beam_width": 3, "expansions": 3, "max_steps": 1}), runner)
+    assert [t.candidates for t in runner.scored] == [["a", "long", "b"], ["a", "b"]]
+    assert ("beam/0/step/1/1", "context") in [(e.branch, e.details["reason"])
+                                              for e in intermediates(rec.events, "pruned")]
+    assert rec.result.text == "b" and rec.result.details["failures"] == []
+
+
+def test_a_beam_whose_every_next_step_overflows_the_reward_model_stops_where_it_is():
+    tree = {"": ["a\n\n"], "a": ["x" * 50 + "\n\n"]}
+    runner = tree_runner(tree, {"a": 0.4})
+    score = runner.score_fn
+    runner.score_fn = lambda task: too_long("candidates[0]") if "x" * 50 in task.candidates[0] else score(task)
+    rec = run_controller(BeamSearch.from_params({"beam_width": 1, "expansions": 1}), runner)
+    assert rec.result.text == "a" and rec.result.candidates[0].finish_reason == "length"
+    assert rec.result.details["score"] == 0.4
+
+
+def test_a_question_too_long_for_the_context_fails_the_run_naming_the_prompt():
+    for cls in SEARCHES:
+        with pytest.raises(ControllerError) as info:
+            run_controller(cls.from_params({}), tree_runner({}, {}, fail={"": too_long("prompt")}))
+        assert (info.value.code, info.value.field) == ("INVALID_ARGUMENT", "prompt"), cls.name
+        assert info.value.message.startswith("prompt: 300 tokens do not fit"), info.value.message
+
+
+def test_first_steps_all_too_long_for_the_reward_model_fail_the_run_out_of_range():
+    runner = tree_runner({"": ["a\n\n", "b\n\n"]}, {})
+    runner.score_fn = lambda task: too_long("candidates[0]")
+    with pytest.raises(ControllerError) as info:
+        run_controller(BeamSearch.from_params({"expansions": 2}), runner)
+    assert info.value.code == "OUT_OF_RANGE" and "params.max_step_tokens" in info.value.message

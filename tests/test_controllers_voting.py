@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from controllers import ControllerError, Intermediate, Message, ParamError, Prompt, TaskFailure
+from controllers import CONTEXT_LENGTH_EXCEEDED, ControllerError, Intermediate, Message, ParamError, Prompt, TaskFailure
 from controllers.best_of_n import BestOfN
 from controllers.budget_vote import BudgetMajorityVote, beta_majority_probability
 from controllers.deepconf import (
@@ -424,6 +424,33 @@ def test_dynasor_fails_on_other_errors_of_a_kept_sequence():
     with pytest.raises(ControllerError) as info:
         run_controller(DynasorCoT.from_params({}), KeepingRunner(respond))
     assert info.value.code == "INVALID_ARGUMENT"
+
+
+@pytest.mark.parametrize("keeping", [False, True])
+@pytest.mark.parametrize("full_at", ["probe", "chunk"])
+def test_dynasor_stops_when_the_reasoning_fills_the_context(keeping, full_at):
+    full = TaskFailure("INVALID_ARGUMENT", "prompt: the kept sequence plus the appended tokens (258) do not fit",
+                       "prompt", CONTEXT_LENGTH_EXCEEDED)
+
+    def respond(task, i):
+        if task.branch.startswith("probe/"):
+            return full if full_at == "probe" and task.branch == "probe/1" else "5}"
+        done = sum(t.branch == "reasoning" for t in runner.generated) - 1
+        return full if full_at == "chunk" and done == 2 else chunk(done)
+
+    runner = (KeepingRunner if keeping else ScriptedRunner)(respond)
+    r = run_controller(DynasorCoT.from_params({"agree": 5}), runner).result
+    assert r.details["stopped_by"] == "context" and r.candidates[0].finish_reason == "length"
+    assert r.answer == "5" and r.details["chunks"] == 2
+
+
+def test_dynasor_fails_naming_the_prompt_when_the_question_alone_does_not_fit():
+    def respond(task, i):
+        return TaskFailure("INVALID_ARGUMENT", "prompt: 300 tokens do not fit", "prompt", CONTEXT_LENGTH_EXCEEDED)
+
+    with pytest.raises(ControllerError) as info:
+        run_controller(DynasorCoT.from_params({}), ScriptedRunner(respond))
+    assert (info.value.code, info.value.field) == ("INVALID_ARGUMENT", "prompt")
 
 
 def test_extend_writes_the_reasoning_as_the_start_of_the_reply():

@@ -7,12 +7,12 @@ For every request, however malformed:
   the example broke when it broke one, else at least a field of the request;
 and after all of it the router still serves (a health check and one good run).
 
-Bugs found here whose fixes lie outside the validation code are pinned by strict xfail tests that say where
-the fix belongs (remove the mark with the fix): a run whose own text outgrows the model's context fails
-with an INVALID_ARGUMENT that names no field of the request. (Fixed since, their marks removed: requests
-that did not parse got grpc's UNKNOWN; two runs in flight with one run_id collided on the worker; a
-Session's worker-found errors lacked the run. prefix; a stop token id past the vocabulary failed a
-worker's whole engine step.)
+Bugs found here whose fixes lie outside the validation code were pinned by strict xfail tests that said
+where the fix belonged, their marks removed with the fix: requests that did not parse got grpc's UNKNOWN;
+two runs in flight with one run_id collided on the worker; a Session's worker-found errors lacked the run.
+prefix; a stop token id past the vocabulary failed a worker's whole engine step; a run whose own text
+outgrew the model's context failed with an INVALID_ARGUMENT naming no field of the request (the worker now
+says CONTEXT_LENGTH_EXCEEDED and the controller ends the branch there).
 
 Accepted runs are kept cheap: max_tokens is drawn small on the paths that pass validation, the searches get
 small widths and steps unless the example is about those parameters, and verifier scoring (which the tiny
@@ -363,19 +363,16 @@ def test_every_numeric_param_with_huge_and_non_finite_values(router, name):
                 assert code == grpc.StatusCode.INVALID_ARGUMENT and _names(details, f"params.{p.name}"), details
 
 
-@pytest.mark.xfail(strict=True, reason="a run whose own text outgrows the model's context fails with the "
-                                       "worker's INVALID_ARGUMENT for a task the controller built, naming no field "
-                                       "of the request: searches 'beam search step 1: every expansion failed: "
-                                       "candidates[1]: 464 tokens ... do not fit the model's context', dynasor_cot "
-                                       "'prompt: the kept sequence plus the appended tokens (258) do not fit' (the "
-                                       "client's prompt is fine). Fix in controllers/steps.py and dynasor.py "
-                                       "(re-code, e.g. OUT_OF_RANGE, or stop at the context); then remove this mark.")
 @pytest.mark.parametrize("name,param", sorted(OUTGROW))
 def test_runs_outgrowing_the_context(router, name, param):
     params = {p.name: CHEAP[p.name] for p in REGISTRY[name].params if p.name in CHEAP}
     request = run_request(name, params={**params, param: 4000}, max_tokens=4, seed=0)
-    code, details, _ = call(router.Run, request)
+    code, details, replies = call(router.Run, request)
     check_field(code, details, ("params",))
+    if name == "dynasor_cot":   # reasoning up to the context, then the answer it holds
+        assert code == grpc.StatusCode.OK and replies[0].details["stopped_by"] == "context", details
+    else:                       # not even the first step fits the verifier's context: nothing to search
+        assert code == grpc.StatusCode.OUT_OF_RANGE and "params.max_step_tokens" in details, details
 
 
 # ---- Generate ----------------------------------------------------------------------------------------

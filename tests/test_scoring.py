@@ -265,7 +265,8 @@ def test_reward_worker_refuses_what_it_cannot_do_and_keeps_serving(orm_worker):
     assert [e.code for e in errors] == [PRECONDITION.value[0]] * 3 + [INVALID.value[0]] * 2
     assert errors[0].message == "this worker serves a reward model and cannot generate"
     assert [e.field for e in errors[1:]] == ["kind", "model", "candidates[1]", "candidates"]
-    assert "context" in errors[3].message
+    assert "context" in errors[3].message and errors[3].reason == "CONTEXT_LENGTH_EXCEEDED"
+    assert errors[4].reason == ""
     assert replies[5].WhichOneof("kind") == "score_result" and len(replies[5].score_result.scores) == 1
 
 

@@ -98,10 +98,12 @@ def test_bad_tasks_get_errors_and_the_stream_keeps_serving(worker_stub):
         s.send(generate("neg", max_tokens=-1))
         e = s.until(ends("neg"))[-1].error
         assert e.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and e.field == "sampling.max_tokens"
+        assert e.reason == ""
         s.send(generate("long-prompt", prompt=common_pb2.Prompt(text="word " * 400)))
         e = s.until(ends("long-prompt"))[-1].error
         assert e.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and e.field == "prompt"
-        assert "context" in e.message
+        # The reason tells a controller that built the prompt itself to end the branch, not fail the run.
+        assert "context" in e.message and e.reason == "CONTEXT_LENGTH_EXCEEDED"
         s.send(generate("vocab", prompt=common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=[1, 99999]))))
         e = s.until(ends("vocab"))[-1].error
         assert e.field == "prompt.token_ids.ids"
@@ -130,6 +132,11 @@ def test_keep_then_fork_and_continue_over_the_stream(worker_stub):
         assert [len(c.token_ids) for c in forked.completions] == [4, 4]
         assert forked.completions[0].token_ids == forked.completions[1].token_ids
         assert forked.usage.cached_prompt_tokens >= kept.usage.prompt_tokens
+        overflow = generate("f2", prompt=common_pb2.Prompt(text="word " * 400), max_tokens=1)
+        overflow.generate.fork_from.handle = handle
+        s.send(overflow)
+        err = s.until(ends("f2"))[-1].error
+        assert (err.field, err.reason) == ("prompt", "CONTEXT_LENGTH_EXCEEDED") and "kept sequence" in err.message
         cont = generate("c1", max_tokens=3, ignore_eos=True, temperature=0.0)
         cont.generate.ClearField("prompt")
         cont.generate.continue_from.handle = handle

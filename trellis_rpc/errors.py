@@ -12,6 +12,7 @@ class StatusError(Exception):
     code: grpc.StatusCode
     message: str
     field: str = ""
+    reason: str = ""     # machine-readable cause (TaskError.reason), e.g. CONTEXT_LENGTH_EXCEEDED
 
     def __str__(self) -> str:
         return self.message
@@ -20,6 +21,15 @@ class StatusError(Exception):
 def invalid(field: str, message: str) -> StatusError:
     """INVALID_ARGUMENT whose message starts with the offending field, e.g. 'sampling.n: must be >= 1'."""
     return StatusError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}", field)
+
+
+# TaskError.reason of a text that does not fit the model's context (worker.proto).
+CONTEXT_LENGTH_EXCEEDED = "CONTEXT_LENGTH_EXCEEDED"
+
+
+def context_exceeded(field: str, message: str) -> StatusError:
+    """INVALID_ARGUMENT naming `field`, with the reason that lets a controller tell it from other bad input."""
+    return StatusError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}", field, CONTEXT_LENGTH_EXCEEDED)
 
 
 _BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}

@@ -129,8 +129,8 @@ def coalesce_deltas(responses: list[worker_pb2.WorkerResponse]) -> list[worker_p
 
 
 def error_response(task_id: str, err: StatusError) -> worker_pb2.WorkerResponse:
-    return worker_pb2.WorkerResponse(
-        task_id=task_id, error=worker_pb2.TaskError(code=code_number(err.code), message=err.message, field=err.field))
+    error = worker_pb2.TaskError(code=code_number(err.code), message=err.message, field=err.field, reason=err.reason)
+    return worker_pb2.WorkerResponse(task_id=task_id, error=error)
 
 
 def _send_error(out: asyncio.Queue, task_id: str, err: StatusError) -> StatusError:

@@ -35,7 +35,7 @@ from trellis_rpc.engine_api import (
     TokenLogprob,
     TopLogprob,
 )
-from trellis_rpc.errors import StatusError, invalid
+from trellis_rpc.errors import StatusError, context_exceeded, invalid
 from trellis_rpc.sampling import SamplingConfig
 from trellis_rpc.tokens import check_token_ids, encode_prompt
 from worker_cpu.block_manager import BlockManager
@@ -138,8 +138,8 @@ class TorchEngine:
                        keep_ttl_s: float | None = None) -> AsyncIterator[Delta | Finished]:
         ids = self._appended(prompt) if source else self.tokenize(prompt)
         if source is None and len(ids) >= self.max_context:
-            raise invalid("prompt", f"{len(ids)} tokens do not fit the model's context of {self.max_context} tokens "
-                                    f"(at least one token must be left to generate)")
+            raise context_exceeded("prompt", f"{len(ids)} tokens do not fit the model's context of "
+                                             f"{self.max_context} tokens (at least one token must be left to generate)")
         # The sampler indexes the logits with stop ids: one out of range would fail the whole engine step.
         check_token_ids(cfg.stop_token_ids, self.vocab, "sampling.stop_token_ids")
         if cfg.n > self.max_batch_size:
@@ -237,8 +237,9 @@ class TorchEngine:
             return False
         tokens = kept.token_ids + request.appended
         if len(tokens) >= self.max_context:
-            self._fail(request, invalid("prompt", f"the kept sequence plus the appended tokens ({len(tokens)}) do not "
-                                                  f"fit the model's context of {self.max_context} tokens"))
+            self._fail(request, context_exceeded(
+                "prompt", f"the kept sequence plus the appended tokens ({len(tokens)}) do not fit the model's context "
+                          f"of {self.max_context} tokens"))
             return False
         if kept.table.blocks:
             seq.table = self.blocks.fork(kept.table) if source.fork else kept.table

@@ -51,7 +51,7 @@ from trellis_rpc.engine_api import (
     ScoreOutput,
     ScorerInfo,
 )
-from trellis_rpc.errors import StatusError, invalid
+from trellis_rpc.errors import StatusError, context_exceeded
 from trellis_rpc.scoring import process_steps
 from worker_cpu.model_loader import LoadedModel
 
@@ -227,8 +227,8 @@ class TorchScorer:
         rows = self.rows(request)
         for i, row in enumerate(rows):
             if self.max_context and len(row.ids) > self.max_context:
-                raise invalid(f"candidates[{i}]", f"{len(row.ids)} tokens (prompt and candidate together) do not fit "
-                                                  f"the model's context of {self.max_context} tokens")
+                raise context_exceeded(f"candidates[{i}]", f"{len(row.ids)} tokens (prompt and candidate together) do "
+                                                           f"not fit the model's context of {self.max_context} tokens")
         values: list[list[float]] = [[] for _ in rows]
         device = next(self.model.parameters()).device
         # Inputs are built without a device: on CUDA (worker_gpu --engine torch) they must land there.

@@ -36,7 +36,7 @@ from trellis_rpc.engine_api import (
     TokenLogprob,
     TopLogprob,
 )
-from trellis_rpc.errors import StatusError, invalid
+from trellis_rpc.errors import StatusError, context_exceeded, invalid
 from trellis_rpc.sampling import SamplingConfig
 from trellis_rpc.tokens import check_token_ids, encode_prompt
 from worker_cpu.stop_strings import StopStringMatcher
@@ -95,8 +95,8 @@ class TrtLlmEngine:
         check_token_ids(cfg.stop_token_ids, self.vocab, "sampling.stop_token_ids")
         ids = self.tokenize(prompt)
         if self.max_context and len(ids) >= self.max_context:
-            raise invalid("prompt", f"{len(ids)} tokens do not fit the model's context of {self.max_context} tokens "
-                                    f"(at least one token must be left to generate)")
+            raise context_exceeded("prompt", f"{len(ids)} tokens do not fit the model's context of "
+                                             f"{self.max_context} tokens (at least one token must be left to generate)")
         params = self.SamplingParams(**trtllm_kwargs(cfg, self.support))
         submitted = time.perf_counter()
         try:

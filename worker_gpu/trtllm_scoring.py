@@ -25,7 +25,7 @@ import grpc
 import torch
 
 from trellis_rpc.engine_api import CandidateScoreOut, LoadStats, ScoreInput, ScoreOutput, ScorerInfo
-from trellis_rpc.errors import StatusError, invalid
+from trellis_rpc.errors import StatusError, context_exceeded, invalid
 from trellis_rpc.scoring import process_steps
 from worker_cpu.scoring import VERIFY_TEMPLATE, answer_token_ids, prompt_messages, prompt_text, yes_no_token_ids
 
@@ -134,8 +134,8 @@ class TrtScorer:
         limit = self.info.max_context_tokens
         for i, row in enumerate(rows):
             if limit and len(row.ids) >= limit:
-                raise invalid(f"candidates[{i}]", f"{len(row.ids)} tokens (prompt and candidate together) do not fit "
-                                                  f"the model's context of {limit} tokens")
+                raise context_exceeded(f"candidates[{i}]", f"{len(row.ids)} tokens (prompt and candidate together) do "
+                                                           f"not fit the model's context of {limit} tokens")
         started = time.perf_counter()
         self._running += len(rows)
         try:
