@@ -148,6 +148,7 @@ class RemoteRunner:
         self.task_prefix = f"{run_id}.{uuid.uuid4().hex[:8]}"
         self.max_tasks = max_tasks
         self.max_tokens = max_tokens
+        self.kept = False   # some task asked its worker to keep sequences: release them when the run ends
 
     def _next_task(self) -> int:
         number = next(self._ids)
@@ -177,6 +178,7 @@ class RemoteRunner:
         if task.keep_s > 0:
             generate.keep.keep = True
             generate.keep.ttl_ms = int(task.keep_s * 1000)
+            self.kept = True
         if task.continue_from:
             generate.continue_from.handle = task.continue_from
         elif task.fork_from:
@@ -308,6 +310,17 @@ class RemoteRunner:
         except StatusError as err:
             raise TaskFailed(TaskFailure(err.code.name, err.message, err.field, err.reason)) from err
         raise TaskFailed(TaskFailure(grpc.StatusCode.INTERNAL.name, "worker ended the task without a result"))
+
+    def release_kept(self) -> None:
+        """The run is over: every worker drops what its tasks kept, now rather than when the TTL runs out.
+        Every connected worker is told (a message each, only for runs that kept anything): a task cancelled
+        before its result never named the worker that kept its sequences."""
+        if not self.kept:
+            return
+        release = worker_pb2.WorkerRequest(release=worker_pb2.ReleaseSequences(task_prefix=self.task_prefix))
+        for worker in self.pool.workers:
+            if worker.info is not None and common_pb2.CAPABILITY_GENERATE in worker.info.capabilities:
+                worker.post(release)
 
     def _wait_s(self) -> float:
         if self.deadline is None:

@@ -32,7 +32,11 @@ async def run_in_process(controller: Controller, prompt: Prompt, services: list,
                               deadline=deadline, worker_wait_s=10.0)
         run = drive(controller, prompt, runner, on_event or (lambda event: None),
                     on_delta or (lambda branch, text, count: None), step_span)
-        return await (run if timeout_s is None else asyncio.wait_for(run, timeout_s))
+        try:
+            return await (run if timeout_s is None else asyncio.wait_for(run, timeout_s))
+        finally:
+            runner.release_kept()
+            await asyncio.sleep(0)   # let the links send it before they close
     finally:
         await pool.close()
 

@@ -239,6 +239,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 span.set_status(trace.Status(trace.StatusCode.ERROR, f"{outcome}: {err!r}"))
                 raise
             finally:
+                runner.release_kept()
                 self._record_run(run, runner, outcome, span)
         ttft = (runner.usage.first_token - run.accepted) * 1000 if runner.usage.first_token else 0.0
         timings = router_pb2.RunTimings(queue_ms=run.ticket.waited_ms, ttft_ms=ttft,

@@ -191,6 +191,14 @@ class WorkerConnection:
         for queue in self._pending.values():
             queue.put_nowait(error)
 
+    def post(self, request: worker_pb2.WorkerRequest) -> bool:
+        """Send a message that gets no reply (a release); False when the link is down (nothing to tell then:
+        a worker that lost its link to us still frees what it kept when the sequences expire)."""
+        if not self.ready or self._outbox is None:
+            return False
+        self._outbox.put_nowait(request)
+        return True
+
     async def submit(self, request: worker_pb2.WorkerRequest) -> AsyncIterator[worker_pb2.WorkerResponse]:
         """Send one task; yield its responses until its result or error. Cancelling the consumer cancels the task."""
         if not self.ready or self._outbox is None:

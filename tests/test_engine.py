@@ -4,6 +4,7 @@ batching situations, blocks are shared, preempted, freed; seeds reproduce."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -242,6 +243,30 @@ def test_kept_sequence_continues_and_forks_without_prefilling_again(tokenizer):
         with pytest.raises(StatusError) as info:
             _generate(engine, "d", [], GREEDY, source=SequenceSource(handle))
         assert info.value.field == "generate.source"
+        assert engine.load().kept_sequences == 0 and engine.blocks.num_used == 0
+    finally:
+        engine.close()
+
+
+def test_release_drops_what_one_run_kept_and_nothing_else(tokenizer):
+    engine, _ = make_engine("llama", tokenizer, block_size=4)
+    try:
+        p = prompts(1, 10)[0]
+        for task_id in ("run.a/0", "run.a/1", "run.ab/0"):   # "run.ab" shares a string prefix, not the run
+            _generate(engine, task_id, p, SamplingConfig(n=2, temperature=0.0, max_tokens=4, ignore_eos=True),
+                      keep=30.0)
+        assert engine.load().kept_sequences == 6
+        engine.release("run.a")
+        for _ in range(100):   # the engine thread drops them at its next step (within its 0.1 s idle wait)
+            if engine.load().kept_sequences == 2:
+                break
+            time.sleep(0.01)
+        assert engine.load().kept_sequences == 2 and sorted(engine._kept) == ["run.ab/0/0", "run.ab/0/1"]
+        engine.release("run.ab")
+        for _ in range(100):
+            if engine.blocks.num_used == 0:
+                break
+            time.sleep(0.01)
         assert engine.load().kept_sequences == 0 and engine.blocks.num_used == 0
     finally:
         engine.close()

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from controllers import Cancel, Controller, Generate, Prompt, Result, WaitAny
+from controllers.dynasor import DynasorCoT
 from controllers.majority_vote import MajorityVote
 from router.local import run_local
 from trellis_rpc.v1 import common_pb2
@@ -73,3 +74,21 @@ def test_cancelling_a_branch_frees_its_sequence_on_the_worker(engine):
             break
         time.sleep(0.01)
     assert (load.running_sequences, load.kv_blocks_used) == (0, 0)
+
+
+def test_what_a_run_kept_is_released_when_it_ends(engine):
+    """Dynasor keeps its reasoning on the worker between chunks (keep_s 30 s); once the run is over nothing
+    will continue it, so the router tells the worker to drop it then, not 30 s later."""
+    service = WorkerService(worker_id="local-2")
+    service.attach(engine)
+    kept = []
+    result = run_local(DynasorCoT.from_params({"max_tokens": 16, "probe_interval": 4, "agree": 10}),
+                       Prompt(text="What is 3 + 4?"), [service], sampling=common_pb2.SamplingParams(seed=1),
+                       on_event=lambda e: kept.append(engine.load().kept_sequences), timeout_s=60)
+    assert result.details["chunks"] >= 2 and max(kept) >= 1
+    for _ in range(100):
+        load = engine.load()
+        if load.kept_sequences == 0 and load.kv_blocks_used == 0:
+            break
+        time.sleep(0.01)
+    assert (load.kept_sequences, load.kv_blocks_used) == (0, 0)

@@ -82,6 +82,25 @@ def test_cancel_frees_the_sequence(worker_stub):
         s.close()
 
 
+def test_release_drops_what_a_run_kept(worker_stub):
+    s = Stream(worker_stub)
+    try:
+        for task_id in ("run-r.1/0", "run-r.1/1"):
+            req = generate(task_id, max_tokens=4, ignore_eos=True, n=2)
+            req.generate.keep.keep = True
+            req.generate.keep.ttl_ms = 60_000
+            s.send(req)
+            assert s.until(ends(task_id))[-1].generate_result.sequence_handles
+        load = s.until(lambda r: r.WhichOneof("kind") == "load", limit=50)[-1].load
+        assert load.kept_sequences == 4 and load.kv_blocks_used > 0
+        s.send(worker_pb2.WorkerRequest(release=worker_pb2.ReleaseSequences(task_prefix="run-r.1")))
+        # Load reports arrive at least every second: within two, everything the run kept is gone.
+        reports = [s.until(lambda r: r.WhichOneof("kind") == "load", limit=50)[-1].load for _ in range(2)]
+        assert (reports[-1].kept_sequences, reports[-1].kv_blocks_used) == (0, 0)
+    finally:
+        s.close()
+
+
 def test_deadline_on_the_task(worker_stub):
     s = Stream(worker_stub)
     try:

@@ -117,6 +117,9 @@ class Engine(Protocol):
         """Stop the task at the next step and free its state; its iterator ends with a Finished."""
         ...
 
+    # An engine with info.keeps_sequences also has release(task_prefix: str) -> None: drop the sequences
+    # kept by tasks whose id starts with task_prefix + "/" and free their KV now rather than at their TTL.
+
     def load(self) -> LoadStats: ...
 
 

@@ -286,9 +286,14 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                         running[target].cancel()
                     elif engine is not None:
                         engine.cancel(target)
+                elif kind == "release":
+                    release = getattr(engine, "release", None)   # an engine that keeps nothing frees nothing
+                    if release is not None and req.release.task_prefix:
+                        release(req.release.task_prefix)
                 else:
                     out.put_nowait(error_response(req.task_id, StatusError(
-                        grpc.StatusCode.INVALID_ARGUMENT, "kind: one of generate, score, cancel must be set", "kind")))
+                        grpc.StatusCode.INVALID_ARGUMENT, "kind: one of generate, score, cancel, release must be set",
+                        "kind")))
         except (asyncio.CancelledError, grpc.aio.AioRpcError):
             pass
         finally:

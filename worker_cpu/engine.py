@@ -97,6 +97,7 @@ class TorchEngine:
         self.runner = ModelRunner(self.decoder, self.kv)
         self.scheduler = Scheduler(self.blocks, max_num_tokens, max_batch_size, reclaim=self._evict_kept)
         self._kept: collections.OrderedDict[str, Kept] = collections.OrderedDict()
+        self._released: collections.deque[str] = collections.deque()   # task prefixes; deque ops are atomic
         self.stats = EngineStats()
         self.info = EngineInfo(
             model_id=model_id, engine=f"torch-{self.device.type}", max_context_tokens=self.max_context,
@@ -177,6 +178,10 @@ class TorchEngine:
         if request is not None:
             request.cancelled = True
 
+    def release(self, task_prefix: str) -> None:
+        """Drop the sequences kept by tasks under task_prefix at the next step (the engine thread owns them)."""
+        self._released.append(task_prefix + "/")
+
     def load(self) -> LoadStats:
         return LoadStats(
             queue_depth=len(self.scheduler.waiting) + self._inbox.qsize(),
@@ -202,6 +207,7 @@ class TorchEngine:
                 self._admit(block=not self.scheduler.running and not self.scheduler.waiting)
                 self._reap_cancelled()
                 self._expire_kept()
+                self._drop_released()
                 try:
                     self._step()
                 except Exception as exc:  # a bug must fail the requests in flight, not hang them
@@ -277,6 +283,12 @@ class TorchEngine:
         now = time.monotonic()
         for handle in [h for h, k in self._kept.items() if k.expires <= now]:
             self.blocks.free(self._kept.pop(handle).table)
+
+    def _drop_released(self) -> None:
+        while self._released:
+            prefix = self._released.popleft()   # handles are f"{task_id}/{index}"
+            for handle in [h for h in self._kept if h.startswith(prefix)]:
+                self.blocks.free(self._kept.pop(handle).table)
 
     def _reap_cancelled(self) -> None:
         for request in list(self._active):

@@ -36,7 +36,7 @@ class WorkerInfo(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., model_id: _Optional[str] = ..., capabilities: _Optional[_Iterable[_Union[_common_pb2.Capability, str]]] = ..., engine: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., version: _Optional[str] = ..., eos_token: _Optional[str] = ...) -> None: ...
 
 class WorkerRequest(_message.Message):
-    __slots__ = ("task_id", "trace_context", "timeout_ms", "generate", "score", "cancel")
+    __slots__ = ("task_id", "trace_context", "timeout_ms", "generate", "score", "cancel", "release")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -50,13 +50,15 @@ class WorkerRequest(_message.Message):
     GENERATE_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     trace_context: _containers.ScalarMap[str, str]
     timeout_ms: int
     generate: GenerateTask
     score: ScoreTask
     cancel: CancelTask
-    def __init__(self, task_id: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., timeout_ms: _Optional[int] = ..., generate: _Optional[_Union[GenerateTask, _Mapping]] = ..., score: _Optional[_Union[ScoreTask, _Mapping]] = ..., cancel: _Optional[_Union[CancelTask, _Mapping]] = ...) -> None: ...
+    release: ReleaseSequences
+    def __init__(self, task_id: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., timeout_ms: _Optional[int] = ..., generate: _Optional[_Union[GenerateTask, _Mapping]] = ..., score: _Optional[_Union[ScoreTask, _Mapping]] = ..., cancel: _Optional[_Union[CancelTask, _Mapping]] = ..., release: _Optional[_Union[ReleaseSequences, _Mapping]] = ...) -> None: ...
 
 class SequenceRef(_message.Message):
     __slots__ = ("handle",)
@@ -101,6 +103,12 @@ class CancelTask(_message.Message):
     TARGET_TASK_ID_FIELD_NUMBER: _ClassVar[int]
     target_task_id: str
     def __init__(self, target_task_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseSequences(_message.Message):
+    __slots__ = ("task_prefix",)
+    TASK_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    task_prefix: str
+    def __init__(self, task_prefix: _Optional[str] = ...) -> None: ...
 
 class WorkerResponse(_message.Message):
     __slots__ = ("task_id", "delta", "generate_result", "score_result", "error", "load")
