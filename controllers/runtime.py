@@ -45,6 +45,8 @@ TokenSink = Callable[[TokenDelta], None]             # a runner's deltas for one
 EventSink = Callable[[Progress | Intermediate], None]
 
 TASK_TYPES = (Generate, Score, Branch)
+# Events a controller may emit in a row before the driver lets the event loop run other work.
+EVENTS_PER_YIELD = 64
 
 
 class TaskFailed(Exception):
@@ -193,7 +195,7 @@ class _Driver:
     async def drive(self, controller: Controller, prompt: Prompt) -> Result:
         gen = controller.run(prompt)
         reply = None
-        steps = 0
+        steps = events = 0
         try:
             while True:
                 try:
@@ -203,6 +205,12 @@ class _Driver:
                         raise ControllerError("INTERNAL", f"controller {controller.name} returned "
                                                           f"{stop.value!r}, not a Result") from None
                     return stop.value
+                if isinstance(step, (Progress, Intermediate)):
+                    events += 1
+                    if events % EVENTS_PER_YIELD == 0:
+                        # Events never suspend: a controller emitting thousands in a row (MCTS revisits) would
+                        # hold the event loop, and with it every other run and its own cancellation.
+                        await asyncio.sleep(0)
                 if self.step_scope is None or isinstance(step, (Progress, Intermediate)):
                     scope = contextlib.nullcontext()
                 else:

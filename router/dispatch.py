@@ -133,8 +133,9 @@ class RunUsage:
 class RemoteRunner:
     def __init__(self, pool: WorkerPool, run_id: str, model: str, sampling: common_pb2.SamplingParams,
                  deadline: float | None, worker_wait_s: float, max_migrations: int = 2, max_tasks: int = 0,
-                 max_tokens: int = 0) -> None:
-        """max_tasks: tasks this run may start (bounds a search tree); max_tokens: per generate task. 0: no limit."""
+                 max_tokens: int = 0, max_n: int = 0) -> None:
+        """max_tasks: tasks this run may start (bounds a search tree); max_tokens: per generate task; max_n:
+        samples per generate task. 0: no limit."""
         self.pool = pool
         self.run_id = run_id
         self.model = model
@@ -148,6 +149,7 @@ class RemoteRunner:
         self.task_prefix = f"{run_id}.{uuid.uuid4().hex[:8]}"
         self.max_tasks = max_tasks
         self.max_tokens = max_tokens
+        self.max_n = max_n
         self.kept = False   # some task asked its worker to keep sequences: release them when the run ends
 
     def _next_task(self) -> int:
@@ -163,6 +165,11 @@ class RemoteRunner:
         return max(1, int((self.deadline - time.monotonic()) * 1000))
 
     async def generate(self, task: Generate, on_token: TokenSink) -> GenerateOutput:
+        # Checked before anything is allocated per sample: n comes from controller code, which may not have
+        # marked the parameter it derives n from as limited by the router's n cap.
+        if not 1 <= task.n <= (self.max_n or task.n):
+            raise TaskFailed(TaskFailure("RESOURCE_EXHAUSTED", f"a task asked for n={task.n} samples; this run's "
+                                                               f"limit is 1 to {self.max_n or 'any'}"))
         number = self._next_task()
         sampling = sampling_with_overrides(self.sampling, task.sampling, task.n)
         asked = sampling.max_tokens if sampling.HasField("max_tokens") else DEFAULT_MAX_TOKENS

@@ -208,7 +208,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         req = run.request
         runner = RemoteRunner(self.pool, run.run_id, req.model, req.sampling, deadline, self.worker_wait_s,
                               self.max_migrations, self.limits.max_tasks_per_run,
-                              _lowest(self.limits.max_tokens, run.client.max_tokens))
+                              _lowest(self.limits.max_tokens, run.client.max_tokens),
+                              _lowest(self.max_n, run.client.max_n))
 
         def on_delta(branch: str, text: str, count: int) -> None:
             if req.stream_tokens:
@@ -372,6 +373,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                         out.put_nowait(error_event(req.cancel.run_id, StatusError(
                             grpc.StatusCode.NOT_FOUND, f"cancel.run_id: no running run {req.cancel.run_id!r}",
                             "cancel.run_id")))
+                else:   # neither set (or a kind this router does not know): say so rather than drop it
+                    out.put_nowait(error_event("", invalid("kind", "one of run or cancel must be set")))
             if runs:  # the client half-closed: finish what it started, then end the stream
                 await asyncio.gather(*runs.values(), return_exceptions=True)
 

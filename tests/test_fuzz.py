@@ -460,6 +460,7 @@ def test_session(router, requests):
     assert code == grpc.StatusCode.OK, f"{code.name}: {details}"
     cancelled = {r.cancel.run_id for r in requests if r.WhichOneof("kind") == "cancel"}
     ends: Counter[str] = Counter()
+    empty = 0
     for ev in events:
         kind = ev.WhichOneof("event")
         if kind == "result":
@@ -471,16 +472,20 @@ def test_session(router, requests):
             else:
                 assert status in ALLOWED, f"{status.name}: {message!r}"
             if status == grpc.StatusCode.INVALID_ARGUMENT:
-                # Refused before the run starts: run.<field>. Found by a worker once it runs, the message
-                # lacks the run. prefix today (test_session_worker_errors_name_the_run_field).
-                assert _names(message, "run") or any(_names(message, f) for f in RUN_FIELDS), ev.error
+                # Refused before the run starts, or found by a worker once it runs: run.<field>
+                # (test_session_worker_errors_name_the_run_field). An empty request: kind.
+                assert any(_names(message, f) for f in ("run", "kind", *RUN_FIELDS)), ev.error
                 assert not field or _names(message, field), ev.error
             if field == "cancel.run_id":
                 assert status == grpc.StatusCode.NOT_FOUND and _names(message, field), ev.error
+            elif field == "kind":   # an empty request: refused, naming what is missing
+                assert status == grpc.StatusCode.INVALID_ARGUMENT and not ev.run_id, ev.error
+                empty += 1
             else:
                 ends[ev.run_id] += 1
     asked = Counter(r.run.run_id for r in requests if r.WhichOneof("kind") == "run")
     assert ends == asked, f"results and errors per run_id {dict(ends)}, runs sent {dict(asked)}"
+    assert empty == sum(r.WhichOneof("kind") is None for r in requests)
 
 
 def test_session_worker_errors_name_the_run_field(router):

@@ -175,3 +175,27 @@ def test_yielding_something_else_fails_the_run_with_internal():
         assert err.code == "INTERNAL" and "str" in err.message
     else:
         raise AssertionError("expected ControllerError")
+
+
+def test_a_controller_emitting_events_in_a_row_still_lets_the_loop_run_and_can_be_cancelled():
+    """Events never await anything: 100k in a row (as MCTS revisits can) must not hold the event loop."""
+    def body(prompt):
+        for k in range(100_000):
+            yield Intermediate("revisit", f"node/{k}")
+        return Result(answer="done")
+
+    async def main():
+        emitted = []
+        run = asyncio.ensure_future(drive(Inline(body), Prompt(text="q"), ScriptedRunner(lambda t, i: "x"),
+                                          emitted.append, lambda *a: None))
+        await asyncio.sleep(0)   # the run starts, and must hand the loop back within a few events
+        seen = len(emitted)
+        run.cancel()
+        try:
+            await run
+        except asyncio.CancelledError:
+            pass
+        return seen, len(emitted), run.cancelled()
+
+    seen, total, cancelled = asyncio.run(main())
+    assert 0 < seen < 1_000 and total < 1_000 and cancelled

@@ -176,3 +176,19 @@ def test_a_run_may_start_only_so_many_tasks():
     with pytest.raises(TaskFailed) as err:
         runner._next_task()
     assert err.value.failure.code == "RESOURCE_EXHAUSTED"
+
+
+@pytest.mark.parametrize("n", [0, 9, 10**9])
+def test_a_task_over_the_n_cap_fails_before_anything_is_allocated(n):
+    """A controller's own n (not from a parameter the router caps) is checked too: 10**9 samples would
+    otherwise allocate 10**9 per-sample records before any worker could refuse them."""
+    import asyncio
+
+    from controllers import Generate, Prompt
+    from controllers.runtime import TaskFailed
+
+    runner = RemoteRunner(None, "r", "", common_pb2.SamplingParams(), None, 1.0, max_n=8)
+    with pytest.raises(TaskFailed) as err:
+        asyncio.run(runner.generate(Generate(Prompt(text="q"), n=n), lambda delta: None))
+    assert err.value.failure.code == "RESOURCE_EXHAUSTED" and f"n={n}" in err.value.failure.message
+    assert runner.usage.tasks == 0
