@@ -51,17 +51,37 @@ class WorkerConnection:
         self._on_ready = on_ready
         self._on_drop = on_drop
         self._service = service
-        self._channel = None if service else (
-            grpc.aio.secure_channel(address, tls.credentials(), options=CHANNEL_OPTIONS + tls.options()) if tls
-            else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS))
+        self._tls = tls
+        self._tls_version = tls.version() if tls else ()
+        self._channel = None if service else self._open_channel()
         self._stub = None if service else worker_pb2_grpc.WorkerStub(self._channel)
         self._pending: dict[str, asyncio.Queue] = {}
         self._outbox: asyncio.Queue | None = None
         self._runner: asyncio.Task | None = None
 
+    def _open_channel(self) -> grpc.aio.Channel:
+        if self._tls is None:
+            return grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        return grpc.aio.secure_channel(self.address, self._tls.credentials(),
+                                       options=CHANNEL_OPTIONS + self._tls.options())
+
+    async def _renew_channel(self) -> None:
+        """Between connections: if the TLS files were rotated, dial with the new ones from now on."""
+        if self._tls is None or self._service is not None:
+            return
+        version = self._tls.version()
+        if not version or version == self._tls_version:
+            return
+        old, self._tls_version = self._channel, version
+        self._channel = self._open_channel()
+        self._stub = worker_pb2_grpc.WorkerStub(self._channel)
+        log.info("worker tls files changed: new channel", worker=self.address)
+        await old.close()
+
     async def _info(self) -> worker_pb2.WorkerInfo:
         if self._service is not None:
             return self._service.info_pb()
+        await self._renew_channel()
         return await self._stub.Info(worker_pb2.InfoRequest(), timeout=5, wait_for_ready=False)
 
     def _connect(self, requests: AsyncIterator[worker_pb2.WorkerRequest]):

@@ -192,3 +192,73 @@ def test_a_task_over_the_n_cap_fails_before_anything_is_allocated(n):
         asyncio.run(runner.generate(Generate(Prompt(text="q"), n=n), lambda delta: None))
     assert err.value.failure.code == "RESOURCE_EXHAUSTED" and f"n={n}" in err.value.failure.message
     assert runner.usage.tasks == 0
+
+
+def test_a_rotated_serving_certificate_is_used_without_a_restart(pki, tiny_model, logs, tmp_path):
+    """The kubelet swaps a renewed secret's files under a running pod: the next handshake uses them."""
+    import os
+
+    live = tmp_path / "live"
+    live.mkdir()
+    for name in ("server.pem", "server.key"):
+        shutil.copy(pki / name, live / name)
+    port = free_port()
+    worker = _spawn("tls-rotate-worker", "worker_cpu", [
+        "--model", str(tiny_model), "--port", str(port), "--threads", "1",
+        "--tls-cert", str(live / "server.pem"), "--tls-key", str(live / "server.key")], port, WORKER_SERVICE, logs,
+        None)
+    # Another CA signs the renewed certificate, so which one a handshake got is plain to see.
+    ca2 = tmp_path / "ca2"
+    ca2.mkdir()
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=trellis-test-ca-2", cwd=ca2)
+    issue(ca2, "server", "/CN=localhost", "subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+
+    def serving(ca: Path) -> bool:
+        # A channel of its own (no shared subchannel pool): a new connection, so a new handshake.
+        creds = grpc.ssl_channel_credentials((ca / "ca.pem").read_bytes())
+        with grpc.secure_channel(worker.address, creds, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+            try:
+                reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=WORKER_SERVICE),
+                                                             timeout=5)
+            except grpc.RpcError:
+                return False
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    try:
+        with tls_channel(pki, worker.address) as channel:
+            wait_serving(channel, WORKER_SERVICE, worker)
+        assert serving(pki) and not serving(ca2)
+        for name in ("server.key", "server.pem"):   # each replaced atomically, as a symlink swap is
+            shutil.copy(ca2 / name, live / f".{name}.new")
+            os.replace(live / f".{name}.new", live / name)
+        assert serving(ca2) and not serving(pki)
+        assert "tls certificate reloaded" in worker.log_tail()
+    finally:
+        worker.stop()
+
+
+def test_the_router_dials_with_rotated_client_files_on_its_next_connection(pki, tmp_path):
+    import asyncio
+    import os
+
+    from router.worker_connection import WorkerConnection
+    from trellis_rpc.tls import ClientTLS
+
+    for name in ("ca.pem", "router-client.pem", "router-client.key"):
+        shutil.copy(pki / name, tmp_path / name)
+    tls = ClientTLS(tmp_path / "ca.pem", tmp_path / "router-client.pem", tmp_path / "router-client.key")
+
+    async def main():
+        link = WorkerConnection("127.0.0.1:1", asyncio.Event(), tls=tls)
+        first = link._channel
+        await link._renew_channel()
+        unchanged = link._channel is first
+        shutil.copy(pki / "batch.pem", tmp_path / ".new")
+        os.replace(tmp_path / ".new", tmp_path / "router-client.pem")
+        await link._renew_channel()
+        renewed = link._channel is not first
+        await link.close()
+        return unchanged, renewed
+
+    assert asyncio.run(main()) == (True, True)

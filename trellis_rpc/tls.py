@@ -4,21 +4,42 @@ Serving: `--tls-cert` and `--tls-key` (PEM) turn TLS on; `--tls-client-ca` also 
 client certificates (mutual TLS: workers set it to the CA of the router's certificate). Without TLS a
 process serves plaintext only on loopback, or on another interface when `--plaintext` says so.
 Dialling (the router to its workers): `--worker-tls-ca` verifies the workers' certificates,
-`--worker-tls-cert` / `--worker-tls-key` are the router's own for mutual TLS. Files are read once at start.
+`--worker-tls-cert` / `--worker-tls-key` are the router's own for mutual TLS.
+
+Certificates rotate without a restart (cert-manager renews a secret, the kubelet swaps the mounted files):
+a server reads its files again for the first handshake after they change; the router dials a worker with
+the files as they are when its link (re)connects. Established connections keep the certificates they
+were made with, as TLS does.
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import structlog
+
+log = structlog.get_logger("trellis.tls")
 
 
 def _read(path: Path | None) -> bytes | None:
     return path.read_bytes() if path is not None else None
+
+
+def files_version(*paths: Path | None) -> tuple:
+    """What changes when any of the files is replaced: a mounted secret's update swaps a symlink, so
+    stat() (which follows it) sees a new inode and mtime."""
+    out = []
+    for path in paths:
+        if path is not None:
+            st = os.stat(path)
+            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -29,10 +50,39 @@ class ServerTLS:
     # cannot ask for an optional one: without require_client_auth it asks for none at all.)
     client_ca: Path | None = None
 
+    def configuration(self) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration([(self.key.read_bytes(), self.cert.read_bytes())],
+                                                         root_certificates=_read(self.client_ca))
+
     def credentials(self) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials([(self.key.read_bytes(), self.cert.read_bytes())],
-                                           root_certificates=_read(self.client_ca),
-                                           require_client_auth=self.client_ca is not None)
+        reloader = _Reloader(self)
+        return grpc.dynamic_ssl_server_credentials(reloader.initial, reloader.fetch,
+                                                   require_client_authentication=self.client_ca is not None)
+
+
+class _Reloader:
+    """gRPC asks before each handshake; a new configuration only when the files changed. A read that fails
+    (the files mid-swap) keeps the current one, and the next handshake asks again."""
+
+    def __init__(self, tls: ServerTLS) -> None:
+        self.tls = tls
+        self.version = files_version(tls.cert, tls.key, tls.client_ca)
+        self.initial = tls.configuration()
+        self._lock = threading.Lock()   # handshakes run on gRPC's threads
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        with self._lock:
+            try:
+                version = files_version(self.tls.cert, self.tls.key, self.tls.client_ca)
+                if version == self.version:
+                    return None
+                config = self.tls.configuration()
+            except OSError as exc:
+                log.warning("tls files unreadable; serving the certificate loaded before", error=str(exc))
+                return None
+            self.version = version
+            log.info("tls certificate reloaded", cert=str(self.tls.cert))
+            return config
 
 
 @dataclass(frozen=True)
@@ -48,6 +98,13 @@ class ClientTLS:
 
     def options(self) -> list[tuple[str, str]]:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+    def version(self) -> tuple:
+        """Changes when any of the files does (see files_version); () when one cannot be read."""
+        try:
+            return files_version(self.ca, self.cert, self.key)
+        except OSError:
+            return ()
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
