@@ -28,6 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50061, help="0 picks a free port (printed in the 'serving' log line)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python code that the model directory ships (config.json auto_map); off: a model "
+                        "directory is data, not code")
     p.add_argument("--max-batch-size", type=int, default=64, help="cap on running sequences")
     p.add_argument("--kv-cache-tokens", type=int, default=65536,
                    help="KV cache capacity in tokens, preallocated in blocks (SmolLM2-135M fp32: 46 KB per token)")
@@ -111,7 +114,11 @@ def main(argv: list[str] | None = None) -> None:
     score_options = dict(max_candidates=args.max_candidates, max_batch_tokens=args.score_batch_tokens,
                          threads=args.threads or None)
     try:
-        loaded = load_any(args.model, args.dtype)
+        try:
+            loaded = load_any(args.model, args.dtype, args.trust_remote_code)
+        except ValueError as err:   # a model this worker will not or cannot load: say why, exit 2
+            log.error("cannot load the model", model=args.model, error=str(err))
+            raise SystemExit(2) from err
         if not stopping.is_set() and loaded.kind != "causal":
             # A reward model: no generation engine; the scoring loop gets the main thread.
             scorer = scorer_for(loaded, start_thread=False, **score_options)

@@ -93,7 +93,7 @@ def convert_gguf(gguf: Path) -> Path:
     return target
 
 
-def load_model(spec: str, dtype: str = "float32") -> LoadedModel:
+def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = False) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -105,9 +105,9 @@ def load_model(spec: str, dtype: str = "float32") -> LoadedModel:
     if path.is_file():
         path = convert_gguf(path)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, path=path)
 
 
@@ -116,21 +116,40 @@ REWARD_ARCHITECTURES = {"ForSequenceClassification": "outcome", "ForTokenClassif
 
 
 def model_kind(path: Path) -> str:
-    """'outcome' or 'process' for a reward model directory (by config.json's architectures), else 'causal'."""
+    """'outcome' or 'process' for a reward model directory (by config.json's architectures, or the auto class
+    its own code registers in auto_map), else 'causal'."""
     if path.is_file():
         return "causal"  # a .gguf holds a causal LM
     try:
-        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+        config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return "causal"
-    for arch in architectures:
+    names = [*(config.get("architectures") or []), *(config.get("auto_map") or {})]
+    for name in names:
         for suffix, kind in REWARD_ARCHITECTURES.items():
-            if arch.endswith(suffix):
+            if name.endswith(suffix):
                 return kind
     return "causal"
 
 
-def load_reward_model(spec: str, dtype: str = "float32") -> LoadedModel:
+REMOTE_CODE_HINT = ("the model directory ships Python code of its own (config.json auto_map); the worker runs it "
+                    "only with --trust-remote-code, which trusts whoever wrote that directory")
+
+
+def check_remote_code(spec: str, trust_remote_code: bool) -> None:
+    """Refuse, with the flag to pass, a model whose classes are its own code, before transformers' longer message."""
+    path = resolve(spec)
+    if trust_remote_code or path.is_file():
+        return
+    try:
+        auto_map = json.loads((path / "config.json").read_text()).get("auto_map")
+    except (OSError, ValueError):
+        return
+    if auto_map:
+        raise ValueError(f"--model {spec}: {REMOTE_CODE_HINT}")
+
+
+def load_reward_model(spec: str, dtype: str = "float32", trust_remote_code: bool = False) -> LoadedModel:
     """A reward model directory: AutoModelForSequenceClassification (outcome) or
     AutoModelForTokenClassification (process). No generation engine is built for these."""
     import torch
@@ -145,14 +164,16 @@ def load_reward_model(spec: str, dtype: str = "float32") -> LoadedModel:
                          f"{' or '.join(REWARD_ARCHITECTURES)})")
     auto = AutoModelForSequenceClassification if kind == "outcome" else AutoModelForTokenClassification
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    model = auto.from_pretrained(path, dtype=torch_dtype)
+    model = auto.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=path.name, path=path, kind=kind)
 
 
-def load_any(spec: str, dtype: str = "float32") -> LoadedModel:
-    """A reward model if the directory holds one, else the causal LM (load_model)."""
+def load_any(spec: str, dtype: str = "float32", trust_remote_code: bool = False) -> LoadedModel:
+    """A reward model if the directory holds one, else the causal LM (load_model). Code shipped in the model
+    directory runs only with trust_remote_code."""
+    check_remote_code(spec, trust_remote_code)
     if model_kind(resolve(spec)) == "causal":
-        return load_model(spec, dtype)
-    return load_reward_model(spec, dtype)
+        return load_model(spec, dtype, trust_remote_code)
+    return load_reward_model(spec, dtype, trust_remote_code)

@@ -45,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
                    help="auto: the model's own dtype on TensorRT-LLM, bfloat16 on the torch engine")
     p.add_argument("--max-batch-size", type=int, default=256, help="cap on sequences in flight")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python code that the model directory ships (config.json auto_map); off: a model "
+                        "directory is data, not code")
     p.add_argument("--max-num-tokens", type=int, default=8192, help="token budget per engine step")
     p.add_argument("--kv-cache-free-gpu-memory-fraction", type=float, default=0.9,
                    help="share of the GPU memory left after loading the weights that the KV cache may take")

@@ -24,7 +24,7 @@ def build_torch(args: argparse.Namespace):
         raise SystemExit(f"--device {args.device}: torch sees no CUDA device (torch {torch.__version__}, "
                          f"CUDA build: {torch.version.cuda}); pass --device cpu to run on the CPU")
     dtype = "bfloat16" if args.dtype == "auto" else args.dtype
-    loaded = load_any(args.model, dtype)
+    loaded = load_any(args.model, dtype, args.trust_remote_code)
     loaded.model.to(device)
     score_options = dict(max_candidates=64, max_batch_tokens=args.max_num_tokens)
     if loaded.kind != "causal":

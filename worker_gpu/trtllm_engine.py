@@ -255,7 +255,7 @@ def build_trtllm(args: argparse.Namespace):
     from tensorrt_llm import LLM, SamplingParams
     from tensorrt_llm.llmapi import KvCacheConfig
 
-    from worker_cpu.model_loader import resolve
+    from worker_cpu.model_loader import check_remote_code, resolve
     from worker_gpu.trtllm_scoring import reward_kind, scorer_for
 
     model_dir = resolve(args.model)
@@ -263,7 +263,9 @@ def build_trtllm(args: argparse.Namespace):
         from worker_cpu.model_loader import convert_gguf
 
         model_dir = convert_gguf(model_dir)
+    check_remote_code(args.model, args.trust_remote_code)
     llm = LLM(str(model_dir), dtype=args.dtype, max_batch_size=args.max_batch_size,
+              trust_remote_code=args.trust_remote_code,
               max_num_tokens=args.max_num_tokens, enable_iter_perf_stats=True,
               kv_cache_config=KvCacheConfig(enable_block_reuse=True,
                                             free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction))
