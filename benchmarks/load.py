@@ -7,11 +7,14 @@ A router (metrics on) over --workers CPU workers (the tiny random Llama of the t
 service itself rather than the model dominates; `--model default` for SmolLM2-135M). Clients keep
 --concurrency runs in flight until --duration seconds or --max-runs runs have started, drawing from
 a mix of controllers (native generation, majority vote, best-of-N with the verifier, beam search with
-the verifier), each with a deadline. A run is *lost* when it neither returns a result nor fails with
-a gRPC status by its deadline plus a grace period: the target is zero. Memory is each process's RSS
+the verifier, Dynasor-CoT keeping its reasoning on the worker between chunks), each with a deadline. A
+run is *lost* when it neither returns a result nor fails with a gRPC status by its deadline plus a
+grace period: the target is zero. Memory is each process's RSS
 (/proc), sampled every 10 s: growth is the last sample against the first one after warm-up (the
 first --warmup seconds); the target is under 5%. Reported: runs by outcome, success rate, latency
-p50/p99 of successful runs, RSS per process at warm-up end and at the end.
+p50/p99 of successful runs, RSS per process at warm-up end and at the end, and each worker's KV blocks,
+kept sequences and running sequences once the load stops (from its metrics endpoint): all back to zero
+within seconds, or something leaked.
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ import random
 import statistics
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
 import grpc
 
-from client.launcher import start_router, start_worker
+from client.launcher import free_port, start_router, start_worker
 from trellis_rpc.server import CHANNEL_OPTIONS
 from trellis_rpc.v1 import common_pb2, router_pb2, router_pb2_grpc
 
@@ -39,7 +43,38 @@ MIX = (  # (controller, params, max_tokens)
     ("majority_vote", {"n": 4}, 16),
     ("best_of_n", {"n": 3, "score_kind": "verifier"}, 16),
     ("beam_search", {"beam_width": 2, "expansions": 2, "max_steps": 2, "max_step_tokens": 8, "kind": "verifier"}, 12),
+    ("dynasor_cot", {"max_tokens": 32, "probe_interval": 8, "agree": 2, "probe_tokens": 4}, 16),
 )
+WORKER_GAUGES = ("kv_blocks_used", "kept_sequences", "running_sequences")
+
+
+def worker_state(metrics_port: int) -> dict[str, float]:
+    """The worker's WORKER_GAUGES, from its Prometheus endpoint."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    values = {name: 0.0 for name in WORKER_GAUGES}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name = sample.name.removeprefix("trellis_worker_")
+            if name in values:
+                values[name] += sample.value
+    return values
+
+
+def wait_idle(metrics_ports: dict[str, int], timeout_s: float = 30.0) -> dict[str, tuple[dict[str, float], float]]:
+    """{worker: (its gauges, seconds until they were all zero, or the timeout)} once the load has stopped."""
+    t0 = time.monotonic()
+    out = {}
+    for name, port in metrics_ports.items():
+        while True:
+            state = worker_state(port)
+            if not any(state.values()) or time.monotonic() - t0 > timeout_s:
+                out[name] = (state, time.monotonic() - t0)
+                break
+            time.sleep(0.2)
+    return out
 
 
 def rss_mib(pid: int) -> float:
@@ -118,6 +153,10 @@ def report(args: argparse.Namespace, result: dict) -> None:
     for name, samples in result["memory"].items():
         after = [m for t, m in samples if t >= args.warmup] or [samples[-1][1]]
         print(f"| {name} | {after[0]:.0f} MiB | {samples[-1][1]:.0f} MiB | {(samples[-1][1] / after[0] - 1):+.1%} |")
+    print("\nWorkers once the load stopped (KV blocks in use, kept sequences, running sequences):\n")
+    print("| worker | " + " | ".join(WORKER_GAUGES) + " | all zero after |\n|---|---|---|---|---|")
+    for name, (state, waited) in result["idle"].items():
+        print(f"| {name} | " + " | ".join(f"{state[g]:.0f}" for g in WORKER_GAUGES) + f" | {waited:.1f} s |")
 
 
 def main() -> None:
@@ -137,8 +176,10 @@ def main() -> None:
         from tests.tiny_model import build_tiny_llama
 
         model = str(build_tiny_llama(LOGS / "tiny-llama"))
-    workers = [start_worker(model, LOGS, name=f"load-worker-{i}", extra=["--threads", "1"])
-               for i in range(args.workers)]
+    metrics_ports = {f"load-worker-{i}": free_port() for i in range(args.workers)}
+    workers = [start_worker(model, LOGS, name=name, extra=["--threads", "1", "--metrics-port", str(port),
+                                                           "--metrics-host", "127.0.0.1"])
+               for name, port in metrics_ports.items()]
     router = None
     try:
         for w in workers:
@@ -149,7 +190,9 @@ def main() -> None:
         pids = {"router": router.popen.pid} | {w.name: w.popen.pid for w in workers}
         print(f"$ .venv/bin/python -m benchmarks.load --duration {args.duration:.0f} --concurrency "
               f"{args.concurrency} --workers {args.workers} --model {args.model}  (logs in {LOGS})")
-        report(args, asyncio.run(drive(router.address, args, pids)))
+        result = asyncio.run(drive(router.address, args, pids))
+        result["idle"] = wait_idle(metrics_ports)
+        report(args, result)
     finally:
         for proc in (router, *workers):
             if proc is not None:
