@@ -82,6 +82,22 @@ def test_cancel_frees_the_sequence(worker_stub):
         s.close()
 
 
+def test_a_load_report_follows_every_finished_task(worker_stub):
+    """So the router never routes on a report taken while the task was still running (it would steer the next
+    task away from the worker that just cached its prefix)."""
+    s = Stream(worker_stub)
+    try:
+        for task_id in ("after-1", "after-2"):
+            s.send(generate(task_id, max_tokens=3, ignore_eos=True))
+            seen = s.until(ends(task_id))
+            assert seen[-1].WhichOneof("kind") == "generate_result"
+            following = s.until(lambda r: True, limit=1)[0]
+            assert following.WhichOneof("kind") == "load", following
+            assert following.load.running_sequences == 0 and following.load.queue_depth == 0
+    finally:
+        s.close()
+
+
 def test_release_drops_what_a_run_kept(worker_stub):
     s = Stream(worker_stub)
     try:

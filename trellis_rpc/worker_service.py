@@ -128,6 +128,9 @@ def coalesce_deltas(responses: list[worker_pb2.WorkerResponse]) -> list[worker_p
     return out
 
 
+_TASK_ENDS = ("generate_result", "score_result", "error")
+
+
 def error_response(task_id: str, err: StatusError) -> worker_pb2.WorkerResponse:
     error = worker_pb2.TaskError(code=code_number(err.code), message=err.message, field=err.field, reason=err.reason)
     return worker_pb2.WorkerResponse(task_id=task_id, error=error)
@@ -241,8 +244,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 while not out.empty():
                     batch.append(out.get_nowait())
                 ended = batch[-1] is _END
+                finished = False
                 for item in coalesce_deltas(batch[:-1] if ended else batch):
+                    finished = finished or item.WhichOneof("kind") in _TASK_ENDS
                     yield item
+                if finished and not ended:
+                    # The load right after tasks ended (their KV freed): the periodic report may be up to
+                    # load_interval_s old, and a router weighing a stale one steers the next task sharing
+                    # the prefix away from the worker that just cached it.
+                    yield self._load_pb(self._load())
         finally:
             reader.cancel()
             reporter.cancel()
