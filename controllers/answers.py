@@ -38,7 +38,7 @@ def sample_candidates(n: int, prompt: Prompt, extract: Extractor) -> Generator[A
     task = Generate(prompt, n=n, branch="sample")
     yield task
     if not task.ok:
-        raise ControllerError(task.failure.code, task.failure.message, task.failure.field)
+        raise ControllerError.from_failure(task.failure)
     return [Candidate(f"sample/{s.index}", s.text, extract(s.text), finish_reason=s.finish_reason)
             for s in task.output.samples]
 
@@ -107,8 +107,7 @@ def score_texts(controller: Controller, prompt: Prompt, texts: list[str]) -> Gen
                  step_separator=controller.step_separator if controller.score_kind == "process" else "")
     yield task
     if not task.ok:
-        raise ControllerError(task.failure.code, f"scoring the samples ({controller.score_kind}) failed: "
-                                                 f"{task.failure.message}")
+        raise ControllerError.from_failure(task.failure, f"scoring the samples ({controller.score_kind}) failed")
     if len(task.output.scores) != len(texts):
         raise ControllerError("INTERNAL", f"the scorer returned {len(task.output.scores)} scores for "
                                           f"{len(texts)} candidates")

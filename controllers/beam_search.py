@@ -23,8 +23,8 @@ from collections.abc import Generator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from controllers.base import Param, Result
-from controllers.steps import SearchController, check_prompt, dropped, pruned, search_failed, search_params
+from controllers.base import ControllerError, Param, Result
+from controllers.steps import SearchController, check_prompt, dropped, pruned, search_params
 from controllers.tasks import Candidate, Intermediate, Progress, Prompt, TaskFailure
 
 
@@ -76,7 +76,7 @@ class BeamSearch(SearchController):
                                     p.finish_reason if p.ended else "") for p in expansion.proposals]
             if all(e.failure is not None for e in expansions):
                 if not stopped:
-                    raise search_failed(f"beam search step {step}: every expansion failed", failures[-1])
+                    raise ControllerError.from_failure(failures[-1], f"beam search step {step}: every expansion failed")
                 beams = []  # keep what has stopped; the failures are in the result's details
                 break
 

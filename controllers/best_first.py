@@ -24,8 +24,8 @@ from collections.abc import Generator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from controllers.base import Param, Result
-from controllers.steps import SearchController, check_prompt, dropped, search_failed, search_params
+from controllers.base import ControllerError, Param, Result
+from controllers.steps import SearchController, check_prompt, dropped, search_params
 from controllers.tasks import Candidate, Intermediate, Progress, Prompt, TaskFailure
 
 
@@ -111,7 +111,7 @@ class BestFirstSearch(SearchController):
             answer = max(pool, key=lambda n: (n.finish_reason == "stop", n.value), default=None)
         if answer is None:
             if failures:
-                raise search_failed("best-first search found nothing", failures[-1])
+                raise ControllerError.from_failure(failures[-1], "best-first search found nothing")
             return Result(answer="", details=details)
         details.update(score=answer.value, branch=answer.branch, steps=answer.depth)
         candidates = [Candidate(n.branch, n.text, self.extract(n.text), n.value, n.finish_reason)

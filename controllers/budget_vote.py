@@ -112,7 +112,7 @@ class BudgetMajorityVote(Controller):
                 candidates.append(Candidate(f"{task.branch}/0", sample.text if sample else "",
                                             finish_reason="cancelled"))
         if not candidates:
-            raise ControllerError(failures[0].code, f"every sample failed: {failures[0].message}")
+            raise ControllerError.from_failure(failures[0], "every sample failed")
         cancelled = sum(1 for c in candidates if c.finish_reason == "cancelled")
         # With no early decision, samples cut off by their own stop_when mean the budget ended the vote.
         stop = stop or ("budget" if cancelled else "all")

@@ -135,7 +135,7 @@ class DeepConfOffline(Controller):
         task = Generate(prompt, n=self.n, sampling={"logprobs": self.logprobs}, branch="trace")
         yield task
         if not task.ok:
-            raise ControllerError(task.failure.code, task.failure.message, task.failure.field)
+            raise ControllerError.from_failure(task.failure)
         candidates = []
         for s in task.output.samples:
             branch = f"trace/{s.index}"
@@ -218,7 +218,7 @@ class DeepConfOnline(Controller):
         warm = Generate(prompt, n=self.warmup, sampling=sampling, branch="warmup")
         yield warm
         if not warm.ok:
-            raise ControllerError(warm.failure.code, f"warm-up failed: {warm.failure.message}")
+            raise ControllerError.from_failure(warm.failure, "warm-up failed")
         candidates = [self._finished(s, f"warmup/{s.index}") for s in warm.output.samples]
         bar = percentile([c.score for c in candidates], 100.0 * (1.0 - self.keep_ratio))
         yield Intermediate("threshold", "", "", bar, {"warmup": {c.branch: c.score for c in candidates}})
@@ -267,7 +267,7 @@ class DeepConfOnline(Controller):
                 text = task.output.samples[0].text if task.ok else ""
                 candidates.append(Candidate(f"{task.branch}/0", text, finish_reason="cancelled"))
         if not tally and failures:
-            raise ControllerError(failures[0].code, f"no trace voted and traces failed: {failures[0].message}")
+            raise ControllerError.from_failure(failures[0], "no trace voted and traces failed")
 
         winner = tally.leader
         best = max((c for c in candidates if c.answer == winner and c.score >= bar), key=lambda c: c.score,

@@ -189,7 +189,7 @@ class DynasorCoT(Controller):
             if task.failure.context_full and own_text:
                 return None
             if task.failure.code not in HANDLE_LOST:
-                raise ControllerError(task.failure.code, task.failure.message, task.failure.field)
+                raise ControllerError.from_failure(task.failure)
             state.handle = ""
             state.fallbacks += 1
             yield Intermediate("fallback", branch, details={"code": task.failure.code,
@@ -200,7 +200,7 @@ class DynasorCoT(Controller):
             return task
         if task.failure.context_full and own_text:
             return None
-        raise ControllerError(task.failure.code, task.failure.message, task.failure.field)
+        raise ControllerError.from_failure(task.failure)
 
     def _boxed_probe(self) -> bool:
         return self.probe.rstrip().endswith("\\boxed{")

@@ -49,13 +49,13 @@ class MajorityVote(Controller):
             task = Generate(prompt, n=self.n, branch="sample")
             yield [task]
             if not task.ok:
-                raise ControllerError(task.failure.code, task.failure.message, task.failure.field)
+                raise ControllerError.from_failure(task.failure)
             return [(f"sample/{s.index}", s.text, s.finish_reason) for s in task.output.samples]
         branches = [Branch(self.inner_class.from_params({}), prompt, name=f"sample/{i}") for i in range(self.n)]
         yield branches
         ok = [b for b in branches if b.ok]
         if not ok:
-            raise ControllerError(branches[0].failure.code, branches[0].failure.message, branches[0].failure.field)
+            raise ControllerError.from_failure(branches[0].failure)
         # An inner run's answer is what it extracted; its text is what the answer came from.
         return [(b.name, b.result.answer or b.result.text, "stop") for b in ok]
 

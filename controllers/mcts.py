@@ -23,8 +23,8 @@ from collections.abc import Generator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from controllers.base import Param, Result
-from controllers.steps import SearchController, check_prompt, dropped, pruned, search_failed, search_params
+from controllers.base import ControllerError, Param, Result
+from controllers.steps import SearchController, check_prompt, dropped, pruned, search_params
 from controllers.tasks import Candidate, Intermediate, Progress, Prompt, TaskFailure
 
 MAX_ITERATIONS = 10_000
@@ -171,7 +171,7 @@ class MCTS(SearchController):
             partial = max((n for n in nodes if n.text), key=lambda n: (n.mean, n.visits), default=None)
             if partial is None:
                 if failures:
-                    raise search_failed("mcts expanded nothing", failures[-1])
+                    raise ControllerError.from_failure(failures[-1], "mcts expanded nothing")
                 return Result(answer="", details=details)
             answer = replace(partial, finish_reason="length")
         terminal = sorted((n for n in nodes if n.finish_reason), key=lambda n: (-n.mean, -n.visits))

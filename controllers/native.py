@@ -18,7 +18,7 @@ class NativeGeneration(Controller):
         task = Generate(prompt, n=1, branch="sample")
         yield [task]
         if not task.ok:
-            raise ControllerError(task.failure.code, task.failure.message, task.failure.field)
+            raise ControllerError.from_failure(task.failure)
         sample = task.output.samples[0]
         return Result(
             answer=sample.text, text=sample.text,

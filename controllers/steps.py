@@ -278,7 +278,8 @@ class StepSearch:
             if not expansion.prefix:
                 expansion.failure = TaskFailure(
                     "OUT_OF_RANGE", f"every first step is too long for the reward model's context with the prompt "
-                                    f"({task.failure.message}): a smaller params.max_step_tokens keeps steps shorter")
+                                    f"({task.failure.message}): a smaller params.max_step_tokens keeps steps shorter",
+                    reason=task.failure.reason)
         elif not expansion.prefix:
             expansion.failure = task.failure
         expansion.full = bool(expansion.prefix) and expansion.failure is None
@@ -293,13 +294,6 @@ def _candidate_index(field_path: str) -> int | None:
         return int(inner) if inner.isdigit() else None
     return None
 
-
-def search_failed(what: str, failure: TaskFailure) -> ControllerError:
-    """Fail the run for a failure the search cannot go on from. A failure naming a request field (the client's
-    prompt does not fit, say) keeps the field first in its message, so the client reads which field it was."""
-    if failure.field:
-        return ControllerError(failure.code, f"{failure.message} ({what})", failure.field)
-    return ControllerError(failure.code, f"{what}: {failure.message}")
 
 
 def pruned(branch: str, reason: str, value: float = 0.0, failure: TaskFailure | None = None) -> Intermediate:

@@ -23,7 +23,7 @@ from collections.abc import Generator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from controllers.base import Param, Result
+from controllers.base import ControllerError, Param, Result
 from controllers.steps import (
     SearchController,
     check_prompt,
@@ -31,7 +31,6 @@ from controllers.steps import (
     dropped,
     join,
     pruned,
-    search_failed,
     search_params,
 )
 from controllers.tasks import Candidate, Generate, Intermediate, Progress, Prompt, TaskFailure
@@ -85,7 +84,7 @@ class TreeOfThoughts(SearchController):
                                    p.finish_reason if p.ended else "") for p in expansion.proposals]
             if all(e.failure is not None for e in expansions):
                 if depth == 1:
-                    raise search_failed("tree of thoughts: every proposal failed", failures[-1])
+                    raise ControllerError.from_failure(failures[-1], "tree of thoughts: every proposal failed")
                 break   # nothing new at this depth: S_{t-1} is what the search found
 
             # S'_t: the new states, plus the finished ones of S_{t-1}, which have no thought left to add.

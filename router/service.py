@@ -22,6 +22,7 @@ from router.auth import Authenticator, ClientPolicy
 from router.convert import dict_to_struct, event_to_pb, prompt_from_pb, result_to_pb, struct_to_dict
 from router.dispatch import RemoteRunner, dispatch, step_span, task_outcome
 from router.pool import WorkerPool
+from router.rich_status import DETAILS_KEY, status_details
 from trellis_rpc.errors import StatusError, code_number, invalid
 from trellis_rpc.sampling import DEFAULT_MAX_TOKENS, check_prompt, resolve_sampling
 from trellis_rpc.scoring import CAPABILITY_OF_KIND, check_score_request
@@ -91,8 +92,13 @@ def _client(context: grpc.aio.ServicerContext) -> str:
 
 
 async def _abort(context: grpc.aio.ServicerContext, err: StatusError) -> None:
-    if isinstance(err, Exhausted):
-        context.set_trailing_metadata((("retry-after-ms", str(err.retry_after_ms)),))
+    retry_after_ms = err.retry_after_ms if isinstance(err, Exhausted) else 0
+    trailers = [("retry-after-ms", str(retry_after_ms))] if retry_after_ms else []
+    details = status_details(err, retry_after_ms)
+    if details is not None:
+        trailers.append((DETAILS_KEY, details))
+    if trailers:
+        context.set_trailing_metadata(tuple(trailers))
     await context.abort(err.code, err.message)
 
 
@@ -227,7 +233,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             except ControllerError as err:
                 outcome = _status_of(err.code).name
                 span.set_status(trace.Status(trace.StatusCode.ERROR, f"{outcome}: {err.message}"))
-                raise StatusError(_status_of(err.code), err.message, err.field) from err
+                raise StatusError(_status_of(err.code), err.message, err.field, err.reason) from err
             except ParamError as err:
                 outcome = "INVALID_ARGUMENT"
                 span.set_status(trace.Status(trace.StatusCode.ERROR, f"{outcome}: {err.message}"))
@@ -331,7 +337,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
         def error_event(run_id: str, err: StatusError) -> router_pb2.RunEvent:
             return router_pb2.RunEvent(run_id=run_id, error=router_pb2.RunError(
-                code=code_number(err.code), message=err.message, field=err.field))
+                code=code_number(err.code), message=err.message, field=err.field, reason=err.reason))
 
         async def one(run: PreparedRun) -> None:
             try:
@@ -341,7 +347,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 if err.field and not err.field.startswith("run."):
                     # Found once the run was under way (a worker's check): name it as the Session's field.
                     err = StatusError(err.code, f"run.{err.message}" if err.message.startswith(err.field)
-                                      else err.message, f"run.{err.field}")
+                                      else err.message, f"run.{err.field}", err.reason)
                 out.put_nowait(error_event(run.run_id, err))
             except asyncio.CancelledError:
                 cancelled = StatusError(grpc.StatusCode.CANCELLED, "cancelled by the client")
@@ -429,7 +435,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 generate=worker_pb2.GenerateTask(prompt=request.prompt, sampling=request.sampling))
             return await self._direct("generate", context, task, request.model, common_pb2.CAPABILITY_GENERATE)
         except StatusError as err:
-            await context.abort(err.code, err.message)
+            await _abort(context, err)
 
     async def Score(self, request: common_pb2.ScoreRequest,
                     context: grpc.aio.ServicerContext) -> common_pb2.ScoreResult:
@@ -441,7 +447,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             # Routed by capability: a reward model's worker for OUTCOME/PROCESS, a causal LM's for VERIFIER.
             return await self._direct("score", context, task, request.model, CAPABILITY_OF_KIND[kind])
         except StatusError as err:
-            await context.abort(err.code, err.message)
+            await _abort(context, err)
 
     async def _direct(self, kind: str, context: grpc.aio.ServicerContext, task: worker_pb2.WorkerRequest,
                       model: str, capability: int):

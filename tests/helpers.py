@@ -19,3 +19,30 @@ def run_request(controller: str = "native_generation", prompt: common_pb2.Prompt
     if params:
         req.params.update(params)
     return req
+
+
+def rich_error(err) -> dict:
+    """What a gRPC error's rich details (google.rpc.Status in grpc-status-details-bin) say, as any client in
+    any language would decode them: {"fields": [...], "reason": str, "retry_ms": int} (absent: not sent)."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    raw = dict(err.trailing_metadata() or ()).get("grpc-status-details-bin")
+    out: dict = {}
+    if raw is None:
+        return out
+    status = status_pb2.Status.FromString(raw)
+    assert status.code == err.code().value[0] and status.message == err.details()
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            out["fields"] = [v.field for v in bad.field_violations]
+        elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            out["reason"] = info.reason
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            out["retry_ms"] = retry.retry_delay.ToMilliseconds()
+    return out

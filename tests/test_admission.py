@@ -10,7 +10,7 @@ import pytest
 
 from client.launcher import start_router
 from router.admission import Admission, Exhausted
-from tests.helpers import run_request
+from tests.helpers import rich_error, run_request
 from trellis_rpc.v1 import router_pb2_grpc
 
 
@@ -76,6 +76,7 @@ def test_full_router_answers_resource_exhausted_and_recovers(tiny_worker, logs):
             assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "router is full" in err.details()
             assert int(dict(err.trailing_metadata() or ())["retry-after-ms"]) >= 100
+            assert rich_error(err)["retry_ms"] >= 100   # the same, as google.rpc.RetryInfo
         assert max(r.timings.queue_ms for r in done) > 0   # one waited its turn
         # Recovered: a new run goes through.
         with grpc.insecure_channel(router.address) as channel:

@@ -37,7 +37,7 @@ from hypothesis.control import currently_in_test_context
 from client.launcher import start_router, start_worker
 from controllers import REGISTRY
 from tests.conftest import ROUTER_MAX_N
-from tests.helpers import chat, run_request
+from tests.helpers import chat, rich_error, run_request
 from trellis_rpc.server import MAX_MESSAGE_BYTES
 from trellis_rpc.v1 import common_pb2, router_pb2, router_pb2_grpc
 
@@ -495,6 +495,25 @@ def test_session_worker_errors_name_the_run_field(router):
     errors = [ev.error for ev in events if ev.WhichOneof("event") == "error"]
     assert code == grpc.StatusCode.OK and len(errors) == 1, f"{code.name}: {details}"
     assert errors[0].field == "run.prompt" and errors[0].message.startswith("run.prompt:"), errors[0]
+    assert errors[0].reason == "CONTEXT_LENGTH_EXCEEDED"
+
+
+@pytest.mark.parametrize("controller", ["native_generation", "beam_search", "deepconf_online"])
+def test_a_prompt_too_long_for_the_context_says_so_in_the_rich_error(router, controller):
+    """The field and the reason, in google.rpc details, whichever controller met the worker's refusal."""
+    long_prompt = common_pb2.Prompt(text="word " * 300)
+    params = {p.name: CHEAP[p.name] for p in REGISTRY[controller].params if p.name in CHEAP}
+    with pytest.raises(grpc.RpcError) as info:
+        router.Run(run_request(controller, prompt=long_prompt, params=params, max_tokens=2), timeout=DEADLINE_S)
+    err = info.value
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and _names(err.details(), "prompt"), err.details()
+    assert rich_error(err) == {"fields": ["prompt"], "reason": "CONTEXT_LENGTH_EXCEEDED"}
+    with pytest.raises(grpc.RpcError) as info:
+        router.Generate(router_pb2.GenerateRequest(prompt=long_prompt), timeout=DEADLINE_S)
+    assert rich_error(info.value) == {"fields": ["prompt"], "reason": "CONTEXT_LENGTH_EXCEEDED"}
+    with pytest.raises(grpc.RpcError) as info:
+        router.Run(run_request("no_such_controller"), timeout=DEADLINE_S)
+    assert rich_error(info.value) == {"fields": ["controller"]}   # bad input with no particular reason
 
 
 def test_runs_may_share_a_run_id(router):
