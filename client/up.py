@@ -156,12 +156,14 @@ def say(text: str) -> None:
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (and SIGHUP: the terminal went away) stop `up` the way Ctrl-C does."""
+    """SIGTERM (and SIGHUP: the terminal went away) stop `up` the way Ctrl-C does. SIGINT too, explicitly:
+    a process started in the background of a non-interactive shell inherits SIGINT ignored, and Python
+    then leaves it ignored, so Ctrl-C (or a supervisor's SIGINT) would do nothing."""
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
