@@ -204,7 +204,8 @@ def test_llm_and_kv_cache_config_refuse_unknown_arguments(trt, tiny_model):
 
 
 def test_iteration_stats(trt, llm):
-    llm.get_stats(timeout=0)                               # drain what earlier tests left
+    while llm.get_stats(timeout=0.1):                      # drain what earlier tests left, to the last step
+        pass
     llm.generate("The answer is", trt.SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
     records = llm.get_stats(timeout=0.2)
     assert len(records) == 5                               # one per iteration: prefill + 4 decode steps
