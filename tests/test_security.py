@@ -264,38 +264,12 @@ def test_the_router_dials_with_rotated_client_files_on_its_next_connection(pki, 
     assert asyncio.run(main()) == (True, True)
 
 
-CUSTOM_CODE = """
-from transformers import AutoModel, LlamaConfig, LlamaForSequenceClassification, LlamaModel
-
-
-class CustomRewardConfig(LlamaConfig):
-    model_type = "custom_reward"
-
-
-class CustomBackbone(LlamaModel):
-    config_class = CustomRewardConfig
-
-
-class CustomRewardModel(LlamaForSequenceClassification):
-    config_class = CustomRewardConfig
-
-
-AutoModel.register(CustomRewardConfig, CustomBackbone)   # what the classification head builds its body from
-"""
-
-
 def test_code_in_a_model_directory_runs_only_when_trusted(tmp_path, logs):
     """A reward model whose classes are its own Python (auto_map): refused with the flag to pass, then served."""
-    from tests.tiny_model import build_tiny_reward_model
+    from tests.tiny_model import build_remote_code_reward_model
     from trellis_rpc.v1 import worker_pb2, worker_pb2_grpc
 
-    model = build_tiny_reward_model(tmp_path / "custom-orm")
-    (model / "modeling_custom.py").write_text(CUSTOM_CODE)
-    config = json.loads((model / "config.json").read_text())
-    config.update(model_type="custom_reward", architectures=["CustomRewardModel"],
-                  auto_map={"AutoConfig": "modeling_custom.CustomRewardConfig",
-                            "AutoModelForSequenceClassification": "modeling_custom.CustomRewardModel"})
-    (model / "config.json").write_text(json.dumps(config))
+    model = build_remote_code_reward_model(tmp_path / "custom-orm")
 
     port = free_port()
     refused = _spawn("remote-code-refused", "worker_cpu", ["--model", str(model), "--port", str(port)], port,

@@ -157,7 +157,7 @@ def test_requests_the_engine_cannot_serve(trtllm):
     assert err.value.field == "prompt.token_ids.ids"
     with pytest.raises(StatusError) as err:
         collect(engine, PromptInput(text="x " * 400), SamplingConfig())
-    assert err.value.field == "prompt"
+    assert err.value.field == "prompt" and err.value.reason == "CONTEXT_LENGTH_EXCEEDED"
     assert engine.info.keeps_sequences is False and engine.info.engine.startswith("tensorrt-llm")
 
 
@@ -218,6 +218,21 @@ def test_gpu_worker_serves_runs_and_scores_through_a_router(tiny_model, logs, en
         for proc in (router, worker):
             if proc is not None:
                 proc.stop()
+
+
+def test_tensorrt_llm_runs_no_code_from_the_model_directory_unless_trusted(tmp_path):
+    from tests.tiny_model import build_remote_code_reward_model
+
+    model = build_remote_code_reward_model(tmp_path / "custom-orm")
+    sys.path.insert(0, str(FAKES))
+    try:
+        from worker_gpu.trtllm_engine import build_trtllm
+
+        with pytest.raises(ValueError, match="--trust-remote-code"):
+            build_trtllm(parse_args(["--model", str(model)]))
+    finally:
+        sys.path.remove(str(FAKES))
+    assert parse_args(["--trust-remote-code"]).trust_remote_code and not parse_args([]).trust_remote_code
 
 
 def test_cli_refuses_bad_flags():

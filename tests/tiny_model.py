@@ -89,3 +89,38 @@ def build_tiny_reward_model(target: Path, head: str = "sequence", num_labels: in
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
+
+
+REMOTE_CODE = """
+from transformers import AutoModel, LlamaConfig, LlamaForSequenceClassification, LlamaModel
+
+
+class CustomRewardConfig(LlamaConfig):
+    model_type = "custom_reward"
+
+
+class CustomBackbone(LlamaModel):
+    config_class = CustomRewardConfig
+
+
+class CustomRewardModel(LlamaForSequenceClassification):
+    config_class = CustomRewardConfig
+
+
+AutoModel.register(CustomRewardConfig, CustomBackbone)   # what the classification head builds its body from
+"""
+
+
+def build_remote_code_reward_model(target: Path) -> Path:
+    """build_tiny_reward_model's outcome model, whose classes are Python of its own (config.json auto_map), as
+    models that need trust_remote_code ship them."""
+    import json
+
+    build_tiny_reward_model(target)
+    (target / "modeling_custom.py").write_text(REMOTE_CODE)
+    config = json.loads((target / "config.json").read_text())
+    config.update(model_type="custom_reward", architectures=["CustomRewardModel"],
+                  auto_map={"AutoConfig": "modeling_custom.CustomRewardConfig",
+                            "AutoModelForSequenceClassification": "modeling_custom.CustomRewardModel"})
+    (target / "config.json").write_text(json.dumps(config))
+    return target

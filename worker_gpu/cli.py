@@ -99,7 +99,11 @@ async def serve(args: argparse.Namespace, worker_id: str) -> None:
     loading = asyncio.ensure_future(asyncio.to_thread(build, args))
     engine = scorer = None
     try:
-        engine, scorer = await loading
+        try:
+            engine, scorer = await loading
+        except ValueError as err:   # a model this worker will not or cannot load: say why, exit 2
+            log.error("cannot load the model", model=args.model, error=str(err))
+            raise SystemExit(2) from err
         service.attach(engine, scorer)
         await served.set_serving(True)
         log.info("serving", port=served.port, model_id=service.model_id, worker_id=worker_id, engine=args.engine,
