@@ -248,6 +248,23 @@ def test_kept_sequence_continues_and_forks_without_prefilling_again(tokenizer):
         engine.close()
 
 
+def test_an_operator_context_cap_below_the_model_s_refuses_and_stops_there(tokenizer):
+    from trellis_rpc.errors import StatusError
+
+    engine, _ = make_engine("llama", tokenizer, max_context=32)
+    try:
+        assert engine.max_context == 32 and engine.info.max_context_tokens == 32
+        with pytest.raises(StatusError) as info:
+            _generate(engine, "long", prompts(1, 40)[0], GREEDY)
+        assert (info.value.field, info.value.reason) == ("prompt", "CONTEXT_LENGTH_EXCEEDED")
+        done = _generate(engine, "fits", prompts(1, 28)[0], SamplingConfig(temperature=0.0, max_tokens=50,
+                                                                             ignore_eos=True))
+        completion = done.completions[0]
+        assert completion.finish_reason == "length" and 28 + len(completion.token_ids) == 32
+    finally:
+        engine.close()
+
+
 def test_release_drops_what_one_run_kept_and_nothing_else(tokenizer):
     engine, _ = make_engine("llama", tokenizer, block_size=4)
     try:

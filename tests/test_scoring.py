@@ -360,3 +360,20 @@ def test_scorer_runs_off_the_event_loop(orm_dir):
         scorer.close()
     with pytest.raises(StatusError):
         asyncio.run(scorer.score("late", request))
+
+
+def test_an_operator_context_cap_bounds_what_a_scorer_takes(orm_dir):
+    from trellis_rpc.engine_api import PromptInput, ScoreInput
+    from trellis_rpc.errors import StatusError
+    from worker_cpu.scoring import scorer_for
+
+    loaded = loaded_reward_model(orm_dir)
+    request = ScoreInput(PromptInput(text=QUESTION), ["4", "the answer is " * 10], "outcome")
+    uncapped = scorer_for(loaded, start_thread=False)
+    assert len(uncapped.score_now(request)[0]) == 2                # the model's own 256 tokens take both
+    short, long = (len(row.ids) for row in uncapped.rows(request))
+    capped = scorer_for(loaded, start_thread=False, max_context=short + 1)
+    assert capped.info.max_context_tokens == short + 1 < long
+    with pytest.raises(StatusError) as info:
+        capped.score_now(request)
+    assert (info.value.field, info.value.reason) == ("candidates[1]", "CONTEXT_LENGTH_EXCEEDED")

@@ -240,4 +240,6 @@ def test_cli_refuses_bad_flags():
         parse_args(["--kv-cache-free-gpu-memory-fraction", "1.5"])
     with pytest.raises(SystemExit):
         parse_args(["--prm-tokens", "+"])
+    with pytest.raises(SystemExit):
+        parse_args(["--max-context-tokens", "-1"])
     assert isinstance(parse_args([]), argparse.Namespace)

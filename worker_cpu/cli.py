@@ -40,6 +40,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-tokens", type=int, default=512,
                    help="token budget per step; longer prompts are prefilled in chunks of at most this many")
     p.add_argument("--max-n", type=int, default=64, help="largest n one generate task may ask for")
+    p.add_argument("--max-context-tokens", type=int, default=0,
+                   help="tokens per sequence (prompt and generated, or a scored candidate with its prompt) below "
+                        "the model's own context: longer prompts are refused (CONTEXT_LENGTH_EXCEEDED), generation "
+                        "stops there; 0: the model's context")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--worker-id", default="", help="defaults to a random id")
     p.add_argument("--no-verifier", action="store_true",
@@ -54,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drain-seconds", type=float, default=30.0, help="grace period for in-flight work on SIGTERM")
     tls.add_server_args(p)
     args = p.parse_args(argv)
+    if args.max_context_tokens < 0:
+        p.error("--max-context-tokens must be >= 0 (0: the model's context)")
     args.tls = tls.server_tls(args, p)
     return args
 
@@ -112,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     from worker_cpu.scoring import scorer_for
 
     score_options = dict(max_candidates=args.max_candidates, max_batch_tokens=args.score_batch_tokens,
-                         threads=args.threads or None)
+                         threads=args.threads or None, max_context=args.max_context_tokens)
     try:
         try:
             loaded = load_any(args.model, args.dtype, args.trust_remote_code)
@@ -133,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
                 kv_tokens = int(args.kv_cache_gib * 2**30) // TorchEngine.kv_bytes_per_token(loaded.model)
             engine = TorchEngine(loaded, max_batch_size=args.max_batch_size, kv_cache_tokens=kv_tokens,
                                  threads=args.threads or None, max_num_tokens=args.max_num_tokens,
-                                 block_size=args.block_size, start_thread=False)
+                                 block_size=args.block_size, start_thread=False,
+                                 max_context=args.max_context_tokens)
             if not args.no_verifier:
                 try:  # the verifier runs the Hugging Face model on a thread of its own
                     scorer = scorer_for(loaded, **score_options)

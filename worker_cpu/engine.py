@@ -62,7 +62,8 @@ class EngineStats:
 class TorchEngine:
     def __init__(self, loaded: LoadedModel, max_batch_size: int = 64, kv_cache_tokens: int = 65536,
                  threads: int | None = None, max_num_tokens: int = 512, block_size: int = 16,
-                 start_thread: bool = True) -> None:
+                 start_thread: bool = True, max_context: int = 0) -> None:
+        """max_context: tokens per sequence (prompt and generated), below the model's own limit; 0: the model's."""
         self.tokenizer = loaded.tokenizer
         model = loaded.model
         self.dtype = next(model.parameters()).dtype
@@ -72,7 +73,8 @@ class TorchEngine:
         self.device = next(model.parameters()).device
         self._on_device = contextlib.nullcontext() if self.device.type == "cpu" else self.device
         with self._on_device:
-            self._build(model, max_batch_size, kv_cache_tokens, max_num_tokens, block_size, loaded.model_id)
+            self._build(model, max_batch_size, kv_cache_tokens, max_num_tokens, block_size, loaded.model_id,
+                        max_context)
         self._threads = threads
         self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._requests: dict[str, Request] = {}
@@ -84,10 +86,10 @@ class TorchEngine:
             self._thread.start()
 
     def _build(self, model, max_batch_size: int, kv_cache_tokens: int, max_num_tokens: int, block_size: int,
-               model_id: str) -> None:
+               model_id: str, max_context: int) -> None:
         self.decoder = PagedDecoder(decoder_from_hf(model, self.dtype), self.dtype)
         spec = self.decoder.spec
-        self.max_context = spec.max_positions
+        self.max_context = min(spec.max_positions, max_context or spec.max_positions)
         self.vocab = spec.vocab
         self.max_batch_size = max_batch_size
         self.eos_ids = self._eos_ids(model)

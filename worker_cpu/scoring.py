@@ -130,10 +130,11 @@ class TorchScorer:
     kind: ClassVar[str]
 
     def __init__(self, loaded: LoadedModel, *, max_candidates: int = 64, max_batch_tokens: int = 16384,
-                 threads: int | None = None, start_thread: bool = True) -> None:
+                 threads: int | None = None, start_thread: bool = True, max_context: int = 0) -> None:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
-        self.max_context = context_limit(self.model, self.tokenizer)
+        limit = context_limit(self.model, self.tokenizer)
+        self.max_context = min(limit, max_context) if limit and max_context else (limit or max_context)
         self.max_batch_tokens = max_batch_tokens
         self.info = ScorerInfo(model_id=loaded.model_id, kinds=(self.kind,), engine="torch-cpu",
                                max_context_tokens=self.max_context, max_candidates=max_candidates,

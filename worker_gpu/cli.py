@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-cache-tokens", type=int, default=262144, help="torch engine: KV cache capacity in tokens")
     p.add_argument("--device", default="cuda", help="torch engine: the torch device (cuda, cuda:1, or cpu)")
     p.add_argument("--max-n", type=int, default=64, help="largest n one generate task may ask for")
+    p.add_argument("--max-context-tokens", type=int, default=0,
+                   help="tokens per sequence (prompt and generated) below the model's own context (TensorRT-LLM's "
+                        "max_seq_len): longer prompts are refused (CONTEXT_LENGTH_EXCEEDED); 0: the model's")
     p.add_argument("--no-verifier", action="store_true", help="do not offer SCORE_VERIFIER on the worker's model")
     p.add_argument("--prm-tokens", default="",
                    help="serve process rewards from a causal-LM PRM: 'GOOD,BAD' (e.g. '+,-' for Math-Shepherd); "
@@ -70,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--kv-cache-free-gpu-memory-fraction: must be in (0, 1]")
     if args.prm_tokens and len(args.prm_tokens.split(",")) != 2:
         p.error("--prm-tokens: give two tokens, GOOD,BAD")
+    if args.max_context_tokens < 0:
+        p.error("--max-context-tokens must be >= 0 (0: the model's context)")
     return args
 
 

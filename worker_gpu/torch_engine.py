@@ -26,11 +26,11 @@ def build_torch(args: argparse.Namespace):
     dtype = "bfloat16" if args.dtype == "auto" else args.dtype
     loaded = load_any(args.model, dtype, args.trust_remote_code)
     loaded.model.to(device)
-    score_options = dict(max_candidates=64, max_batch_tokens=args.max_num_tokens)
+    score_options = dict(max_candidates=64, max_batch_tokens=args.max_num_tokens, max_context=args.max_context_tokens)
     if loaded.kind != "causal":
         return None, scorer_for(loaded, **score_options)
     engine = TorchEngine(loaded, max_batch_size=args.max_batch_size, kv_cache_tokens=args.kv_cache_tokens,
-                         max_num_tokens=args.max_num_tokens)
+                         max_num_tokens=args.max_num_tokens, max_context=args.max_context_tokens)
     scorer = None
     if not args.no_verifier:
         try:

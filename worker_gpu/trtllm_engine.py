@@ -265,7 +265,7 @@ def build_trtllm(args: argparse.Namespace):
         model_dir = convert_gguf(model_dir)
     check_remote_code(args.model, args.trust_remote_code)
     llm = LLM(str(model_dir), dtype=args.dtype, max_batch_size=args.max_batch_size,
-              trust_remote_code=args.trust_remote_code,
+              trust_remote_code=args.trust_remote_code, max_seq_len=args.max_context_tokens or None,
               max_num_tokens=args.max_num_tokens, enable_iter_perf_stats=True,
               kv_cache_config=KvCacheConfig(enable_block_reuse=True,
                                             free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction))
