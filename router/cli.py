@@ -39,7 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="how long a task waits for a worker to connect before UNAVAILABLE (capped by its deadline)")
     p.add_argument("--metrics-port", type=int, default=metrics_port_default(),
                    help="Prometheus metrics at http://<metrics-host>:PORT/metrics (0: off; env TRELLIS_METRICS_PORT)")
-    p.add_argument("--metrics-host", default="0.0.0.0", help="interface of the metrics endpoint")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="interface of the metrics endpoint (plain HTTP: loopback unless another is named, e.g. "
+                        "0.0.0.0 for a scraper in the cluster)")
     p.add_argument("--drain-seconds", type=float, default=30.0, help="grace period for in-flight runs on SIGTERM")
     p.add_argument("--max-running-runs", type=int, default=256,
                    help="runs worked on at once; more wait in a priority queue (0: no limit)")

@@ -64,7 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker-id", default="", help="defaults to a random id")
     p.add_argument("--metrics-port", type=int, default=metrics_port_default(),
                    help="Prometheus metrics at http://<metrics-host>:PORT/metrics (0: off; env TRELLIS_METRICS_PORT)")
-    p.add_argument("--metrics-host", default="0.0.0.0", help="interface of the metrics endpoint")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="interface of the metrics endpoint (plain HTTP: loopback unless another is named, e.g. "
+                        "0.0.0.0 for a scraper in the cluster)")
     p.add_argument("--drain-seconds", type=float, default=30.0, help="grace period for in-flight work on SIGTERM")
     tls.add_server_args(p)
     args = p.parse_args(argv)
