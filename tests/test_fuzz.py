@@ -508,8 +508,11 @@ def test_a_prompt_too_long_for_the_context_says_so_in_the_rich_error(router, con
     err = info.value
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and _names(err.details(), "prompt"), err.details()
     assert rich_error(err) == {"fields": ["prompt"], "reason": "CONTEXT_LENGTH_EXCEEDED"}
+
+
+def test_rich_errors_of_generate_and_of_plain_bad_input(router):
     with pytest.raises(grpc.RpcError) as info:
-        router.Generate(router_pb2.GenerateRequest(prompt=long_prompt), timeout=DEADLINE_S)
+        router.Generate(router_pb2.GenerateRequest(prompt=common_pb2.Prompt(text="word " * 300)), timeout=DEADLINE_S)
     assert rich_error(info.value) == {"fields": ["prompt"], "reason": "CONTEXT_LENGTH_EXCEEDED"}
     with pytest.raises(grpc.RpcError) as info:
         router.Run(run_request("no_such_controller"), timeout=DEADLINE_S)
