@@ -7,7 +7,7 @@ import contextlib
 import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
 import structlog
@@ -20,6 +20,7 @@ from router import metrics
 from router.convert import FINISH_NAMES, prompt_to_pb, sampling_with_overrides
 from router.migration import SampleSoFar, continuation, merged_result
 from router.pool import NoWorker, WorkerPool
+from router.worker_connection import WorkerConnection
 from trellis_rpc.errors import StatusError, code_from_number
 from trellis_rpc.sampling import DEFAULT_MAX_TOKENS
 from trellis_rpc.scoring import CAPABILITY_OF_KIND, check_score_request
@@ -44,10 +45,13 @@ def prompt_key(request: worker_pb2.WorkerRequest) -> str:
 
 
 async def dispatch(pool: WorkerPool, request: worker_pb2.WorkerRequest, model: str, capability: int,
-                   wait_s: float, worker_id: str = "") -> AsyncIterator[worker_pb2.WorkerResponse]:
-    """Send one task to a worker of the pool (to worker_id, if given); yield its responses; a worker
-    error raises StatusError."""
+                   wait_s: float, worker_id: str = "", picked: Callable[[WorkerConnection], None] | None = None,
+                   ) -> AsyncIterator[worker_pb2.WorkerResponse]:
+    """Send one task to a worker of the pool (to worker_id, if given; `picked` hears which); yield its
+    responses; a worker error raises StatusError."""
     worker = await pool.pick(model, capability, wait_s=wait_s, worker_id=worker_id, prompt_key=prompt_key(request))
+    if picked is not None:
+        picked(worker)
     # The span names the last worker tried; a migration's event says why the one before was given up.
     trace.get_current_span().set_attribute("trellis.worker", worker.address)
     request.trace_context.update(inject())
@@ -150,7 +154,8 @@ class RemoteRunner:
         self.max_tasks = max_tasks
         self.max_tokens = max_tokens
         self.max_n = max_n
-        self.kept = False   # some task asked its worker to keep sequences: release them when the run ends
+        # Workers that ran a task asked to keep its sequences: told to release them when the run ends.
+        self.kept_on: dict[str, WorkerConnection] = {}
 
     def _next_task(self) -> int:
         number = next(self._ids)
@@ -185,7 +190,6 @@ class RemoteRunner:
         if task.keep_s > 0:
             generate.keep.keep = True
             generate.keep.ttl_ms = int(task.keep_s * 1000)
-            self.kept = True
         if task.continue_from:
             generate.continue_from.handle = task.continue_from
         elif task.fork_from:
@@ -220,8 +224,9 @@ class RemoteRunner:
     async def _stream(self, request: worker_pb2.WorkerRequest, holder: str, samples: list[SampleSoFar],
                       indexes: list[int], on_token: TokenSink) -> common_pb2.GenerateResult:
         """Run one worker task; its sample j is the caller's sample indexes[j]."""
+        keeps = request.generate.keep.keep
         async for response in dispatch(self.pool, request, self.model, common_pb2.CAPABILITY_GENERATE,
-                                       self._wait_s(), worker_id=holder):
+                                       self._wait_s(), worker_id=holder, picked=self._kept_on if keeps else None):
             kind = response.WhichOneof("kind")
             if kind == "delta":
                 if self.usage.first_token is None:
@@ -318,16 +323,18 @@ class RemoteRunner:
             raise TaskFailed(TaskFailure(err.code.name, err.message, err.field, err.reason)) from err
         raise TaskFailed(TaskFailure(grpc.StatusCode.INTERNAL.name, "worker ended the task without a result"))
 
+    def _kept_on(self, worker: WorkerConnection) -> None:
+        self.kept_on[worker.address] = worker
+
     def release_kept(self) -> None:
-        """The run is over: every worker drops what its tasks kept, now rather than when the TTL runs out.
-        Every connected worker is told (a message each, only for runs that kept anything): a task cancelled
-        before its result never named the worker that kept its sequences."""
-        if not self.kept:
+        """The run is over: each worker that ran one of its tasks asked to keep sequences drops them now,
+        rather than when their TTL runs out. By task-id prefix, so a task cancelled before its result (which
+        never named its handles) is covered too."""
+        if not self.kept_on:
             return
         release = worker_pb2.WorkerRequest(release=worker_pb2.ReleaseSequences(task_prefix=self.task_prefix))
-        for worker in self.pool.workers:
-            if worker.info is not None and common_pb2.CAPABILITY_GENERATE in worker.info.capabilities:
-                worker.post(release)
+        for worker in self.kept_on.values():
+            worker.post(release)
 
     def _wait_s(self) -> float:
         if self.deadline is None:
