@@ -54,7 +54,7 @@ def test_info(worker_stub):
 def test_two_tasks_interleave_on_one_stream(worker_stub):
     s = Stream(worker_stub)
     try:
-        s.send(generate("long", max_tokens=120, ignore_eos=True, seed=1))
+        s.send(generate("long", max_tokens=240, ignore_eos=True, seed=1))   # most of the 256-token context
         s.send(generate("short", max_tokens=3, ignore_eos=True, seed=2))
         seen = s.until(ends("long"))
         order = [r.task_id for r in seen if r.WhichOneof("kind") == "generate_result"]
