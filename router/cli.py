@@ -18,7 +18,7 @@ from router.service import Limits, RouterService
 from trellis_rpc import tls
 from trellis_rpc.logs import configure_logging
 from trellis_rpc.server import run_until_signalled, start_server
-from trellis_rpc.telemetry import configure_metrics, configure_tracing, metrics_port_default, shutdown_telemetry
+from trellis_rpc.telemetry import add_metrics_args, configure_metrics, configure_tracing, shutdown_telemetry
 from trellis_rpc.undecodable import RefuseUndecodable
 from trellis_rpc.v1 import router_pb2, router_pb2_grpc
 
@@ -37,11 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-n", type=int, default=64, help="largest n a run or a generate call may ask for")
     p.add_argument("--worker-wait-seconds", type=float, default=2.0,
                    help="how long a task waits for a worker to connect before UNAVAILABLE (capped by its deadline)")
-    p.add_argument("--metrics-port", type=int, default=metrics_port_default(),
-                   help="Prometheus metrics at http://<metrics-host>:PORT/metrics (0: off; env TRELLIS_METRICS_PORT)")
-    p.add_argument("--metrics-host", default="127.0.0.1",
-                   help="interface of the metrics endpoint (plain HTTP: loopback unless another is named, e.g. "
-                        "0.0.0.0 for a scraper in the cluster)")
+    add_metrics_args(p)
     p.add_argument("--drain-seconds", type=float, default=30.0, help="grace period for in-flight runs on SIGTERM")
     p.add_argument("--max-running-runs", type=int, default=256,
                    help="runs worked on at once; more wait in a priority queue (0: no limit)")

@@ -12,6 +12,7 @@ a call, and inside each WorkerRequest (`trace_context`) because many tasks share
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Iterable, Mapping
 
@@ -80,7 +81,16 @@ def metrics_port_default() -> int:
     return int(os.environ.get("TRELLIS_METRICS_PORT", "0") or 0)
 
 
-def configure_metrics(process: str, port: int, host: str = "0.0.0.0", instance: str = "") -> int:
+def add_metrics_args(p: argparse.ArgumentParser) -> None:
+    """--metrics-port and --metrics-host, as every process takes them."""
+    p.add_argument("--metrics-port", type=int, default=metrics_port_default(),
+                   help="Prometheus metrics at http://<metrics-host>:PORT/metrics (0: off; env TRELLIS_METRICS_PORT)")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="interface of the metrics endpoint (plain HTTP: loopback unless another is named, e.g. "
+                        "0.0.0.0 for a scraper in the cluster)")
+
+
+def configure_metrics(process: str, port: int, host: str = "127.0.0.1", instance: str = "") -> int:
     """Serve this process's metrics for Prometheus on host:port (port 0: off). Returns the port served."""
     global _metrics_server
     if not port or _metrics_server is not None:

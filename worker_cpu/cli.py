@@ -14,9 +14,10 @@ import structlog
 from trellis_rpc import tls
 from trellis_rpc.logs import configure_logging
 from trellis_rpc.server import start_server
-from trellis_rpc.telemetry import configure_metrics, configure_tracing, metrics_port_default, shutdown_telemetry
+from trellis_rpc.telemetry import add_metrics_args, configure_metrics, configure_tracing, shutdown_telemetry
 from trellis_rpc.v1 import worker_pb2, worker_pb2_grpc
 from trellis_rpc.worker_service import WorkerService
+from worker_cpu.model_loader import add_model_args
 
 log = structlog.get_logger(__name__)
 
@@ -28,9 +29,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50061, help="0 picks a free port (printed in the 'serving' log line)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="run Python code that the model directory ships (config.json auto_map); off: a model "
-                        "directory is data, not code")
     p.add_argument("--max-batch-size", type=int, default=64, help="cap on running sequences")
     p.add_argument("--kv-cache-tokens", type=int, default=65536,
                    help="KV cache capacity in tokens, preallocated in blocks (SmolLM2-135M fp32: 46 KB per token)")
@@ -40,10 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-tokens", type=int, default=512,
                    help="token budget per step; longer prompts are prefilled in chunks of at most this many")
     p.add_argument("--max-n", type=int, default=64, help="largest n one generate task may ask for")
-    p.add_argument("--max-context-tokens", type=int, default=0,
-                   help="tokens per sequence (prompt and generated, or a scored candidate with its prompt) below "
-                        "the model's own context: longer prompts are refused (CONTEXT_LENGTH_EXCEEDED), generation "
-                        "stops there; 0: the model's context")
+    add_model_args(p)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--worker-id", default="", help="defaults to a random id")
     p.add_argument("--no-verifier", action="store_true",
@@ -52,16 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="largest number of candidates one score task may carry")
     p.add_argument("--score-batch-tokens", type=int, default=16384,
                    help="padded tokens per scoring forward pass; a score task that needs more runs in several")
-    p.add_argument("--metrics-port", type=int, default=metrics_port_default(),
-                   help="Prometheus metrics at http://<metrics-host>:PORT/metrics (0: off; env TRELLIS_METRICS_PORT)")
-    p.add_argument("--metrics-host", default="127.0.0.1",
-                   help="interface of the metrics endpoint (plain HTTP: loopback unless another is named, e.g. "
-                        "0.0.0.0 for a scraper in the cluster)")
+    add_metrics_args(p)
     p.add_argument("--drain-seconds", type=float, default=30.0, help="grace period for in-flight work on SIGTERM")
     tls.add_server_args(p)
     args = p.parse_args(argv)
-    if args.max_context_tokens < 0:
-        p.error("--max-context-tokens must be >= 0 (0: the model's context)")
     args.tls = tls.server_tls(args, p)
     return args
 

@@ -8,6 +8,7 @@ the cache, keyed by the file's size and mtime, and that directory is loaded from
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import importlib.util
 import json
@@ -130,6 +131,24 @@ def model_kind(path: Path) -> str:
             if name.endswith(suffix):
                 return kind
     return "causal"
+
+
+def _tokens(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0 (0: the model's context)")
+    return value
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """What a worker lets a model do, on either engine: run its own code, use all of its context."""
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python code that the model directory ships (config.json auto_map); off: a model "
+                        "directory is data, not code")
+    p.add_argument("--max-context-tokens", type=_tokens, default=0,
+                   help="tokens per sequence (prompt and generated, or a scored candidate with its prompt) below "
+                        "the model's own context (TensorRT-LLM's max_seq_len): longer prompts are refused "
+                        "(CONTEXT_LENGTH_EXCEEDED), generation stops there; 0: the model's context")
 
 
 REMOTE_CODE_HINT = ("the model directory ships Python code of its own (config.json auto_map); the worker runs it "

@@ -19,7 +19,7 @@ import structlog
 from trellis_rpc import tls
 from trellis_rpc.logs import configure_logging
 from trellis_rpc.server import run_until_signalled, start_server
-from trellis_rpc.telemetry import configure_metrics, configure_tracing, metrics_port_default, shutdown_telemetry
+from trellis_rpc.telemetry import add_metrics_args, configure_metrics, configure_tracing, shutdown_telemetry
 from trellis_rpc.v1 import worker_pb2, worker_pb2_grpc
 from trellis_rpc.worker_service import WorkerService
 
@@ -36,6 +36,8 @@ MISSING_TRTLLM = (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from worker_cpu.model_loader import add_model_args  # worker_cpu is imported lazily (ARCHITECTURE.md)
+
     p = argparse.ArgumentParser(prog="python -m worker_gpu", description="Trellis GPU worker (TensorRT-LLM or torch)")
     p.add_argument("--engine", choices=ENGINES, default="tensorrt-llm")
     p.add_argument("--model", default="default",
@@ -45,28 +47,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
                    help="auto: the model's own dtype on TensorRT-LLM, bfloat16 on the torch engine")
     p.add_argument("--max-batch-size", type=int, default=256, help="cap on sequences in flight")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="run Python code that the model directory ships (config.json auto_map); off: a model "
-                        "directory is data, not code")
     p.add_argument("--max-num-tokens", type=int, default=8192, help="token budget per engine step")
     p.add_argument("--kv-cache-free-gpu-memory-fraction", type=float, default=0.9,
                    help="share of the GPU memory left after loading the weights that the KV cache may take")
     p.add_argument("--kv-cache-tokens", type=int, default=262144, help="torch engine: KV cache capacity in tokens")
     p.add_argument("--device", default="cuda", help="torch engine: the torch device (cuda, cuda:1, or cpu)")
     p.add_argument("--max-n", type=int, default=64, help="largest n one generate task may ask for")
-    p.add_argument("--max-context-tokens", type=int, default=0,
-                   help="tokens per sequence (prompt and generated) below the model's own context (TensorRT-LLM's "
-                        "max_seq_len): longer prompts are refused (CONTEXT_LENGTH_EXCEEDED); 0: the model's")
+    add_model_args(p)
     p.add_argument("--no-verifier", action="store_true", help="do not offer SCORE_VERIFIER on the worker's model")
     p.add_argument("--prm-tokens", default="",
                    help="serve process rewards from a causal-LM PRM: 'GOOD,BAD' (e.g. '+,-' for Math-Shepherd); "
                         "a step's score is P(GOOD) / (P(GOOD) + P(BAD)) at its separator")
     p.add_argument("--worker-id", default="", help="defaults to a random id")
-    p.add_argument("--metrics-port", type=int, default=metrics_port_default(),
-                   help="Prometheus metrics at http://<metrics-host>:PORT/metrics (0: off; env TRELLIS_METRICS_PORT)")
-    p.add_argument("--metrics-host", default="127.0.0.1",
-                   help="interface of the metrics endpoint (plain HTTP: loopback unless another is named, e.g. "
-                        "0.0.0.0 for a scraper in the cluster)")
+    add_metrics_args(p)
     p.add_argument("--drain-seconds", type=float, default=30.0, help="grace period for in-flight work on SIGTERM")
     tls.add_server_args(p)
     args = p.parse_args(argv)
@@ -75,8 +68,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--kv-cache-free-gpu-memory-fraction: must be in (0, 1]")
     if args.prm_tokens and len(args.prm_tokens.split(",")) != 2:
         p.error("--prm-tokens: give two tokens, GOOD,BAD")
-    if args.max_context_tokens < 0:
-        p.error("--max-context-tokens must be >= 0 (0: the model's context)")
     return args
 
 
