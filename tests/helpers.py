@@ -46,3 +46,13 @@ def rich_error(err) -> dict:
             detail.Unpack(retry)
             out["retry_ms"] = retry.retry_delay.ToMilliseconds()
     return out
+
+
+def eventually(check, timeout_s: float = 1.0, every_s: float = 0.01) -> None:
+    """Poll check() until it holds or timeout_s passes (the caller asserts what it needed afterwards): for state
+    another thread changes, such as an engine freeing blocks at its next step."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not check() and time.monotonic() < deadline:
+        time.sleep(every_s)

@@ -4,7 +4,6 @@ batching situations, blocks are shared, preempted, freed; seeds reproduce."""
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from tests.helpers import eventually
 from trellis_rpc.engine_api import Delta, Finished, PromptInput
 from trellis_rpc.sampling import SamplingConfig
 from worker_cpu.engine import TorchEngine
@@ -274,16 +274,10 @@ def test_release_drops_what_one_run_kept_and_nothing_else(tokenizer):
                       keep=30.0)
         assert engine.load().kept_sequences == 6
         engine.release("run.a")
-        for _ in range(100):   # the engine thread drops them at its next step (within its 0.1 s idle wait)
-            if engine.load().kept_sequences == 2:
-                break
-            time.sleep(0.01)
+        eventually(lambda: engine.load().kept_sequences == 2)   # at the engine thread's next step
         assert engine.load().kept_sequences == 2 and sorted(engine._kept) == ["run.ab/0/0", "run.ab/0/1"]
         engine.release("run.ab")
-        for _ in range(100):
-            if engine.blocks.num_used == 0:
-                break
-            time.sleep(0.01)
+        eventually(lambda: engine.blocks.num_used == 0)
         assert engine.load().kept_sequences == 0 and engine.blocks.num_used == 0
     finally:
         engine.close()

@@ -13,7 +13,6 @@ tasks sent, unsent or never named, releases, requests with no kind, and reused t
 from __future__ import annotations
 
 import itertools
-import queue
 import time
 
 import grpc
@@ -24,6 +23,7 @@ from hypothesis import strategies as st
 from client.launcher import start_worker
 from tests.helpers import chat
 from tests.test_fuzz import int32s, prompts, samplings, texts, valid_samplings
+from tests.test_worker_stream import Stream
 from trellis_rpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 DEADLINE_S = 30.0
@@ -53,28 +53,11 @@ def worker(tiny_model, logs):
         proc.stop()
 
 
-class Stream:
-    """One Connect stream: send requests, read responses until a predicate holds or the deadline passes."""
-
-    def __init__(self, stub: worker_pb2_grpc.WorkerStub) -> None:
-        self._out: queue.Queue = queue.Queue()
-        self._call = stub.Connect(iter(self._out.get, None), timeout=DEADLINE_S * 2)
-
-    def send(self, request: worker_pb2.WorkerRequest) -> None:
-        self._out.put(request)
-
-    def read_until(self, done, deadline: float) -> list[worker_pb2.WorkerResponse]:
-        seen = []
-        for response in self._call:
-            seen.append(response)
-            if done(seen):
-                return seen
-            assert time.monotonic() < deadline, f"no end within {DEADLINE_S:.0f}s; seen {len(seen)} responses"
-        raise AssertionError("the worker closed the stream")
-
-    def close(self) -> None:
-        self._out.put(None)
-        self._call.cancel()
+def read_until(stream: Stream, matches, deadline: float) -> list[worker_pb2.WorkerResponse]:
+    """Responses up to the first that matches; fails past the deadline or if the worker ends the stream."""
+    seen = stream.until(matches, deadline=deadline)
+    assert seen and matches(seen[-1]), "the worker closed the stream"
+    return seen
 
 
 # ---- strategies ------------------------------------------------------------------------------------------
@@ -153,7 +136,7 @@ def needs_an_end(req: worker_pb2.WorkerRequest) -> bool:
 @FUZZ
 @given(batch=requests())
 def test_any_worker_request(worker, batch):
-    stream = Stream(worker)
+    stream = Stream(worker, timeout=DEADLINE_S * 2)
     deadline = time.monotonic() + DEADLINE_S
     try:
         kept = ""
@@ -168,8 +151,8 @@ def test_any_worker_request(worker, batch):
             if needs_an_end(req):
                 expected[req.task_id] = expected.get(req.task_id, 0) + 1
                 # One at a time: a later task may continue what this one kept.
-                seen = stream.read_until(lambda rs, tid=req.task_id: any(
-                    r.task_id == tid and r.WhichOneof("kind") in ENDS for r in rs), deadline)
+                seen = read_until(stream, lambda r, tid=req.task_id: r.task_id == tid and r.WhichOneof("kind") in ENDS,
+                                  deadline)
                 for response in seen:
                     kind = response.WhichOneof("kind")
                     if kind in ENDS:
@@ -195,19 +178,18 @@ def check_error(error: worker_pb2.TaskError, req: worker_pb2.WorkerRequest) -> N
 def test_the_worker_still_serves_and_holds_nothing(worker):
     """Runs after the fuzzing (file order): a plain task works, and once the kept sequences the fuzzing left
     are released, no KV block is in use."""
-    stream = Stream(worker)
+    stream = Stream(worker, timeout=DEADLINE_S * 2)
     deadline = time.monotonic() + DEADLINE_S
     try:
         stream.send(worker_pb2.WorkerRequest(task_id="after", generate=worker_pb2.GenerateTask(
             prompt=chat("hello"), sampling=common_pb2.SamplingParams(max_tokens=3, ignore_eos=True))))
-        seen = stream.read_until(lambda rs: rs[-1].task_id == "after" and rs[-1].WhichOneof("kind") in ENDS,
-                                 deadline)
+        seen = read_until(stream, lambda r: r.task_id == "after" and r.WhichOneof("kind") in ENDS, deadline)
         assert len(seen[-1].generate_result.completions[0].token_ids) == 3
         stream.send(worker_pb2.WorkerRequest(release=worker_pb2.ReleaseSequences(task_prefix="fz")))
         for prefix in {f"fz{i}" for i in range(next(_ids))}:
             stream.send(worker_pb2.WorkerRequest(release=worker_pb2.ReleaseSequences(task_prefix=prefix)))
-        idle = stream.read_until(lambda rs: rs[-1].WhichOneof("kind") == "load" and rs[-1].load.kv_blocks_used == 0
-                                 and rs[-1].load.running_sequences == 0, deadline)
+        idle = read_until(stream, lambda r: r.WhichOneof("kind") == "load" and r.load.kv_blocks_used == 0
+                          and r.load.running_sequences == 0, deadline)
         assert idle[-1].load.kept_sequences == 0
     finally:
         stream.close()

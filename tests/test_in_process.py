@@ -3,14 +3,13 @@ router's own dispatch path: what a notebook does."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from controllers import Cancel, Controller, Generate, Prompt, Result, WaitAny
 from controllers.dynasor import DynasorCoT
 from controllers.majority_vote import MajorityVote
 from router.local import run_local
+from tests.helpers import eventually
 from trellis_rpc.v1 import common_pb2
 from trellis_rpc.worker_service import WorkerService
 from worker_cpu.engine import TorchEngine
@@ -68,11 +67,8 @@ def test_cancelling_a_branch_frees_its_sequence_on_the_worker(engine):
     assert result.details["running_before"] == 1 and result.details["blocks_before"] > 0
     assert result.details["long_finish"] == "cancelled" and result.details["long_tokens"] < 2000
     # The worker frees the cancelled sequence at its next step: the load report shows it.
-    for _ in range(100):
-        load = engine.load()
-        if load.running_sequences == 0 and load.kv_blocks_used == 0:
-            break
-        time.sleep(0.01)
+    eventually(lambda: (engine.load().running_sequences, engine.load().kv_blocks_used) == (0, 0))
+    load = engine.load()
     assert (load.running_sequences, load.kv_blocks_used) == (0, 0)
 
 
@@ -86,9 +82,6 @@ def test_what_a_run_kept_is_released_when_it_ends(engine):
                        Prompt(text="What is 3 + 4?"), [service], sampling=common_pb2.SamplingParams(seed=1),
                        on_event=lambda e: kept.append(engine.load().kept_sequences), timeout_s=60)
     assert result.details["chunks"] >= 2 and max(kept) >= 1
-    for _ in range(100):
-        load = engine.load()
-        if load.kept_sequences == 0 and load.kv_blocks_used == 0:
-            break
-        time.sleep(0.01)
+    eventually(lambda: (engine.load().kept_sequences, engine.load().kv_blocks_used) == (0, 0))
+    load = engine.load()
     assert (load.kept_sequences, load.kv_blocks_used) == (0, 0)

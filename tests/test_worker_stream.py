@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import time
 
 import grpc
 
@@ -13,19 +14,22 @@ from trellis_rpc.v1 import common_pb2, worker_pb2
 class Stream:
     """A Connect stream driven from a test: send requests, read responses by kind."""
 
-    def __init__(self, stub: worker_pb2_grpc.WorkerStub) -> None:  # noqa: F821
+    def __init__(self, stub: worker_pb2_grpc.WorkerStub, timeout: float = 120) -> None:  # noqa: F821
         self._out: queue.Queue = queue.Queue()
-        self._call = stub.Connect(iter(self._out.get, None), timeout=120)
+        self._call = stub.Connect(iter(self._out.get, None), timeout=timeout)
 
     def send(self, req: worker_pb2.WorkerRequest) -> None:
         self._out.put(req)
 
-    def until(self, predicate, limit: int = 10_000) -> list[worker_pb2.WorkerResponse]:
+    def until(self, predicate, limit: int = 10_000, deadline: float | None = None) -> list[worker_pb2.WorkerResponse]:
+        """Responses up to the first that satisfies predicate (or limit of them, or the stream's end); past
+        deadline (a time.monotonic() value) while reading, fail."""
         seen = []
         for response in self._call:
             seen.append(response)
             if predicate(response) or len(seen) >= limit:
                 return seen
+            assert deadline is None or time.monotonic() < deadline, f"nothing matched in time; {len(seen)} seen"
         return seen
 
     def close(self) -> None:
