@@ -29,7 +29,8 @@ class Stream:
             seen.append(response)
             if predicate(response) or len(seen) >= limit:
                 return seen
-            assert deadline is None or time.monotonic() < deadline, f"nothing matched in time; {len(seen)} seen"
+            assert deadline is None or time.monotonic() < deadline, \
+                f"nothing matched in time; {len(seen)} seen, the last: {str(response)[:300]}"
         return seen
 
     def close(self) -> None:
