@@ -265,6 +265,22 @@ def test_an_operator_context_cap_below_the_model_s_refuses_and_stops_there(token
         engine.close()
 
 
+def test_a_task_id_used_again_replaces_what_it_kept_and_leaks_nothing(tokenizer):
+    """Found by tests/test_fuzz_worker.py: a second task under a finished task's id, both keeping, overwrote the
+    first kept sequence's entry and left its blocks referenced by nothing, for good."""
+    engine, _ = make_engine("llama", tokenizer, block_size=4)
+    try:
+        keep = SamplingConfig(temperature=0.0, max_tokens=4, ignore_eos=True)
+        first = _generate(engine, "again", prompts(1, 10)[0], keep, keep=30.0)
+        second = _generate(engine, "again", prompts(1, 14, seed=2)[0], keep, keep=30.0)
+        assert first.handles == second.handles and engine.load().kept_sequences == 1
+        engine.release("again")
+        eventually(lambda: engine.blocks.num_used == 0)
+        assert engine.load().kept_sequences == 0 and engine.blocks.num_used == 0
+    finally:
+        engine.close()
+
+
 def test_release_drops_what_one_run_kept_and_nothing_else(tokenizer):
     engine, _ = make_engine("llama", tokenizer, block_size=4)
     try:

@@ -269,6 +269,9 @@ class TorchEngine:
         if seq.finish_reason == "stop" and not seq.stops.matched:
             tokens = tokens[:-1]  # the end-of-sequence token is not part of what a continuation extends
         handle = f"{request.task_id}/{seq.index}"
+        replaced = self._kept.pop(handle, None)
+        if replaced is not None:   # a task id used again: its earlier sequence goes, rather than leak its blocks
+            self.blocks.free(replaced.table)
         self._kept[handle] = Kept(tokens, seq.table, min(seq.computed, len(tokens)),
                                   time.monotonic() + request.keep_ttl_s)
         request.handles[seq.index] = handle
