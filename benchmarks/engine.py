@@ -12,7 +12,7 @@ top-p) exactly --new-tokens tokens: EOS is ignored (`ignore_eos` for Trellis, `m
 
 Systems (--only), each measured in a child process of its own (`--child SYSTEM`, one JSON line back),
 so peak RSS is the system's own; with --repeats the systems are interleaved and medians reported:
-- trellis:        worker_cpu's TorchEngine, all requests submitted at once from asyncio (the engine loop on
+- trellis:        torch_engine's TorchEngine, all requests submitted at once from asyncio (the engine loop on
                   the main thread, as in the worker process, when the engine can run there);
 - hf_static:      HF `generate`, one static batch of all requests (left padding, attention mask);
 - hf_cb:          transformers' continuous batching (`init_continuous_batching` manager: add_requests,
@@ -158,7 +158,7 @@ def summarize(ttft: list[float], latency: list[float], tokens: list[int], gaps: 
 def build_engine(loaded, args, kv_tokens: int, max_batch: int):
     """TorchEngine with the constructor arguments it has today, plus --engine-arg ones.
     Returns (engine, run_on_main): whether this process must drive engine.run() on its main thread."""
-    from worker_cpu.engine import TorchEngine
+    from torch_engine.engine import TorchEngine
 
     params = inspect.signature(TorchEngine.__init__).parameters
     kwargs = {"max_batch_size": max_batch, "kv_cache_tokens": kv_tokens}
@@ -411,7 +411,7 @@ def roofline_step(roof: dict, dtype: str, batch: int) -> float:
 def run_child(args) -> None:
     import torch
 
-    from worker_cpu.model_loader import load_model
+    from torch_engine.model_loader import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -9,7 +9,7 @@ back), so each starts with the whole GPU; with --repeats the systems are interle
 reported. Workload: --requests distinct prompts of about --prompt-tokens tokens (benchmarks.engine's
 deterministic prompts), each sampling exactly --new-tokens tokens (EOS ignored), all submitted at once.
 
-- torch:  Trellis' own engine (worker_cpu's TorchEngine) with the model on CUDA, as `worker_gpu --engine torch`;
+- torch:  Trellis' own engine (torch_engine's TorchEngine) with the model on CUDA, as `worker_gpu --engine torch`;
 - trtllm: TensorRT-LLM's LLM API through worker_gpu's adapter, as `worker_gpu` runs it (skipped when
           tensorrt_llm is not installed);
 - hf:     HF `generate`, one static batch of all requests (left padding), on CUDA.
@@ -65,7 +65,7 @@ def run_engine(engine, prompts: list[list[int]], warm: list[list[int]], args: ar
 def child_hf(args: argparse.Namespace, prompts: list[list[int]], warm: list[list[int]]) -> dict:
     import torch
 
-    from worker_cpu.model_loader import load_model
+    from torch_engine.model_loader import load_model
 
     loaded = load_model(args.model, "bfloat16" if args.dtype == "auto" else args.dtype)
     model, tok = loaded.model.to("cuda"), loaded.tokenizer
@@ -98,7 +98,7 @@ def child_hf(args: argparse.Namespace, prompts: list[list[int]], warm: list[list
 def run_child(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
-    from worker_cpu.model_loader import convert_gguf, resolve
+    from torch_engine.model_loader import convert_gguf, resolve
 
     path = resolve(args.model)
     tok = AutoTokenizer.from_pretrained(convert_gguf(path) if path.is_file() else path)

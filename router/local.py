@@ -1,6 +1,6 @@
 """Run a controller in this process against in-process workers (notebooks, tests, scripts).
 
-The workers are WorkerService objects with an engine attached (e.g. worker_cpu's TorchEngine); the
+The workers are WorkerService objects with an engine attached (e.g. torch_engine's TorchEngine); the
 run takes the router's own dispatch path (pool, worker links, RemoteRunner) minus the sockets, so it
 behaves exactly as it does behind a router:
 

@@ -12,13 +12,16 @@ ROOT = Path(__file__).resolve().parent.parent
 # package -> top-level modules it must never import
 FORBIDDEN = {
     "controllers": {"grpc", "grpc_health", "grpc_reflection", "google", "torch", "transformers", "trellis_rpc",
-                    "router", "worker_cpu", "worker_gpu", "client"},
-    "router": {"torch", "transformers", "worker_cpu", "worker_gpu", "client"},
+                    "router", "torch_engine", "worker_cpu", "worker_gpu", "client"},
+    "router": {"torch", "transformers", "torch_engine", "worker_cpu", "worker_gpu", "client"},
+    # The PyTorch engine is a library that two worker processes share: no process, no wire, no router.
+    "torch_engine": {"grpc", "grpc_health", "grpc_reflection", "router", "controllers", "worker_cpu", "worker_gpu",
+                     "client"},
     "worker_cpu": {"router", "controllers", "worker_gpu", "client"},
-    # worker_gpu --engine torch runs worker_cpu's engine on CUDA (worker_cpu is the PyTorch engine package).
-    "worker_gpu": {"router", "controllers", "client"},
-    "trellis_rpc": {"router", "controllers", "worker_cpu", "worker_gpu", "client", "torch", "transformers"},
-    "client": {"router", "controllers", "worker_cpu", "worker_gpu", "torch", "transformers"},
+    "worker_gpu": {"router", "controllers", "worker_cpu", "client"},
+    "trellis_rpc": {"router", "controllers", "torch_engine", "worker_cpu", "worker_gpu", "client", "torch",
+                    "transformers"},
+    "client": {"router", "controllers", "torch_engine", "worker_cpu", "worker_gpu", "torch", "transformers"},
 }
 
 

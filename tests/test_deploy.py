@@ -60,9 +60,9 @@ PROGRAMS = {
     "trellis/router": Program("router", "router.Dockerfile", ROUTER_SERVICE,
                               ("router", "trellis_rpc", "controllers"), False),
     "trellis/worker-cpu": Program("worker_cpu", "worker-cpu.Dockerfile", WORKER_SERVICE,
-                                  ("worker_cpu", "trellis_rpc"), True),
+                                  ("worker_cpu", "torch_engine", "trellis_rpc"), True),
     "trellis/worker-gpu": Program("worker_gpu", "worker-gpu.Dockerfile", WORKER_SERVICE,
-                                  ("worker_gpu", "trellis_rpc"), True),
+                                  ("worker_gpu", "torch_engine", "trellis_rpc"), True),
 }
 # Which Trellis Deployments each render must have.
 EXPECTED_DEPLOYMENTS = {"base": {"router", "worker-cpu", "worker-gpu"}, "gpu": {"router", "worker-cpu", "worker-gpu"},

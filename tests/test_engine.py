@@ -19,10 +19,10 @@ from transformers import (
 )
 
 from tests.helpers import eventually
+from torch_engine.engine import TorchEngine
+from torch_engine.model_loader import LoadedModel
 from trellis_rpc.engine_api import Delta, Finished, PromptInput
 from trellis_rpc.sampling import SamplingConfig
-from worker_cpu.engine import TorchEngine
-from worker_cpu.model_loader import LoadedModel
 
 VOCAB = 400
 

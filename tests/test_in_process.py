@@ -10,10 +10,10 @@ from controllers.dynasor import DynasorCoT
 from controllers.majority_vote import MajorityVote
 from router.local import run_local
 from tests.helpers import eventually
+from torch_engine.engine import TorchEngine
+from torch_engine.model_loader import load_model
 from trellis_rpc.v1 import common_pb2
 from trellis_rpc.worker_service import WorkerService
-from worker_cpu.engine import TorchEngine
-from worker_cpu.model_loader import load_model
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from torch_engine.sampler import Row, sample
 from trellis_rpc.sampling import SamplingConfig
-from worker_cpu.sampler import Row, sample
 
 VOCAB = 8
 

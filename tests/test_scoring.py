@@ -180,7 +180,7 @@ def test_process_scores_match_the_hf_model(prm_worker, prm_dir):
 def test_verifier_scores_match_the_hf_model(tiny_worker, tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from worker_cpu.scoring import yes_no_token_ids
+    from torch_engine.scoring import yes_no_token_ids
 
     result = score(tiny_worker.address, score_request(VERIFIER, prompt=chat(QUESTION)))
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
@@ -291,7 +291,7 @@ def test_deadline_and_cancel_of_score_tasks(orm_worker):
 # ---- the scorers in process ------------------------------------------------------------------------
 
 def loaded_reward_model(path):
-    from worker_cpu.model_loader import load_any
+    from torch_engine.model_loader import load_any
 
     loaded = load_any(str(path))
     assert loaded.kind in ("outcome", "process")
@@ -303,8 +303,8 @@ def test_outcome_scorer_variants(tmp_path):
     template (prompt + newline + candidate), small batches: always the unpadded model's numbers."""
     from transformers import AutoModelForSequenceClassification
 
+    from torch_engine.scoring import OutcomeScorer
     from trellis_rpc.engine_api import PromptInput, ScoreInput
-    from worker_cpu.scoring import OutcomeScorer
 
     path = build_tiny_reward_model(tmp_path / "orm3", num_labels=3, pad_in_config=False, chat_template=None, seed=2)
     loaded = loaded_reward_model(path)
@@ -330,9 +330,9 @@ def test_outcome_scorer_variants(tmp_path):
 
 
 def test_scorer_runs_off_the_event_loop(orm_dir):
+    from torch_engine.scoring import scorer_for
     from trellis_rpc.engine_api import PromptInput, ScoreInput
     from trellis_rpc.errors import StatusError
-    from worker_cpu.scoring import scorer_for
 
     scorer = scorer_for(loaded_reward_model(orm_dir))
     request = ScoreInput(PromptInput(text=QUESTION), list(CANDIDATES), "outcome")
@@ -363,9 +363,9 @@ def test_scorer_runs_off_the_event_loop(orm_dir):
 
 
 def test_an_operator_context_cap_bounds_what_a_scorer_takes(orm_dir):
+    from torch_engine.scoring import scorer_for
     from trellis_rpc.engine_api import PromptInput, ScoreInput
     from trellis_rpc.errors import StatusError
-    from worker_cpu.scoring import scorer_for
 
     loaded = loaded_reward_model(orm_dir)
     request = ScoreInput(PromptInput(text=QUESTION), ["4", "the answer is " * 10], "outcome")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from worker_cpu.detokenizer import IncrementalDetokenizer
-from worker_cpu.stop_strings import StopStringMatcher
+from torch_engine.detokenizer import IncrementalDetokenizer
+from torch_engine.stop_strings import StopStringMatcher
 
 
 @pytest.fixture(scope="module")

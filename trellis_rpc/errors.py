@@ -18,6 +18,22 @@ class StatusError(Exception):
         return self.message
 
 
+def _with(code: grpc.StatusCode):
+    """A constructor for one status code, so engines raise statuses without importing grpc themselves."""
+    def make(message: str, field: str = "") -> StatusError:
+        return StatusError(code, message, field)
+    make.__name__ = code.name.lower()
+    return make
+
+
+not_found = _with(grpc.StatusCode.NOT_FOUND)
+resource_exhausted = _with(grpc.StatusCode.RESOURCE_EXHAUSTED)
+failed_precondition = _with(grpc.StatusCode.FAILED_PRECONDITION)
+unavailable = _with(grpc.StatusCode.UNAVAILABLE)
+deadline_exceeded = _with(grpc.StatusCode.DEADLINE_EXCEEDED)
+internal = _with(grpc.StatusCode.INTERNAL)
+
+
 def invalid(field: str, message: str) -> StatusError:
     """INVALID_ARGUMENT whose message starts with the offending field, e.g. 'sampling.n: must be >= 1'."""
     return StatusError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}", field)

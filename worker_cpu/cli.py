@@ -11,13 +11,13 @@ import uuid
 
 import structlog
 
+from torch_engine.model_loader import add_model_args
 from trellis_rpc import tls
 from trellis_rpc.logs import configure_logging
 from trellis_rpc.server import start_server
 from trellis_rpc.telemetry import add_metrics_args, configure_metrics, configure_tracing, shutdown_telemetry
 from trellis_rpc.v1 import worker_pb2, worker_pb2_grpc
 from trellis_rpc.worker_service import WorkerService
-from worker_cpu.model_loader import add_model_args
 
 log = structlog.get_logger(__name__)
 
@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     """The gRPC server runs on an asyncio loop in a helper thread; the engine loop gets the main thread
-    (torch is ~2x faster there, see worker_cpu/engine.py). SIGTERM drains: NOT_SERVING at once,
+    (torch is ~2x faster there, see torch_engine/engine.py). SIGTERM drains: NOT_SERVING at once,
     in-flight tasks get --drain-seconds, then the engine stops."""
     args = parse_args(argv)
     if configure_logging("worker_cpu") == "json":
@@ -104,9 +104,9 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    from worker_cpu.engine import TorchEngine
-    from worker_cpu.model_loader import load_any
-    from worker_cpu.scoring import scorer_for
+    from torch_engine.engine import TorchEngine
+    from torch_engine.model_loader import load_any
+    from torch_engine.scoring import scorer_for
 
     score_options = dict(max_candidates=args.max_candidates, max_batch_tokens=args.score_batch_tokens,
                          threads=args.threads or None, max_context=args.max_context_tokens)

@@ -36,7 +36,7 @@ MISSING_TRTLLM = (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from worker_cpu.model_loader import add_model_args  # worker_cpu is imported lazily (ARCHITECTURE.md)
+    from torch_engine.model_loader import add_model_args  # torch_engine is imported lazily (ARCHITECTURE.md)
 
     p = argparse.ArgumentParser(prog="python -m worker_gpu", description="Trellis GPU worker (TensorRT-LLM or torch)")
     p.add_argument("--engine", choices=ENGINES, default="tensorrt-llm")
@@ -83,7 +83,7 @@ def build(args: argparse.Namespace):
         from worker_gpu.trtllm_engine import build_trtllm
 
         return build_trtllm(args)
-    from worker_gpu.torch_engine import build_torch
+    from worker_gpu.torch_backend import build_torch
 
     return build_torch(args)
 

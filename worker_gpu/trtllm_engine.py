@@ -22,9 +22,9 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
 import structlog
 
+from torch_engine.stop_strings import StopStringMatcher
 from trellis_rpc.engine_api import (
     CompletionOut,
     Delta,
@@ -36,10 +36,9 @@ from trellis_rpc.engine_api import (
     TokenLogprob,
     TopLogprob,
 )
-from trellis_rpc.errors import StatusError, context_exceeded, invalid
+from trellis_rpc.errors import context_exceeded, deadline_exceeded, invalid, not_found
 from trellis_rpc.sampling import SamplingConfig
 from trellis_rpc.tokens import check_token_ids, encode_prompt
-from worker_cpu.stop_strings import StopStringMatcher
 from worker_gpu.trtllm_sampling import Support, allow_greedy_n, trtllm_kwargs
 
 log = structlog.get_logger(__name__)
@@ -89,8 +88,8 @@ class TrtLlmEngine:
                        source: SequenceSource | None = None,
                        keep_ttl_s: float | None = None) -> AsyncIterator[Delta | Finished]:
         if source is not None:
-            raise StatusError(grpc.StatusCode.NOT_FOUND, "generate.source: a TensorRT-LLM worker keeps no "
-                                                         "sequences; send the whole prompt", "generate.source")
+            raise not_found("generate.source: a TensorRT-LLM worker keeps no "
+                            "sequences; send the whole prompt", "generate.source")
         self._start_stats()
         check_token_ids(cfg.stop_token_ids, self.vocab, "sampling.stop_token_ids")
         ids = self.tokenize(prompt)
@@ -204,7 +203,7 @@ class _Sample:
         self.seen_text = max(self.seen_text, len(full))
         if completion.finish_reason:
             if completion.finish_reason == "timeout":
-                raise StatusError(grpc.StatusCode.DEADLINE_EXCEEDED, "TensorRT-LLM timed the request out")
+                raise deadline_exceeded("TensorRT-LLM timed the request out")
             self.finish_reason = _FINISH.get(completion.finish_reason, "stop")
             if isinstance(completion.stop_reason, str) and not self.stops.matched:
                 # TensorRT-LLM cut the text at a stop string we had only begun to see: its text is final.
@@ -255,12 +254,12 @@ def build_trtllm(args: argparse.Namespace):
     from tensorrt_llm import LLM, SamplingParams
     from tensorrt_llm.llmapi import KvCacheConfig
 
-    from worker_cpu.model_loader import check_remote_code, resolve
+    from torch_engine.model_loader import check_remote_code, resolve
     from worker_gpu.trtllm_scoring import reward_kind, scorer_for
 
     model_dir = resolve(args.model)
     if model_dir.is_file():  # the bundled .gguf: TensorRT-LLM loads Hugging Face directories
-        from worker_cpu.model_loader import convert_gguf
+        from torch_engine.model_loader import convert_gguf
 
         model_dir = convert_gguf(model_dir)
     check_remote_code(args.model, args.trust_remote_code)

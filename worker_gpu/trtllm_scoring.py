@@ -2,7 +2,7 @@
 `RequestOutput.context_logits`: [prompt_len, vocab] for a causal LM, [prompt_len, labels] for a
 reward model). Each candidate is one request of max_tokens=1; TensorRT-LLM batches them in flight.
 
-- verifier (the worker's causal LM): the CPU worker's yes/no question (worker_cpu.scoring), score =
+- verifier (the worker's causal LM): the CPU worker's yes/no question (torch_engine.scoring), score =
   P(yes) / (P(yes) + P(no)) at the last prompt position.
 - process from a causal-LM PRM (`--prm-tokens GOOD,BAD`, e.g. Math-Shepherd's '+,-'): the candidate's
   steps each end with the separator; a step's score is P(GOOD) / (P(GOOD) + P(BAD)) at the separator's
@@ -21,13 +21,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import torch
 
+from torch_engine.scoring import VERIFY_TEMPLATE, answer_token_ids, prompt_messages, prompt_text, yes_no_token_ids
 from trellis_rpc.engine_api import CandidateScoreOut, LoadStats, ScoreInput, ScoreOutput, ScorerInfo
-from trellis_rpc.errors import StatusError, context_exceeded, invalid
+from trellis_rpc.errors import context_exceeded, failed_precondition, internal, invalid
 from trellis_rpc.scoring import process_steps
-from worker_cpu.scoring import VERIFY_TEMPLATE, answer_token_ids, prompt_messages, prompt_text, yes_no_token_ids
 
 _SENTINEL = "\x00trellis-assistant-content\x00"
 REWARD_ARCHITECTURES = {"ForProcessRewardModel": "process", "ForRewardModel": "outcome"}
@@ -104,8 +103,7 @@ class TrtScorer:
         rendered = self.tokenizer.apply_chat_template(
             prompt_messages(request.prompt) + [{"role": "assistant", "content": _SENTINEL}], tokenize=False)
         if rendered.count(_SENTINEL) != 1:
-            raise StatusError(grpc.StatusCode.FAILED_PRECONDITION,
-                              "the model's chat template does not render the assistant's content verbatim")
+            raise failed_precondition("the model's chat template does not render the assistant's content verbatim")
         before, after = rendered.split(_SENTINEL)
         return self._encode(before, False), (self._encode(after, False) if after else [])
 
@@ -153,8 +151,8 @@ class TrtScorer:
         params = self.SamplingParams(max_tokens=1, temperature=0.0, return_context_logits=True)
         output = await self.llm.generate_async(row.ids, sampling_params=params)
         if output.context_logits is None:
-            raise StatusError(grpc.StatusCode.INTERNAL, "TensorRT-LLM returned no context logits (is speculative "
-                                                        "decoding on? it does not return them)")
+            raise internal("TensorRT-LLM returned no context logits (is speculative "
+                           "decoding on? it does not return them)")
         return output.context_logits
 
     def _read(self, kind: str, row: _Row, logits: torch.Tensor) -> list[float]:

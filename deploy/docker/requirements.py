@@ -15,7 +15,7 @@ import re
 import sys
 import tomllib
 
-# The model stack: worker_cpu's dependencies that no other process imports.
+# The model stack: torch_engine's dependencies that no other process imports.
 ML_PACKAGES = frozenset({"torch", "transformers", "tokenizers", "safetensors", "accelerate", "gguf"})
 
 

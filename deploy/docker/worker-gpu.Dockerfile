@@ -30,9 +30,9 @@ RUN python3 /tmp/requirements.py --without-ml pyproject.toml > /tmp/requirements
     && rm /tmp/requirements.py /tmp/requirements.txt
 
 COPY trellis_rpc ./trellis_rpc
-# worker_gpu uses worker_cpu's model loading, stop-string matching and scoring prompts (and its
-# PyTorch engine for --engine torch); torch and transformers come with the TensorRT-LLM image.
-COPY worker_cpu ./worker_cpu
+# worker_gpu uses torch_engine's model loading, stop-string matching and scoring prompts (and the
+# engine itself for --engine torch); torch and transformers come with the TensorRT-LLM image.
+COPY torch_engine ./torch_engine
 COPY worker_gpu ./worker_gpu
 RUN pip install --no-deps . && cd / && rm -rf /src
 

@@ -20,10 +20,18 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import grpc
 import structlog
 import torch
 
+from torch_engine.block_manager import BlockManager
+from torch_engine.detokenizer import IncrementalDetokenizer
+from torch_engine.model import KVCache, PagedDecoder, decoder_from_hf
+from torch_engine.model_loader import LoadedModel
+from torch_engine.model_runner import ModelRunner
+from torch_engine.sampler import Row, sample
+from torch_engine.scheduler import Scheduler
+from torch_engine.sequence import Kept, Request, Sequence, Status
+from torch_engine.stop_strings import StopStringMatcher
 from trellis_rpc.engine_api import (
     CompletionOut,
     Delta,
@@ -35,18 +43,9 @@ from trellis_rpc.engine_api import (
     TokenLogprob,
     TopLogprob,
 )
-from trellis_rpc.errors import StatusError, context_exceeded, invalid
+from trellis_rpc.errors import StatusError, context_exceeded, internal, invalid, not_found, resource_exhausted
 from trellis_rpc.sampling import SamplingConfig
 from trellis_rpc.tokens import check_token_ids, encode_prompt
-from worker_cpu.block_manager import BlockManager
-from worker_cpu.detokenizer import IncrementalDetokenizer
-from worker_cpu.model import KVCache, PagedDecoder, decoder_from_hf
-from worker_cpu.model_loader import LoadedModel
-from worker_cpu.model_runner import ModelRunner
-from worker_cpu.sampler import Row, sample
-from worker_cpu.scheduler import Scheduler
-from worker_cpu.sequence import Kept, Request, Sequence, Status
-from worker_cpu.stop_strings import StopStringMatcher
 
 log = structlog.get_logger(__name__)
 
@@ -148,9 +147,8 @@ class TorchEngine:
         if cfg.n > self.max_batch_size:
             raise invalid("sampling.n", f"must be <= the worker's max batch size {self.max_batch_size}, got {cfg.n}")
         if self.blocks.blocks_for(len(ids) + 1) > self.blocks.num_blocks:
-            raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"prompt: {len(ids)} tokens need more KV blocks than this worker has "
-                              f"({self.blocks.num_blocks} of {self.blocks.block_size} tokens)", "prompt")
+            raise resource_exhausted(f"prompt: {len(ids)} tokens need more KV blocks than this worker has "
+                                     f"({self.blocks.num_blocks} of {self.blocks.block_size} tokens)", "prompt")
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         def emit(event: object) -> None:
@@ -215,7 +213,7 @@ class TorchEngine:
                 except Exception as exc:  # a bug must fail the requests in flight, not hang them
                     log.exception("engine step failed")
                     for request in list(self._active):
-                        self._fail(request, StatusError(grpc.StatusCode.INTERNAL, f"engine step failed: {exc!r}"))
+                        self._fail(request, internal(f"engine step failed: {exc!r}"))
 
     def _admit(self, block: bool) -> None:
         try:
@@ -240,8 +238,8 @@ class TorchEngine:
         source = request.source
         kept = self._kept.get(source.handle)
         if kept is None:
-            self._fail(request, StatusError(grpc.StatusCode.NOT_FOUND, f"generate.source: no kept sequence "
-                                            f"{source.handle!r} (expired, used up or never kept)", "generate.source"))
+            self._fail(request, not_found(f"generate.source: no kept sequence "
+                                          f"{source.handle!r} (expired, used up or never kept)", "generate.source"))
             return False
         tokens = kept.token_ids + request.appended
         if len(tokens) >= self.max_context:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from worker_cpu.model import KVCache, PagedDecoder
-from worker_cpu.model.decoder import PrefillChunk, StepInput
-from worker_cpu.scheduler import Plan, Scheduled
+from torch_engine.model import KVCache, PagedDecoder
+from torch_engine.model.decoder import PrefillChunk, StepInput
+from torch_engine.scheduler import Plan, Scheduled
 
 
 class ModelRunner:

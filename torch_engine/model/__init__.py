@@ -5,8 +5,8 @@ module overhead dominates a 135M model's decode step on CPU (see docs/ARCHITECTU
 docs/BENCHMARKS.md); a flat token batch through fused matmuls is several times faster.
 """
 
-from worker_cpu.model.decoder import PagedDecoder
-from worker_cpu.model.from_hf import decoder_from_hf
-from worker_cpu.model.kv_cache import KVCache
+from torch_engine.model.decoder import PagedDecoder
+from torch_engine.model.from_hf import decoder_from_hf
+from torch_engine.model.kv_cache import KVCache
 
 __all__ = ["KVCache", "PagedDecoder", "decoder_from_hf"]

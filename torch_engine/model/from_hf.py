@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from worker_cpu.model.decoder import DecoderSpec, DecoderWeights, LayerWeights
+from torch_engine.model.decoder import DecoderSpec, DecoderWeights, LayerWeights
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 SUPPORTED = (*LLAMA_LIKE, "gpt2")

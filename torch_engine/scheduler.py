@@ -13,8 +13,8 @@ import collections
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from worker_cpu.block_manager import BlockManager
-from worker_cpu.sequence import Sequence, Status
+from torch_engine.block_manager import BlockManager
+from torch_engine.sequence import Sequence, Status
 
 
 @dataclass

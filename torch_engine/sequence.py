@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from torch_engine.block_manager import BlockTable
+from torch_engine.detokenizer import IncrementalDetokenizer
+from torch_engine.stop_strings import StopStringMatcher
 from trellis_rpc.engine_api import SequenceSource, TokenLogprob
 from trellis_rpc.sampling import SamplingConfig
-from worker_cpu.block_manager import BlockTable
-from worker_cpu.detokenizer import IncrementalDetokenizer
-from worker_cpu.stop_strings import StopStringMatcher
 
 _ids = itertools.count()
 

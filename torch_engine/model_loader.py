@@ -112,7 +112,7 @@ def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = Fals
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, path=path)
 
 
-# Architecture name suffix -> reward model kind (see worker_cpu.scoring).
+# Architecture name suffix -> reward model kind (see torch_engine.scoring).
 REWARD_ARCHITECTURES = {"ForSequenceClassification": "outcome", "ForTokenClassification": "process"}
 
 

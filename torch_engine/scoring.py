@@ -39,10 +39,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import grpc
 import structlog
 import torch
 
+from torch_engine.model_loader import LoadedModel
 from trellis_rpc.engine_api import (
     CandidateScoreOut,
     LoadStats,
@@ -51,9 +51,8 @@ from trellis_rpc.engine_api import (
     ScoreOutput,
     ScorerInfo,
 )
-from trellis_rpc.errors import StatusError, context_exceeded
+from trellis_rpc.errors import StatusError, context_exceeded, failed_precondition, unavailable
 from trellis_rpc.scoring import process_steps
-from worker_cpu.model_loader import LoadedModel
 
 log = structlog.get_logger(__name__)
 
@@ -154,7 +153,7 @@ class TorchScorer:
 
     async def score(self, task_id: str, request: ScoreInput) -> ScoreOutput:
         if self._stopped.is_set():
-            raise StatusError(grpc.StatusCode.UNAVAILABLE, "the worker is shutting down")
+            raise unavailable("the worker is shutting down")
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
 
@@ -221,7 +220,7 @@ class TorchScorer:
                 job = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            job.settle(None, StatusError(grpc.StatusCode.UNAVAILABLE, "the worker is shutting down"))
+            job.settle(None, unavailable("the worker is shutting down"))
 
     def score_now(self, request: ScoreInput) -> tuple[list[CandidateScoreOut], int]:
         """Score synchronously on the calling thread: (scores in candidate order, tokens run)."""
@@ -326,8 +325,7 @@ class ProcessScorer(TorchScorer):
         rendered = self.tokenizer.apply_chat_template(
             prompt_messages(prompt) + [{"role": "assistant", "content": _SENTINEL}], tokenize=False)
         if rendered.count(_SENTINEL) != 1:
-            raise StatusError(grpc.StatusCode.FAILED_PRECONDITION,
-                              "the model's chat template does not render the assistant's content verbatim")
+            raise failed_precondition("the model's chat template does not render the assistant's content verbatim")
         before, after = rendered.split(_SENTINEL)
         return self._encode(before, False), (self._encode(after, False) if after else [])
 

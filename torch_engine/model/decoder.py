@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from worker_cpu.model.kv_cache import KVCache
+from torch_engine.model.kv_cache import KVCache
 
 
 @dataclass

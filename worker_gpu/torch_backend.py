@@ -1,4 +1,4 @@
-"""--engine torch: Trellis' own PyTorch engine (worker_cpu's continuous batching over a paged KV cache,
+"""--engine torch: Trellis' own PyTorch engine (torch_engine's continuous batching over a paged KV cache,
 prefix cache, kept sequences, reward scoring) with the model on a CUDA device, for GPUs where
 TensorRT-LLM is not available. The engine runs wherever the model's weights are."""
 
@@ -15,9 +15,9 @@ def build_torch(args: argparse.Namespace):
     """(engine, scorer): a TorchEngine on args.device, and the verifier (or a reward model's scorer)."""
     import torch
 
-    from worker_cpu.engine import TorchEngine
-    from worker_cpu.model_loader import load_any
-    from worker_cpu.scoring import scorer_for
+    from torch_engine.engine import TorchEngine
+    from torch_engine.model_loader import load_any
+    from torch_engine.scoring import scorer_for
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
