@@ -214,7 +214,7 @@ def drive(engine, run_on_main: bool, client) -> dict:
 
 async def engine_request(engine, task_id: str, ids: list[int], cfg, t0: float) -> tuple[float, float, int, list]:
     """One request: (ttft, latency, output tokens, gaps between consecutive token arrivals), from t0."""
-    from trellis_rpc.engine_api import Delta, Finished, PromptInput
+    from worker_runtime.engine_api import Delta, Finished, PromptInput
 
     first = None
     tokens = 0

@@ -7,8 +7,8 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-from trellis_rpc.engine_api import CompletionOut, Delta, EngineInfo, Finished, LoadStats, PromptInput, SequenceSource
 from trellis_rpc.sampling import SamplingConfig
+from worker_runtime.engine_api import CompletionOut, Delta, EngineInfo, Finished, LoadStats, PromptInput, SequenceSource
 
 
 class ConstantSpeedEngine:

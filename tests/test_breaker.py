@@ -14,7 +14,7 @@ from router.dispatch import RemoteRunner
 from router.pool import WorkerPool
 from router.routing import Router
 from trellis_rpc.v1 import common_pb2
-from trellis_rpc.worker_service import WorkerService
+from worker_runtime.service import WorkerService
 
 
 class FlakyEngine(ConstantSpeedEngine):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from router.service import coalesce
 from trellis_rpc.v1 import common_pb2, router_pb2, worker_pb2
-from trellis_rpc.worker_service import coalesce_deltas
+from worker_runtime.service import coalesce_deltas
 
 
 def delta(task: str, index: int, text: str, token: int, finish: int = 0) -> worker_pb2.WorkerResponse:

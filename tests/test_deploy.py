@@ -60,9 +60,9 @@ PROGRAMS = {
     "trellis/router": Program("router", "router.Dockerfile", ROUTER_SERVICE,
                               ("router", "trellis_rpc", "controllers"), False),
     "trellis/worker-cpu": Program("worker_cpu", "worker-cpu.Dockerfile", WORKER_SERVICE,
-                                  ("worker_cpu", "torch_engine", "trellis_rpc"), True),
+                                  ("worker_cpu", "torch_engine", "worker_runtime", "trellis_rpc"), True),
     "trellis/worker-gpu": Program("worker_gpu", "worker-gpu.Dockerfile", WORKER_SERVICE,
-                                  ("worker_gpu", "torch_engine", "trellis_rpc"), True),
+                                  ("worker_gpu", "torch_engine", "worker_runtime", "trellis_rpc"), True),
 }
 # Which Trellis Deployments each render must have.
 EXPECTED_DEPLOYMENTS = {"base": {"router", "worker-cpu", "worker-gpu"}, "gpu": {"router", "worker-cpu", "worker-gpu"},
@@ -501,7 +501,7 @@ def test_autoscalers_and_disruption_budgets_target_the_pools(renders, render):
 
 def test_queue_depth_metric_is_the_one_workers_export_and_the_adapter_serves():
     # OpenTelemetry's Prometheus exporter turns the gauge's dots into underscores (tests/test_up.py scrapes it).
-    assert '"trellis.worker.queue_depth"' in (ROOT / "trellis_rpc" / "worker_telemetry.py").read_text()
+    assert '"trellis.worker.queue_depth"' in (ROOT / "worker_runtime" / "telemetry.py").read_text()
     rules = yaml.safe_load((K8S / "prometheus-adapter-rules.yaml").read_text())["rules"]["custom"]
     assert [r["name"]["as"] for r in rules] == [HPA_QUEUE_METRIC]
     assert HPA_QUEUE_METRIC in rules[0]["seriesQuery"]

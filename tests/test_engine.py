@@ -21,8 +21,8 @@ from transformers import (
 from tests.helpers import eventually
 from torch_engine.engine import TorchEngine
 from torch_engine.model_loader import LoadedModel
-from trellis_rpc.engine_api import Delta, Finished, PromptInput
 from trellis_rpc.sampling import SamplingConfig
+from worker_runtime.engine_api import Delta, Finished, PromptInput
 
 VOCAB = 400
 
@@ -217,8 +217,8 @@ def _generate(engine, task_id, ids, cfg, source=None, keep=None):
 
 
 def test_kept_sequence_continues_and_forks_without_prefilling_again(tokenizer):
-    from trellis_rpc.engine_api import SequenceSource
     from trellis_rpc.errors import StatusError
+    from worker_runtime.engine_api import SequenceSource
 
     engine, model = make_engine("llama", tokenizer, block_size=4)
     try:
@@ -300,7 +300,7 @@ def test_release_drops_what_one_run_kept_and_nothing_else(tokenizer):
 
 
 def test_kept_sequences_are_evicted_first_and_fall_back_to_the_prefix_cache(tokenizer):
-    from trellis_rpc.engine_api import SequenceSource
+    from worker_runtime.engine_api import SequenceSource
 
     # 16 blocks of 4 tokens: the kept sequence (~34 tokens, 9 blocks) must give way to a 40-token request.
     engine, model = make_engine("llama", tokenizer, block_size=4, kv_cache_tokens=64)

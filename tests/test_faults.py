@@ -29,7 +29,7 @@ from tests.test_observability import scrape, total
 from tests.tiny_model import build_tiny_llama
 from trellis_rpc.errors import invalid
 from trellis_rpc.v1 import common_pb2, router_pb2, router_pb2_grpc
-from trellis_rpc.worker_service import WorkerService
+from worker_runtime.service import WorkerService
 
 CLEAR = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 

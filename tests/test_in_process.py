@@ -13,7 +13,7 @@ from tests.helpers import eventually
 from torch_engine.engine import TorchEngine
 from torch_engine.model_loader import load_model
 from trellis_rpc.v1 import common_pb2
-from trellis_rpc.worker_service import WorkerService
+from worker_runtime.service import WorkerService
 
 
 @pytest.fixture

@@ -304,7 +304,7 @@ def test_outcome_scorer_variants(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     from torch_engine.scoring import OutcomeScorer
-    from trellis_rpc.engine_api import PromptInput, ScoreInput
+    from worker_runtime.engine_api import PromptInput, ScoreInput
 
     path = build_tiny_reward_model(tmp_path / "orm3", num_labels=3, pad_in_config=False, chat_template=None, seed=2)
     loaded = loaded_reward_model(path)
@@ -331,8 +331,8 @@ def test_outcome_scorer_variants(tmp_path):
 
 def test_scorer_runs_off_the_event_loop(orm_dir):
     from torch_engine.scoring import scorer_for
-    from trellis_rpc.engine_api import PromptInput, ScoreInput
     from trellis_rpc.errors import StatusError
+    from worker_runtime.engine_api import PromptInput, ScoreInput
 
     scorer = scorer_for(loaded_reward_model(orm_dir))
     request = ScoreInput(PromptInput(text=QUESTION), list(CANDIDATES), "outcome")
@@ -364,8 +364,8 @@ def test_scorer_runs_off_the_event_loop(orm_dir):
 
 def test_an_operator_context_cap_bounds_what_a_scorer_takes(orm_dir):
     from torch_engine.scoring import scorer_for
-    from trellis_rpc.engine_api import PromptInput, ScoreInput
     from trellis_rpc.errors import StatusError
+    from worker_runtime.engine_api import PromptInput, ScoreInput
 
     loaded = loaded_reward_model(orm_dir)
     request = ScoreInput(PromptInput(text=QUESTION), ["4", "the answer is " * 10], "outcome")

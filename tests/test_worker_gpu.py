@@ -23,12 +23,12 @@ import pytest
 
 from client.launcher import WORKER_SERVICE, _spawn, free_port, start_router
 from tests.helpers import chat, run_request
-from trellis_rpc.engine_api import Delta, Finished, PromptInput, ScoreInput
 from trellis_rpc.errors import StatusError
 from trellis_rpc.sampling import SamplingConfig
 from trellis_rpc.v1 import common_pb2, router_pb2_grpc
 from worker_gpu.cli import parse_args
 from worker_gpu.trtllm_sampling import Support, trtllm_kwargs
+from worker_runtime.engine_api import Delta, Finished, PromptInput, ScoreInput
 
 FAKES = Path(__file__).parent / "fakes"
 

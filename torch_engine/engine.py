@@ -32,7 +32,9 @@ from torch_engine.sampler import Row, sample
 from torch_engine.scheduler import Scheduler
 from torch_engine.sequence import Kept, Request, Sequence, Status
 from torch_engine.stop_strings import StopStringMatcher
-from trellis_rpc.engine_api import (
+from trellis_rpc.errors import StatusError, context_exceeded, internal, invalid, not_found, resource_exhausted
+from trellis_rpc.sampling import SamplingConfig
+from worker_runtime.engine_api import (
     CompletionOut,
     Delta,
     EngineInfo,
@@ -43,9 +45,7 @@ from trellis_rpc.engine_api import (
     TokenLogprob,
     TopLogprob,
 )
-from trellis_rpc.errors import StatusError, context_exceeded, internal, invalid, not_found, resource_exhausted
-from trellis_rpc.sampling import SamplingConfig
-from trellis_rpc.tokens import check_token_ids, encode_prompt
+from worker_runtime.prompts import check_token_ids, encode_prompt
 
 log = structlog.get_logger(__name__)
 

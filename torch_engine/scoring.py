@@ -43,7 +43,9 @@ import structlog
 import torch
 
 from torch_engine.model_loader import LoadedModel
-from trellis_rpc.engine_api import (
+from trellis_rpc.errors import StatusError, context_exceeded, failed_precondition, unavailable
+from trellis_rpc.scoring import process_steps
+from worker_runtime.engine_api import (
     CandidateScoreOut,
     LoadStats,
     PromptInput,
@@ -51,8 +53,6 @@ from trellis_rpc.engine_api import (
     ScoreOutput,
     ScorerInfo,
 )
-from trellis_rpc.errors import StatusError, context_exceeded, failed_precondition, unavailable
-from trellis_rpc.scoring import process_steps
 
 log = structlog.get_logger(__name__)
 

@@ -12,8 +12,8 @@ import torch
 from torch_engine.block_manager import BlockTable
 from torch_engine.detokenizer import IncrementalDetokenizer
 from torch_engine.stop_strings import StopStringMatcher
-from trellis_rpc.engine_api import SequenceSource, TokenLogprob
 from trellis_rpc.sampling import SamplingConfig
+from worker_runtime.engine_api import SequenceSource, TokenLogprob
 
 _ids = itertools.count()
 

@@ -6,12 +6,14 @@ router's client sees the same field whichever side rejected the request.
 
 from __future__ import annotations
 
-from trellis_rpc.engine_api import DEFAULT_STEP_SEPARATOR
 from trellis_rpc.errors import invalid
 from trellis_rpc.sampling import check_prompt
 from trellis_rpc.v1 import common_pb2
 
-# ScoreKind -> the scorer kind (trellis_rpc.engine_api.SCORE_KINDS) and the capability that serves it.
+# Where one reasoning step ends in a process-reward candidate, unless the request names another separator.
+DEFAULT_STEP_SEPARATOR = "\n\n"
+
+# ScoreKind -> the scorer kind (worker_runtime.engine_api.SCORE_KINDS) and the capability that serves it.
 KIND_NAMES = {
     common_pb2.SCORE_KIND_OUTCOME: "outcome",
     common_pb2.SCORE_KIND_PROCESS: "process",

@@ -17,7 +17,7 @@ from trellis_rpc.logs import configure_logging
 from trellis_rpc.server import start_server
 from trellis_rpc.telemetry import add_metrics_args, configure_metrics, configure_tracing, shutdown_telemetry
 from trellis_rpc.v1 import worker_pb2, worker_pb2_grpc
-from trellis_rpc.worker_service import WorkerService
+from worker_runtime.service import WorkerService
 
 log = structlog.get_logger(__name__)
 

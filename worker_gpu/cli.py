@@ -3,7 +3,7 @@
     python -m worker_gpu --model /models/Qwen2.5-7B-Instruct                 # TensorRT-LLM (PyTorch backend)
     python -m worker_gpu --engine torch --model default --device cuda        # Trellis' own PyTorch engine
 
-Both serve the worker contract of trellis_rpc.worker_service, exactly as worker_cpu does.
+Both serve the worker contract of worker_runtime.service, exactly as worker_cpu does.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from trellis_rpc.logs import configure_logging
 from trellis_rpc.server import run_until_signalled, start_server
 from trellis_rpc.telemetry import add_metrics_args, configure_metrics, configure_tracing, shutdown_telemetry
 from trellis_rpc.v1 import worker_pb2, worker_pb2_grpc
-from trellis_rpc.worker_service import WorkerService
+from worker_runtime.service import WorkerService
 
 log = structlog.get_logger(__name__)
 

@@ -1,5 +1,5 @@
 """The GPU engine: TensorRT-LLM's LLM API (PyTorch backend) behind the worker contract
-(trellis_rpc.engine_api.Engine).
+(worker_runtime.engine_api.Engine).
 
 One `generate_async(prompt_token_ids, SamplingParams, streaming=True)` per task; each streamed step's
 `outputs[i].token_ids_diff` / `text_diff` / `logprobs_diff` become a Delta for sample i, so tokens reach
@@ -25,7 +25,10 @@ from pathlib import Path
 import structlog
 
 from torch_engine.stop_strings import StopStringMatcher
-from trellis_rpc.engine_api import (
+from trellis_rpc.errors import context_exceeded, deadline_exceeded, invalid, not_found
+from trellis_rpc.sampling import SamplingConfig
+from worker_gpu.trtllm_sampling import Support, allow_greedy_n, trtllm_kwargs
+from worker_runtime.engine_api import (
     CompletionOut,
     Delta,
     EngineInfo,
@@ -36,10 +39,7 @@ from trellis_rpc.engine_api import (
     TokenLogprob,
     TopLogprob,
 )
-from trellis_rpc.errors import context_exceeded, deadline_exceeded, invalid, not_found
-from trellis_rpc.sampling import SamplingConfig
-from trellis_rpc.tokens import check_token_ids, encode_prompt
-from worker_gpu.trtllm_sampling import Support, allow_greedy_n, trtllm_kwargs
+from worker_runtime.prompts import check_token_ids, encode_prompt
 
 log = structlog.get_logger(__name__)
 

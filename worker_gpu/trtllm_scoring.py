@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from torch_engine.scoring import VERIFY_TEMPLATE, answer_token_ids, prompt_messages, prompt_text, yes_no_token_ids
-from trellis_rpc.engine_api import CandidateScoreOut, LoadStats, ScoreInput, ScoreOutput, ScorerInfo
 from trellis_rpc.errors import context_exceeded, failed_precondition, internal, invalid
 from trellis_rpc.scoring import process_steps
+from worker_runtime.engine_api import CandidateScoreOut, LoadStats, ScoreInput, ScoreOutput, ScorerInfo
 
 _SENTINEL = "\x00trellis-assistant-content\x00"
 REWARD_ARCHITECTURES = {"ForProcessRewardModel": "process", "ForRewardModel": "outcome"}

@@ -28,6 +28,7 @@ RUN python /tmp/requirements.py pyproject.toml > /tmp/requirements.txt \
     && rm /tmp/requirements.py /tmp/requirements.txt
 
 COPY trellis_rpc ./trellis_rpc
+COPY worker_runtime ./worker_runtime
 COPY torch_engine ./torch_engine
 COPY worker_cpu ./worker_cpu
 RUN pip install --no-deps . && cd / && rm -rf /src

@@ -30,6 +30,7 @@ RUN python3 /tmp/requirements.py --without-ml pyproject.toml > /tmp/requirements
     && rm /tmp/requirements.py /tmp/requirements.txt
 
 COPY trellis_rpc ./trellis_rpc
+COPY worker_runtime ./worker_runtime
 # worker_gpu uses torch_engine's model loading, stop-string matching and scoring prompts (and the
 # engine itself for --engine torch); torch and transformers come with the TensorRT-LLM image.
 COPY torch_engine ./torch_engine

@@ -16,8 +16,11 @@ from collections.abc import AsyncIterator
 import grpc
 import structlog
 
-from trellis_rpc.engine_api import (
-    DEFAULT_STEP_SEPARATOR,
+from trellis_rpc.errors import StatusError, code_number
+from trellis_rpc.sampling import check_prompt, resolve_sampling
+from trellis_rpc.scoring import CAPABILITY_OF_KIND, DEFAULT_STEP_SEPARATOR, check_score_request
+from trellis_rpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from worker_runtime.engine_api import (
     Delta,
     Engine,
     Finished,
@@ -29,11 +32,7 @@ from trellis_rpc.engine_api import (
     SequenceSource,
     TokenLogprob,
 )
-from trellis_rpc.errors import StatusError, code_number
-from trellis_rpc.sampling import check_prompt, resolve_sampling
-from trellis_rpc.scoring import CAPABILITY_OF_KIND, check_score_request
-from trellis_rpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from trellis_rpc.worker_telemetry import WorkerTelemetry
+from worker_runtime.telemetry import WorkerTelemetry
 
 log = structlog.get_logger(__name__)
 

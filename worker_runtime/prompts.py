@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from trellis_rpc.engine_api import PromptInput
 from trellis_rpc.errors import invalid
+from worker_runtime.engine_api import PromptInput
 
 
 def check_token_ids(ids: Iterable[int], vocab: int, field: str) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from trellis_rpc.sampling import SamplingConfig
+from trellis_rpc.scoring import DEFAULT_STEP_SEPARATOR
 
 
 @dataclass
@@ -126,7 +127,6 @@ class Engine(Protocol):
 # ---- scoring (reward models and verifiers) -------------------------------------------------------
 
 SCORE_KINDS = ("outcome", "process", "verifier")
-DEFAULT_STEP_SEPARATOR = "\n\n"
 
 
 @dataclass

@@ -24,8 +24,8 @@ from opentelemetry import trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span, Status, StatusCode
 
-from trellis_rpc.engine_api import Finished, LoadStats, ScoreOutput
 from trellis_rpc.telemetry import LATENCY_BUCKETS_S, TOKEN_BUCKETS_S, Tally, meter, traced_parent, tracer
+from worker_runtime.engine_api import Finished, LoadStats, ScoreOutput
 
 _tracer = tracer("trellis.worker")
 _meter = meter("trellis.worker")
