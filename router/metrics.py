@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from trellis_rpc.telemetry import LATENCY_BUCKETS_S, Tally, meter
+from trellis_rpc.telemetry import LATENCY_BUCKETS_S, ObservedCounter, meter
 
 _meter = meter("trellis.router")
 
@@ -24,16 +24,17 @@ run_duration = _meter.create_histogram("trellis.router.run.duration", unit="s",
 run_ttft = _meter.create_histogram("trellis.router.run.time_to_first_token", unit="s",
                                    description="accepted to the first token of any branch, per run",
                                    explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S)
-runs = Tally(_meter, "trellis.router.runs", ("controller", "code"),
-             description="runs ended (or refused), by controller and gRPC status code")
-tasks = Tally(_meter, "trellis.router.tasks", ("kind", "code"),
-              description="worker tasks ended, by kind and gRPC status code")
-prompt_tokens = Tally(_meter, "trellis.router.prompt_tokens", unit="{token}")
-completion_tokens = Tally(_meter, "trellis.router.completion_tokens", unit="{token}")
-routing_decisions = Tally(
+runs = ObservedCounter(_meter, "trellis.router.runs", ("controller", "code"),
+                       description="runs ended (or refused), by controller and gRPC status code")
+tasks = ObservedCounter(_meter, "trellis.router.tasks", ("kind", "code"),
+                        description="worker tasks ended, by kind and gRPC status code")
+prompt_tokens = ObservedCounter(_meter, "trellis.router.prompt_tokens", unit="{token}")
+completion_tokens = ObservedCounter(_meter, "trellis.router.completion_tokens", unit="{token}")
+routing_decisions = ObservedCounter(
     _meter, "trellis.router.routing.decisions", ("policy", "prefix_hit"),
     description="workers picked, by policy (kv-balance: the kv policy fell back to load) and prefix_hit")
-migrations = Tally(_meter, "trellis.router.migrations", description="unfinished samples resumed on another worker")
+migrations = ObservedCounter(_meter, "trellis.router.migrations",
+                             description="unfinished samples resumed on another worker")
 
 _sources: list[weakref.ref] = []
 

@@ -291,7 +291,7 @@ def test_release_drops_what_one_run_kept_and_nothing_else(tokenizer):
         assert engine.load().kept_sequences == 6
         engine.release("run.a")
         eventually(lambda: engine.load().kept_sequences == 2)   # at the engine thread's next step
-        assert engine.load().kept_sequences == 2 and sorted(engine._kept) == ["run.ab/0/0", "run.ab/0/1"]
+        assert engine.load().kept_sequences == 2 and sorted(engine.kept.handles()) == ["run.ab/0/0", "run.ab/0/1"]
         engine.release("run.ab")
         eventually(lambda: engine.blocks.num_used == 0)
         assert engine.load().kept_sequences == 0 and engine.blocks.num_used == 0

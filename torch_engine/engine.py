@@ -12,7 +12,6 @@ leave between steps.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import queue
 import threading
@@ -25,14 +24,15 @@ import torch
 
 from torch_engine.block_manager import BlockManager
 from torch_engine.detokenizer import IncrementalDetokenizer
+from torch_engine.kept import KeptSequences
 from torch_engine.model import KVCache, PagedDecoder, decoder_from_hf
 from torch_engine.model_loader import LoadedModel
 from torch_engine.model_runner import ModelRunner
 from torch_engine.sampler import Row, sample
 from torch_engine.scheduler import Scheduler
-from torch_engine.sequence import Kept, Request, Sequence, Status
+from torch_engine.sequence import Request, Sequence, Status
 from torch_engine.stop_strings import StopStringMatcher
-from trellis_rpc.errors import StatusError, context_exceeded, internal, invalid, not_found, resource_exhausted
+from trellis_rpc.errors import StatusError, context_exceeded, internal, invalid, resource_exhausted
 from trellis_rpc.sampling import SamplingConfig
 from worker_runtime.engine_api import (
     CompletionOut,
@@ -96,9 +96,8 @@ class TorchEngine:
         self.blocks = BlockManager(num_blocks, block_size)
         self.kv = KVCache(spec.num_layers, num_blocks, block_size, spec.num_kv_heads, spec.head_dim, self.dtype)
         self.runner = ModelRunner(self.decoder, self.kv)
-        self.scheduler = Scheduler(self.blocks, max_num_tokens, max_batch_size, reclaim=self._evict_kept)
-        self._kept: collections.OrderedDict[str, Kept] = collections.OrderedDict()
-        self._released: collections.deque[str] = collections.deque()   # task prefixes; deque ops are atomic
+        self.kept = KeptSequences(self.blocks)
+        self.scheduler = Scheduler(self.blocks, max_num_tokens, max_batch_size, reclaim=self.kept.evict_oldest)
         self.stats = EngineStats()
         self.info = EngineInfo(
             model_id=model_id, engine=f"torch-{self.device.type}", max_context_tokens=self.max_context,
@@ -180,14 +179,14 @@ class TorchEngine:
 
     def release(self, task_prefix: str) -> None:
         """Drop the sequences kept by tasks under task_prefix at the next step (the engine thread owns them)."""
-        self._released.append(task_prefix + "/")
+        self.kept.release(task_prefix)
 
     def load(self) -> LoadStats:
         return LoadStats(
             queue_depth=len(self.scheduler.waiting) + self._inbox.qsize(),
             running_sequences=len(self.scheduler.running),
             kv_blocks_used=self.blocks.num_used, kv_blocks_free=self.blocks.num_free,
-            kept_sequences=sum(1 for k in list(self._kept.values()) if k.table.blocks),
+            kept_sequences=self.kept.holding_blocks(),
         )
 
     def close(self) -> None:
@@ -206,8 +205,7 @@ class TorchEngine:
             while not self._stopped.is_set():
                 self._admit(block=not self.scheduler.running and not self.scheduler.waiting)
                 self._reap_cancelled()
-                self._expire_kept()
-                self._drop_released()
+                self.kept.tidy()
                 try:
                     self._step()
                 except Exception as exc:  # a bug must fail the requests in flight, not hang them
@@ -236,10 +234,10 @@ class TorchEngine:
     def _attach_source(self, request: Request, seq: Sequence) -> bool:
         """Start seq from a kept sequence: its tokens, and its KV blocks while they are still held."""
         source = request.source
-        kept = self._kept.get(source.handle)
-        if kept is None:
-            self._fail(request, not_found(f"generate.source: no kept sequence "
-                                          f"{source.handle!r} (expired, used up or never kept)", "generate.source"))
+        try:
+            kept = self.kept.get(source.handle)
+        except StatusError as err:
+            self._fail(request, err)
             return False
         tokens = kept.token_ids + request.appended
         if len(tokens) >= self.max_context:
@@ -253,7 +251,7 @@ class TorchEngine:
             seq.computed = min(kept.computed, len(tokens) - 1)
             self.blocks.rewind(seq.table, seq.computed)
         if not source.fork:
-            del self._kept[source.handle]
+            self.kept.use_up(source.handle)
         seq.token_ids = tokens
         seq.num_prompt = len(tokens)
         request.prompt_ids = tokens
@@ -267,31 +265,8 @@ class TorchEngine:
         if seq.finish_reason == "stop" and not seq.stops.matched:
             tokens = tokens[:-1]  # the end-of-sequence token is not part of what a continuation extends
         handle = f"{request.task_id}/{seq.index}"
-        replaced = self._kept.pop(handle, None)
-        if replaced is not None:   # a task id used again: its earlier sequence goes, rather than leak its blocks
-            self.blocks.free(replaced.table)
-        self._kept[handle] = Kept(tokens, seq.table, min(seq.computed, len(tokens)),
-                                  time.monotonic() + request.keep_ttl_s)
+        self.kept.keep(handle, tokens, seq.table, min(seq.computed, len(tokens)), request.keep_ttl_s)
         request.handles[seq.index] = handle
-
-    def _evict_kept(self) -> bool:
-        """Free the blocks of the oldest kept sequence that still holds any (KV pressure)."""
-        for kept in self._kept.values():
-            if kept.table.blocks:
-                self.blocks.free(kept.table)
-                return True
-        return False
-
-    def _expire_kept(self) -> None:
-        now = time.monotonic()
-        for handle in [h for h, k in self._kept.items() if k.expires <= now]:
-            self.blocks.free(self._kept.pop(handle).table)
-
-    def _drop_released(self) -> None:
-        while self._released:
-            prefix = self._released.popleft()   # handles are f"{task_id}/{index}"
-            for handle in [h for h in self._kept if h.startswith(prefix)]:
-                self.blocks.free(self._kept.pop(handle).table)
 
     def _reap_cancelled(self) -> None:
         for request in list(self._active):

@@ -40,7 +40,6 @@ class Scheduler:
         self.max_batch_size = max_batch_size
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
-        self.preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -61,7 +60,6 @@ class Scheduler:
         seq.computed = 0
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
-        self.preemptions += 1
 
     def schedule(self) -> Plan:
         plan = Plan()

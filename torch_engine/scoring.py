@@ -50,7 +50,7 @@ from worker_runtime.engine_api import (
     LoadStats,
     PromptInput,
     ScoreInput,
-    ScoreOutput,
+    ScoreOut,
     ScorerInfo,
 )
 
@@ -61,7 +61,7 @@ _SENTINEL = "\x00trellis-assistant-content\x00"
 
 
 @dataclass
-class Row:
+class ScoreRow:
     """One candidate as the model sees it: token ids, and the positions whose outputs are read."""
 
     ids: list[int]
@@ -73,7 +73,7 @@ class _Job:
     task_id: str
     request: ScoreInput
     submitted: float
-    settle: Callable[[ScoreOutput | None, BaseException | None], None]
+    settle: Callable[[ScoreOut | None, BaseException | None], None]
     cancelled: bool = False
 
 
@@ -151,13 +151,13 @@ class TorchScorer:
 
     # ---- asyncio side ----------------------------------------------------------------------
 
-    async def score(self, task_id: str, request: ScoreInput) -> ScoreOutput:
+    async def score(self, task_id: str, request: ScoreInput) -> ScoreOut:
         if self._stopped.is_set():
             raise unavailable("the worker is shutting down")
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
 
-        def settle_on_loop(result: ScoreOutput | None, exc: BaseException | None) -> None:
+        def settle_on_loop(result: ScoreOut | None, exc: BaseException | None) -> None:
             if future.done():
                 return
             if exc is not None:
@@ -165,7 +165,7 @@ class TorchScorer:
             else:
                 future.set_result(result)
 
-        def settle(result: ScoreOutput | None, exc: BaseException | None) -> None:
+        def settle(result: ScoreOut | None, exc: BaseException | None) -> None:
             try:
                 loop.call_soon_threadsafe(settle_on_loop, result, exc)
             except RuntimeError:  # the loop is gone: nobody waits for this result
@@ -206,7 +206,7 @@ class TorchScorer:
             try:
                 scores, tokens = self.score_now(job.request)
                 now = time.perf_counter()
-                job.settle(ScoreOutput(scores=scores, prompt_tokens=tokens, queue_ms=(started - job.submitted) * 1e3,
+                job.settle(ScoreOut(scores=scores, prompt_tokens=tokens, queue_ms=(started - job.submitted) * 1e3,
                                        latency_ms=(now - job.submitted) * 1e3), None)
             except StatusError as err:
                 job.settle(None, err)
@@ -238,8 +238,8 @@ class TorchScorer:
                     values[i] = v
         return [self._result(i, v) for i, v in enumerate(values)], sum(len(r.ids) for r in rows)
 
-    def _batches(self, rows: list[Row]) -> list[list[int]]:
-        """Row indices grouped, shortest first, so that no padded batch exceeds max_batch_tokens."""
+    def _batches(self, rows: list[ScoreRow]) -> list[list[int]]:
+        """ScoreRow indices grouped, shortest first, so that no padded batch exceeds max_batch_tokens."""
         order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
         batches: list[list[int]] = []
         for i in order:
@@ -251,7 +251,7 @@ class TorchScorer:
 
     _batchable = True  # False: one candidate per forward
 
-    def _padded(self, rows: list[Row], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _padded(self, rows: list[ScoreRow], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(r.ids) for r in rows)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -270,10 +270,10 @@ class TorchScorer:
         return CandidateScoreOut(index=index, score=values[0])
 
     # subclasses
-    def rows(self, request: ScoreInput) -> list[Row]:
+    def rows(self, request: ScoreInput) -> list[ScoreRow]:
         raise NotImplementedError
 
-    def _forward(self, rows: list[Row]) -> list[list[float]]:
+    def _forward(self, rows: list[ScoreRow]) -> list[list[float]]:
         raise NotImplementedError
 
 
@@ -292,16 +292,16 @@ class OutcomeScorer(TorchScorer):
             self._batchable = False
             log.warning("reward model config has no pad_token_id: scoring candidates one at a time")
 
-    def rows(self, request: ScoreInput) -> list[Row]:
+    def rows(self, request: ScoreInput) -> list[ScoreRow]:
         if self._has_template():
             messages = prompt_messages(request.prompt)
             texts = [self.tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": c}],
                                                         tokenize=False) for c in request.candidates]
-            return [Row(self._encode(t, False)) for t in texts]
+            return [ScoreRow(self._encode(t, False)) for t in texts]
         question = prompt_text(request.prompt)
-        return [Row(self._encode(question + "\n" + c, True)) for c in request.candidates]
+        return [ScoreRow(self._encode(question + "\n" + c, True)) for c in request.candidates]
 
-    def _forward(self, rows: list[Row]) -> list[list[float]]:
+    def _forward(self, rows: list[ScoreRow]) -> list[list[float]]:
         pad = self.config_pad_id if self.config_pad_id is not None else self.pad_id
         ids, mask = self._padded(rows, pad)
         logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()  # [B, labels]
@@ -329,7 +329,7 @@ class ProcessScorer(TorchScorer):
         before, after = rendered.split(_SENTINEL)
         return self._encode(before, False), (self._encode(after, False) if after else [])
 
-    def rows(self, request: ScoreInput) -> list[Row]:
+    def rows(self, request: ScoreInput) -> list[ScoreRow]:
         before, after = self._frame(request.prompt)
         sep = request.step_separator
         rows = []
@@ -338,10 +338,10 @@ class ProcessScorer(TorchScorer):
             for step in process_steps(candidate, sep):
                 ids += self._encode(step + sep, False)
                 reads.append(len(ids) - 1)
-            rows.append(Row(ids + after, reads))
+            rows.append(ScoreRow(ids + after, reads))
         return rows
 
-    def _forward(self, rows: list[Row]) -> list[list[float]]:
+    def _forward(self, rows: list[ScoreRow]) -> list[list[float]]:
         ids, mask = self._padded(rows, self.pad_id)
         logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()  # [B, T, labels]
         out = []
@@ -364,7 +364,7 @@ class VerifierScorer(TorchScorer):
         self._keep_last = "logits_to_keep" in inspect.signature(loaded.model.forward).parameters
         super().__init__(loaded, **kwargs)
 
-    def rows(self, request: ScoreInput) -> list[Row]:
+    def rows(self, request: ScoreInput) -> list[ScoreRow]:
         question = prompt_text(request.prompt)
         rows = []
         for candidate in request.candidates:
@@ -375,10 +375,10 @@ class VerifierScorer(TorchScorer):
                 ids = self._encode(rendered, False)
             else:
                 ids = self._encode(text + "\nAnswer:", True)
-            rows.append(Row(ids, [len(ids) - 1]))
+            rows.append(ScoreRow(ids, [len(ids) - 1]))
         return rows
 
-    def _forward(self, rows: list[Row]) -> list[list[float]]:
+    def _forward(self, rows: list[ScoreRow]) -> list[list[float]]:
         ids, mask = self._padded(rows, self.pad_id)
         last = torch.tensor([[r.reads[0]] for r in rows], dtype=torch.long)
         if self._keep_last:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -12,10 +11,8 @@ import torch
 from torch_engine.block_manager import BlockTable
 from torch_engine.detokenizer import IncrementalDetokenizer
 from torch_engine.stop_strings import StopStringMatcher
-from trellis_rpc.sampling import SamplingConfig
+from trellis_rpc.sampling import SamplingConfig, derive_seed
 from worker_runtime.engine_api import SequenceSource, TokenLogprob
-
-_ids = itertools.count()
 
 
 class Status(enum.Enum):
@@ -54,19 +51,7 @@ class Request:
         """One generator per sample, so a seeded request reproduces whatever else is in the batch."""
         if self.cfg.seed is None:
             return None
-        return torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + index) % (1 << 63))
-
-
-@dataclass
-class Kept:
-    """A finished sequence kept with its KV for later continue/fork. Under KV pressure its blocks go
-    first (table emptied); its tokens stay until it expires, so a later task still finds its prefix
-    through the prefix cache."""
-
-    token_ids: list[int]
-    table: BlockTable
-    computed: int
-    expires: float
+        return torch.Generator().manual_seed(derive_seed(self.cfg.seed, index))
 
 
 @dataclass
@@ -78,7 +63,6 @@ class Sequence:
     detok: IncrementalDetokenizer
     stops: StopStringMatcher
     generator: torch.Generator | None
-    seq_id: int = field(default_factory=lambda: next(_ids))
     status: Status = Status.WAITING
     computed: int = 0                       # tokens whose K/V are in the cache
     table: BlockTable = field(default_factory=BlockTable)

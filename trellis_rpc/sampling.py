@@ -12,6 +12,17 @@ DEFAULT_MAX_TOKENS = 256
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
+_SEED_MODULUS = 2**63
+_SEED_MULTIPLIER = 1_000_003
+
+
+def derive_seed(seed: int, *salts: int) -> int:
+    """A seed for one part of a seeded request (a task of a run, a resumed sample, a sample of a task),
+    reproducible from the client's seed and the part's numbers, and different for different numbers:
+    parts drawing from the client's seed itself would all draw the same tokens."""
+    for salt in salts:
+        seed = (seed * _SEED_MULTIPLIER + salt) % _SEED_MODULUS
+    return seed
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,7 @@ def meter(name: str) -> metrics.Meter:
     return metrics.get_meter(name)
 
 
-class Tally:
+class ObservedCounter:
     """A counter kept as plain numbers per label values and reported through an OpenTelemetry
     ObservableCounter when scraped: adding costs a dict update (~0.2 us) instead of a synchronous
     Counter's ~6 us, which matters on per-task paths at thousands of tasks per second."""

@@ -43,7 +43,9 @@ from worker_runtime.prompts import check_token_ids, encode_prompt
 
 log = structlog.get_logger(__name__)
 
-_FINISH = {"stop": "stop", "length": "length", "cancelled": "cancelled"}
+# TensorRT-LLM's CompletionOutput.finish_reason ("stop" | "length" | "timeout" | "cancelled") as ours;
+# "timeout" fails the task instead.
+_TRTLLM_FINISH = {"stop": "stop", "length": "length", "cancelled": "cancelled"}
 STATS_STALE_S = 2.0
 
 
@@ -204,7 +206,7 @@ class _Sample:
         if completion.finish_reason:
             if completion.finish_reason == "timeout":
                 raise deadline_exceeded("TensorRT-LLM timed the request out")
-            self.finish_reason = _FINISH.get(completion.finish_reason, "stop")
+            self.finish_reason = _TRTLLM_FINISH.get(completion.finish_reason, "stop")
             if isinstance(completion.stop_reason, str) and not self.stops.matched:
                 # TensorRT-LLM cut the text at a stop string we had only begun to see: its text is final.
                 self.stops.matched = completion.stop_reason

@@ -26,7 +26,7 @@ import torch
 from torch_engine.scoring import VERIFY_TEMPLATE, answer_token_ids, prompt_messages, prompt_text, yes_no_token_ids
 from trellis_rpc.errors import context_exceeded, failed_precondition, internal, invalid
 from trellis_rpc.scoring import process_steps
-from worker_runtime.engine_api import CandidateScoreOut, LoadStats, ScoreInput, ScoreOutput, ScorerInfo
+from worker_runtime.engine_api import CandidateScoreOut, LoadStats, ScoreInput, ScoreOut, ScorerInfo
 
 _SENTINEL = "\x00trellis-assistant-content\x00"
 REWARD_ARCHITECTURES = {"ForProcessRewardModel": "process", "ForRewardModel": "outcome"}
@@ -125,7 +125,7 @@ class TrtScorer:
 
     # ---- scoring -------------------------------------------------------------------------------
 
-    async def score(self, task_id: str, request: ScoreInput) -> ScoreOutput:
+    async def score(self, task_id: str, request: ScoreInput) -> ScoreOut:
         if request.kind not in self.info.kinds:
             raise invalid("kind", f"this worker scores {' and '.join(self.info.kinds)}, not {request.kind}")
         rows = self._verifier_rows(request) if request.kind == "verifier" else self._candidate_rows(request)
@@ -141,7 +141,7 @@ class TrtScorer:
         finally:
             self._running -= len(rows)
         scores = [self._read(request.kind, row, lg) for row, lg in zip(rows, logits, strict=True)]
-        return ScoreOutput(scores=[CandidateScoreOut(i, min(v) if request.kind == "process" else v[0],
+        return ScoreOut(scores=[CandidateScoreOut(i, min(v) if request.kind == "process" else v[0],
                                                      v if request.kind == "process" else [])
                                    for i, v in enumerate(scores)],
                            prompt_tokens=sum(len(r.ids) for r in rows), queue_ms=0.0,

@@ -148,7 +148,7 @@ class CandidateScoreOut:
 
 
 @dataclass
-class ScoreOutput:
+class ScoreOut:
     scores: list[CandidateScoreOut]               # in candidate order
     prompt_tokens: int                            # tokens run through the model, all candidates together
     queue_ms: float
@@ -170,7 +170,7 @@ class Scorer(Protocol):
 
     info: ScorerInfo
 
-    async def score(self, task_id: str, request: ScoreInput) -> ScoreOutput:
+    async def score(self, task_id: str, request: ScoreInput) -> ScoreOut:
         """Raise StatusError for requests the model cannot take (e.g. a candidate longer than the context)."""
         ...
 

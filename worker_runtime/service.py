@@ -17,8 +17,10 @@ import grpc
 import structlog
 
 from trellis_rpc.errors import StatusError, code_number
+from trellis_rpc.finish_reasons import finish_reason_pb
 from trellis_rpc.sampling import check_prompt, resolve_sampling
 from trellis_rpc.scoring import CAPABILITY_OF_KIND, DEFAULT_STEP_SEPARATOR, check_score_request
+from trellis_rpc.streams import coalesce, drained
 from trellis_rpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from worker_runtime.engine_api import (
     Delta,
@@ -27,7 +29,7 @@ from worker_runtime.engine_api import (
     LoadStats,
     PromptInput,
     ScoreInput,
-    ScoreOutput,
+    ScoreOut,
     Scorer,
     SequenceSource,
     TokenLogprob,
@@ -36,11 +38,6 @@ from worker_runtime.telemetry import WorkerTelemetry
 
 log = structlog.get_logger(__name__)
 
-_FINISH = {
-    "stop": common_pb2.FINISH_REASON_STOP,
-    "length": common_pb2.FINISH_REASON_LENGTH,
-    "cancelled": common_pb2.FINISH_REASON_CANCELLED,
-}
 _END = object()
 DEFAULT_KEEP_TTL_S = 60.0
 MAX_KEEP_TTL_S = 3600.0
@@ -70,7 +67,7 @@ def result_pb(done: Finished, model_id: str, worker_id: str) -> common_pb2.Gener
     """Handles go out as '<worker_id>:<engine handle>' so the router can route a continuation back."""
     completions = [
         common_pb2.Completion(
-            index=c.index, text=c.text, token_ids=c.token_ids, finish_reason=_FINISH[c.finish_reason],
+            index=c.index, text=c.text, token_ids=c.token_ids, finish_reason=finish_reason_pb(c.finish_reason),
             stop_reason=c.stop_reason, logprobs=logprobs_pb(c.logprobs), cumulative_logprob=c.cumulative_logprob,
         )
         for c in done.completions
@@ -88,7 +85,7 @@ def result_pb(done: Finished, model_id: str, worker_id: str) -> common_pb2.Gener
     )
 
 
-def score_result_pb(done: ScoreOutput, model_id: str, worker_id: str) -> common_pb2.ScoreResult:
+def score_result_pb(done: ScoreOut, model_id: str, worker_id: str) -> common_pb2.ScoreResult:
     return common_pb2.ScoreResult(
         scores=[common_pb2.CandidateScore(index=c.index, score=c.score, step_scores=c.step_scores)
                 for c in done.scores],
@@ -100,31 +97,21 @@ def score_result_pb(done: ScoreOutput, model_id: str, worker_id: str) -> common_
 
 def coalesce_deltas(responses: list[worker_pb2.WorkerResponse]) -> list[worker_pb2.WorkerResponse]:
     """Responses that queued up while the stream was busy, with each sample's token deltas merged into one
-    message (in order; anything else is a barrier, so a task's result still follows its deltas). A router
-    spends ~100 us per message: when it falls behind, fewer, larger messages let it catch up."""
-    if len(responses) < 2:
-        return responses
-    out: list[worker_pb2.WorkerResponse] = []
-    pending: dict[tuple[str, int], worker_pb2.WorkerResponse] = {}
-    for response in responses:
-        if response.WhichOneof("kind") != "delta":
-            out.extend(pending.values())
-            pending.clear()
-            out.append(response)
-            continue
-        key = (response.task_id, response.delta.index)
-        merged = pending.get(key)
-        if merged is None:
-            pending[key] = response
-            continue
-        d, new = merged.delta, response.delta
-        d.text += new.text
-        d.token_ids.extend(new.token_ids)
-        d.logprobs.extend(new.logprobs)
-        if new.finish_reason:
-            d.finish_reason = new.finish_reason
-    out.extend(pending.values())
-    return out
+    message (in order; anything else is a barrier, so a task's result still follows its deltas)."""
+    return coalesce(responses, _sample_key, _merge_delta)
+
+
+def _sample_key(response: worker_pb2.WorkerResponse) -> tuple[str, int] | None:
+    return (response.task_id, response.delta.index) if response.WhichOneof("kind") == "delta" else None
+
+
+def _merge_delta(into: worker_pb2.WorkerResponse, new: worker_pb2.WorkerResponse) -> None:
+    d, more = into.delta, new.delta
+    d.text += more.text
+    d.token_ids.extend(more.token_ids)
+    d.logprobs.extend(more.logprobs)
+    if more.finish_reason:
+        d.finish_reason = more.finish_reason
 
 
 _TASK_ENDS = ("generate_result", "score_result", "error")
@@ -237,14 +224,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         reader = asyncio.create_task(self._read(request_iterator, engine, out, running))
         reporter = asyncio.create_task(self._report_load(out))
         try:
-            ended = False
-            while not ended:
-                batch = [await out.get()]
-                while not out.empty():
-                    batch.append(out.get_nowait())
-                ended = batch[-1] is _END
+            async for batch, ended in drained(out, _END):
                 finished = False
-                for item in coalesce_deltas(batch[:-1] if ended else batch):
+                for item in coalesce_deltas(batch):
                     finished = finished or item.WhichOneof("kind") in _TASK_ENDS
                     yield item
                 if finished and not ended:
@@ -352,7 +334,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                             out.put_nowait(worker_pb2.WorkerResponse(task_id=task_id, delta=worker_pb2.TokenDelta(
                                 index=event.index, text=event.text, token_ids=event.token_ids,
                                 logprobs=logprobs_pb(event.logprobs),
-                                finish_reason=_FINISH.get(event.finish_reason, 0))))
+                                finish_reason=finish_reason_pb(event.finish_reason))))
                     elif isinstance(event, Finished):
                         self.telemetry.generated(event)
                         out.put_nowait(worker_pb2.WorkerResponse(

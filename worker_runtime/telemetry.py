@@ -4,7 +4,7 @@ Each task runs in a `worker.generate` / `worker.score` span, a child of the rout
 phases (queue wait, prefill, decode) become child spans rebuilt from the engine's own timings when the
 task finishes: the engine thread never touches OpenTelemetry, and with tracing off nothing is built.
 
-Metrics (Prometheus names; the counters are Tally's, cheap on this per-task path):
+Metrics (Prometheus names; the counters are ObservedCounters, cheap on this per-task path):
 trellis_worker_time_to_first_token_seconds, _time_per_output_token_seconds,
 _queue_duration_seconds histograms (end-to-end latency is the router's); _tasks_total by kind and status code;
 _prompt_tokens_total, _cached_prompt_tokens_total, _completion_tokens_total; gauges for queue depth,
@@ -24,8 +24,8 @@ from opentelemetry import trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span, Status, StatusCode
 
-from trellis_rpc.telemetry import LATENCY_BUCKETS_S, TOKEN_BUCKETS_S, Tally, meter, traced_parent, tracer
-from worker_runtime.engine_api import Finished, LoadStats, ScoreOutput
+from trellis_rpc.telemetry import LATENCY_BUCKETS_S, TOKEN_BUCKETS_S, ObservedCounter, meter, traced_parent, tracer
+from worker_runtime.engine_api import Finished, LoadStats, ScoreOut
 
 _tracer = tracer("trellis.worker")
 _meter = meter("trellis.worker")
@@ -39,11 +39,12 @@ _tpot = _meter.create_histogram("trellis.worker.time_per_output_token", unit="s"
 _queue = _meter.create_histogram("trellis.worker.queue.duration", unit="s",
                                  description="submit to first scheduled step (or scoring batch)",
                                  explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S)
-_tasks = Tally(_meter, "trellis.worker.tasks", ("kind", "code"), description="tasks ended, by kind and status code")
-_prompt_tokens = Tally(_meter, "trellis.worker.prompt_tokens", unit="{token}")
-_cached_tokens = Tally(_meter, "trellis.worker.cached_prompt_tokens", unit="{token}",
+_tasks = ObservedCounter(_meter, "trellis.worker.tasks", ("kind", "code"),
+                         description="tasks ended, by kind and status code")
+_prompt_tokens = ObservedCounter(_meter, "trellis.worker.prompt_tokens", unit="{token}")
+_cached_tokens = ObservedCounter(_meter, "trellis.worker.cached_prompt_tokens", unit="{token}",
                        description="prompt tokens whose KV came from the prefix cache")
-_completion_tokens = Tally(_meter, "trellis.worker.completion_tokens", unit="{token}")
+_completion_tokens = ObservedCounter(_meter, "trellis.worker.completion_tokens", unit="{token}")
 
 _workers: weakref.WeakSet[WorkerTelemetry] = weakref.WeakSet()
 
@@ -129,7 +130,7 @@ class WorkerTelemetry:
         self.totals.prompt_tokens += done.prompt_tokens
         self.totals.cached_prompt_tokens += done.cached_prompt_tokens
 
-    def scored(self, done: ScoreOutput) -> None:
+    def scored(self, done: ScoreOut) -> None:
         span = trace.get_current_span()
         if span.is_recording():
             end = time.time_ns()
