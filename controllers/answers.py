@@ -7,13 +7,14 @@ from collections.abc import Generator
 from typing import Any
 
 from controllers import extractors
-from controllers.base import Controller, ControllerError, Param, ParamError
+from controllers.base import Controller, Param
+from controllers.errors import ControllerError, ParamError
 from controllers.extractors import Extractor
 from controllers.tasks import Candidate, Generate, Progress, Prompt, Score
 
 EXTRACTOR_PARAMS = (
-    Param("extractor", "str", "auto", "how an answer is read from a sample: auto (boxed, else last number), "
-          "boxed, last_number, regex, or a registered name"),
+    Param("extractor", "str", "auto", "how an answer is read from a text (a sample, or the chosen solution): auto "
+          "(boxed, else last number), boxed, last_number, regex, or a registered name"),
     Param("pattern", "str", "", "regular expression for extractor=regex (first group, or the whole match)"),
 )
 

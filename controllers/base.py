@@ -17,9 +17,12 @@ from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from controllers.tasks import Candidate, Generate, Intermediate, Progress, Prompt, TaskFailure
+from controllers.errors import ParamError
+from controllers.tasks import Cancel, Candidate, Intermediate, Progress, Prompt, Task, WaitAny
 
-Step = list[Generate] | Generate | Progress | Intermediate
+# What a controller may yield (controllers.runtime.drive): a task or a list of tasks (run together, resumed
+# when all are done), WaitAny (resumed at the first done), Cancel, or an event (resumed at once).
+Step = Task | list[Task] | WaitAny | Cancel | Progress | Intermediate
 
 
 @dataclass
@@ -28,37 +31,6 @@ class Result:
     text: str = ""
     candidates: list[Candidate] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
-
-
-class ControllerError(Exception):
-    """Fail the run. code is a gRPC status name ('UNAVAILABLE', 'INVALID_ARGUMENT', ...)."""
-
-    def __init__(self, code: str, message: str, field: str = "", reason: str = "") -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.field = field          # the request field at fault, when a task's failure named one
-        self.reason = reason        # a task failure's machine-readable reason, e.g. CONTEXT_LENGTH_EXCEEDED
-
-    @classmethod
-    def from_failure(cls, failure: TaskFailure, what: str = "") -> ControllerError:
-        """Fail the run as the task failed: its code, field and reason, and its message after `what` (the
-        controller's account of the step). A message naming a request field keeps the field first, so the
-        client reads which field it was ('prompt: ... does not fit (warm-up failed)')."""
-        if not what:
-            message = failure.message
-        elif failure.field:
-            message = f"{failure.message} ({what})"
-        else:
-            message = f"{what}: {failure.message}"
-        return cls(failure.code, message, failure.field, failure.reason)
-
-
-class ParamError(ValueError):
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 _TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
@@ -138,3 +110,14 @@ class Controller:
 
     def run(self, prompt: Prompt) -> Generator[Step, Any, Result]:
         raise NotImplementedError
+
+
+# Every controller by name, in the order they registered: controllers/registry.py loads the controller
+# modules in the order ListControllers shows them.
+REGISTRY: dict[str, type[Controller]] = {}
+
+
+def register(cls: type[Controller]) -> type[Controller]:
+    """Class decorator: the controller can be run by name (RunRequest.controller)."""
+    REGISTRY[cls.name] = cls
+    return cls

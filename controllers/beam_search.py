@@ -23,8 +23,9 @@ from collections.abc import Generator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from controllers.base import ControllerError, Param, Result
-from controllers.steps import SearchController, check_prompt, dropped, pruned, search_params
+from controllers.base import Param, Result, register
+from controllers.errors import ControllerError
+from controllers.steps import SearchController, dropped, pruned, require_text_prompt, search_params
 from controllers.tasks import Candidate, Intermediate, Progress, Prompt, TaskFailure
 
 
@@ -40,6 +41,7 @@ class Beam:
     full: bool = False          # cut off because it fills the model's context
 
 
+@register
 class BeamSearch(SearchController):
     name = "beam_search"
     description = ("PRM-guided beam search over reasoning steps: expand each of beam_width partial solutions "
@@ -52,7 +54,7 @@ class BeamSearch(SearchController):
     )
 
     def run(self, prompt: Prompt) -> Generator[Any, Any, Result]:
-        check_prompt(prompt)
+        require_text_prompt(prompt)
         beams = [Beam("", "beam/0")]    # the empty solution: the first steps are sampled from the prompt itself
         stopped: list[Beam] = []
         failures: list[TaskFailure] = []

@@ -24,8 +24,9 @@ from collections.abc import Generator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from controllers.base import ControllerError, Param, Result
-from controllers.steps import SearchController, check_prompt, dropped, search_params
+from controllers.base import Param, Result, register
+from controllers.errors import ControllerError
+from controllers.steps import SearchController, dropped, require_text_prompt, search_params
 from controllers.tasks import Candidate, Intermediate, Progress, Prompt, TaskFailure
 
 
@@ -40,6 +41,7 @@ class Node:
     finish_reason: str = ""     # "" expandable; "stop" complete, "length" cut off
 
 
+@register
 class BestFirstSearch(SearchController):
     name = "best_first_search"
     description = ("Best-first search over reasoning steps: always expand the partial solution with the highest "
@@ -52,7 +54,7 @@ class BestFirstSearch(SearchController):
     )
 
     def run(self, prompt: Prompt) -> Generator[Any, Any, Result]:
-        check_prompt(prompt)
+        require_text_prompt(prompt)
         order = 0   # push order: among equal values the earlier node is popped first
         frontier: list[tuple[float, int, Node]] = [(0.0, order, Node("", "node"))]
         seen: list[Node] = []       # every node that cannot be expanded: complete or cut off

@@ -11,10 +11,11 @@ an outcome reward model, or a process reward model (its lowest step score).
 from __future__ import annotations
 
 from controllers.answers import EXTRACTOR_PARAMS, answer_extractor, sample_candidates, score_params, score_texts
-from controllers.base import Controller, Param, Result
+from controllers.base import Controller, Param, Result, register
 from controllers.tasks import Intermediate, Progress, Prompt
 
 
+@register
 class BestOfN(Controller):
     name = "best_of_n"
     description = "Sample n solutions, score each with the verifier or a reward model, and return the best one."

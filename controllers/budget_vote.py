@@ -21,7 +21,8 @@ import math
 from collections.abc import Callable
 
 from controllers.answers import EXTRACTOR_PARAMS, Tally, answer_extractor
-from controllers.base import Controller, ControllerError, Param, Result
+from controllers.base import Controller, Param, Result, register
+from controllers.errors import ControllerError
 from controllers.tasks import Cancel, Candidate, Generate, Intermediate, Progress, Prompt, TaskFailure, Trace, WaitAny
 
 
@@ -57,6 +58,7 @@ class TokenBudget:
         return stop_when
 
 
+@register
 class BudgetMajorityVote(Controller):
     name = "budget_majority_vote"
     description = ("Majority vote over up to n concurrent samples that stops, cancelling the rest, as soon as the "

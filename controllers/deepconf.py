@@ -23,7 +23,8 @@ import math
 from collections import deque
 
 from controllers.answers import EXTRACTOR_PARAMS, Tally, answer_extractor
-from controllers.base import Controller, ControllerError, Param, ParamError, Result
+from controllers.base import Controller, Param, Result, register
+from controllers.errors import ControllerError, ParamError
 from controllers.tasks import (
     Cancel,
     Candidate,
@@ -111,6 +112,7 @@ CONFIDENCE_PARAMS = (
 # ---- offline ----------------------------------------------------------------------------------
 
 
+@register
 class DeepConfOffline(Controller):
     name = "deepconf_offline"
     description = ("Sample n traces with logprobs, keep the most confident ones and vote weighted by confidence "
@@ -189,6 +191,7 @@ class StopBelowBar:
         return False
 
 
+@register
 class DeepConfOnline(Controller):
     name = "deepconf_online"
     description = ("Warm-up traces set a confidence bar; further traces stop as soon as their confidence falls "

@@ -22,29 +22,15 @@ from dataclasses import dataclass, field
 
 from controllers import extractors
 from controllers.answers import EXTRACTOR_PARAMS, answer_extractor
-from controllers.base import INT32_MAX, Controller, ControllerError, Param, ParamError, Result
-from controllers.tasks import Candidate, Generate, Intermediate, Message, Progress, Prompt, SampleOut
+from controllers.base import INT32_MAX, Controller, Param, Result, register
+from controllers.errors import ControllerError, ParamError
+from controllers.tasks import Candidate, Generate, Intermediate, Progress, Prompt, SampleOut
 
 PROBE = "... Oh, I suddenly got the answer to the whole problem, **Final Answer**\n\n\\[ \\boxed{"
 # A probe that hesitates right after its answer is not counted as certain (the authors' word list).
 HESITATION = re.compile(r"\b(wait|hold|but|okay|no|hmm)\b", re.IGNORECASE)
 # A handle task that fails so has lost its sequence; anything else would fail a re-send too.
 HANDLE_LOST = ("NOT_FOUND", "UNAVAILABLE")
-
-
-def extend(prompt: Prompt, reply: str) -> Prompt:
-    """The prompt with `reply` as the start of the model's answer, for a worker that holds nothing of it."""
-    if not reply:
-        return prompt
-    if prompt.text is not None:
-        return Prompt(text=prompt.text + reply)
-    if prompt.messages is not None:
-        messages = list(prompt.messages)
-        if prompt.continue_final_message and messages and messages[-1].role == "assistant":
-            reply = messages.pop().content + reply
-        return Prompt(messages=(*messages, Message("assistant", reply)), continue_final_message=True)
-    raise ControllerError("INVALID_ARGUMENT", "dynasor_cot must re-send the prompt with the reasoning so far, which "
-                                              "takes a text or chat prompt, not token ids")
 
 
 @dataclass
@@ -67,6 +53,7 @@ class Reasoning:
     probes: list[Probe] = field(default_factory=list)
 
 
+@register
 class DynasorCoT(Controller):
     name = "dynasor_cot"
     description = ("Reason in chunks and probe for the answer after each; stop once consecutive probes agree "
@@ -194,7 +181,7 @@ class DynasorCoT(Controller):
             state.fallbacks += 1
             yield Intermediate("fallback", branch, details={"code": task.failure.code,
                                                             "message": task.failure.message})
-        task = Generate(extend(prompt, state.text + suffix), sampling=sampling, branch=branch, keep_s=keep_s)
+        task = Generate(prompt.continued(state.text + suffix), sampling=sampling, branch=branch, keep_s=keep_s)
         yield task
         if task.ok:
             return task

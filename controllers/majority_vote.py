@@ -5,39 +5,27 @@ Wang et al., "Self-Consistency Improves Chain of Thought Reasoning in Language M
 
 from __future__ import annotations
 
-from collections import Counter
-
-from controllers import extractors
-from controllers.base import Controller, ControllerError, Param, ParamError, Result
+from controllers.answers import EXTRACTOR_PARAMS, Tally, answer_extractor
+from controllers.base import REGISTRY, Controller, Param, Result, register
+from controllers.errors import ControllerError, ParamError
 from controllers.tasks import Branch, Candidate, Generate, Intermediate, Progress, Prompt
 
 
+@register
 class MajorityVote(Controller):
     name = "majority_vote"
     description = "Sample n answers and return the most frequent one (self-consistency)."
     params = (
         Param("n", "int", 8, "number of samples to vote over", minimum=1),
-        Param("extractor", "str", "auto", "how an answer is read from a sample: auto (boxed, else last "
-              "number), boxed, last_number, regex, or a registered name"),
-        Param("pattern", "str", "", "regular expression for extractor=regex (first group, or the whole match)"),
+        *EXTRACTOR_PARAMS,
         Param("inner", "str", "", "a controller whose answers are voted on, each vote a parallel branch with its "
               "default parameters (e.g. dynasor_cot); empty: plain samples, one worker task of n"),
     )
 
     def __init__(self, **params) -> None:
         super().__init__(**params)
-        if self.extractor == "regex" and not self.pattern:
-            raise ParamError("params.pattern", "is required when extractor is regex")
-        if self.extractor != "regex" and self.extractor not in extractors.EXTRACTORS:
-            raise ParamError("params.extractor",
-                             f"unknown extractor {self.extractor!r} (known: regex, {', '.join(extractors.EXTRACTORS)})")
-        try:
-            self.extract = extractors.get(self.extractor, self.pattern)
-        except Exception as exc:  # re.error from a bad pattern
-            raise ParamError("params.pattern", f"invalid regular expression: {exc}") from exc
+        self.extract = answer_extractor(self.extractor, self.pattern)
         if self.inner:
-            from controllers.registry import REGISTRY  # the registry imports this module
-
             if self.inner not in REGISTRY or self.inner == self.name:
                 known = ", ".join(n for n in REGISTRY if n != self.name)
                 raise ParamError("params.inner", f"unknown controller {self.inner!r} (known: {known})")
@@ -64,7 +52,7 @@ class MajorityVote(Controller):
                        0, self.n)
         samples = yield from self._samples(prompt)
 
-        votes: Counter[str] = Counter()
+        votes = Tally()
         first_text: dict[str, str] = {}
         candidates = []
         for branch, text, finish_reason in samples:
@@ -72,20 +60,20 @@ class MajorityVote(Controller):
             candidates.append(Candidate(branch, text, answer, finish_reason=finish_reason))
             if not answer:
                 continue  # no answer found: abstains rather than voting for ""
-            votes[answer] += 1
+            votes.add(answer)
             first_text.setdefault(answer, text)
-            yield Intermediate("vote", branch, answer, float(votes[answer]), {"votes": dict(votes)})
-        yield Progress("voting", f"{sum(votes.values())} of {self.n} samples gave an answer", self.n, self.n)
+            yield Intermediate("vote", branch, answer, float(votes.counts[answer]), {"votes": dict(votes.counts)})
+        yield Progress("voting", f"{votes.votes} of {self.n} samples gave an answer", self.n, self.n)
 
         if not votes:
             return Result(answer="", text="", candidates=candidates,
                           details={"votes": {}, "share": 0.0, "abstained": self.n})
         # Ties go to the answer seen first, which makes the result deterministic for fixed samples.
-        top = max(votes.values())
-        winner = next(a for a in votes if votes[a] == top)
+        winner = votes.leader
         for c in candidates:
-            c.score = float(votes.get(c.answer, 0))
+            c.score = float(votes.counts.get(c.answer, 0))
         return Result(
             answer=winner, text=first_text[winner], candidates=candidates,
-            details={"votes": dict(votes), "share": top / self.n, "abstained": self.n - sum(votes.values())},
+            details={"votes": dict(votes.counts), "share": votes.counts[winner] / self.n,
+                     "abstained": self.n - votes.votes},
         )

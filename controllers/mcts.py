@@ -23,8 +23,9 @@ from collections.abc import Generator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from controllers.base import ControllerError, Param, Result
-from controllers.steps import SearchController, check_prompt, dropped, pruned, search_params
+from controllers.base import Param, Result, register
+from controllers.errors import ControllerError
+from controllers.steps import SearchController, dropped, pruned, require_text_prompt, search_params
 from controllers.tasks import Candidate, Intermediate, Progress, Prompt, TaskFailure
 
 MAX_ITERATIONS = 10_000
@@ -55,6 +56,7 @@ class Node:
         return self.mean + exploration * math.sqrt(math.log(parent_visits) / self.visits)
 
 
+@register
 class MCTS(SearchController):
     name = "mcts"
     description = ("Monte Carlo tree search over reasoning steps: UCT selection, expansion by sampling next steps, "
@@ -72,7 +74,7 @@ class MCTS(SearchController):
     )
 
     def run(self, prompt: Prompt) -> Generator[Any, Any, Result]:
-        check_prompt(prompt)
+        require_text_prompt(prompt)
         root = Node("", "node")
         nodes = [root]
         failures: list[TaskFailure] = []

@@ -5,10 +5,12 @@ Wei et al., "Chain-of-Thought Prompting Elicits Reasoning in Large Language Mode
 
 from __future__ import annotations
 
-from controllers.base import Controller, ControllerError, Result
+from controllers.base import Controller, Result, register
+from controllers.errors import ControllerError
 from controllers.tasks import Candidate, Generate, Prompt
 
 
+@register
 class NativeGeneration(Controller):
     name = "native_generation"
     description = "A single sample of the prompt, streamed; the answer is the generated text."

@@ -1,27 +1,30 @@
-"""Controllers by name: what RunRequest.controller and ListControllers refer to."""
+"""Controllers by name: what RunRequest.controller and ListControllers refer to.
+
+Each controller module registers its own controllers (controllers.base.register); this module loads them
+all, in the order ListControllers shows them: plain generation, the votes, best-of-N, the reasoning
+controllers, the searches.
+"""
 
 from __future__ import annotations
 
-from controllers.base import Controller, ParamError
-from controllers.beam_search import BeamSearch
-from controllers.best_first import BestFirstSearch
-from controllers.best_of_n import BestOfN
-from controllers.budget_vote import BudgetMajorityVote
-from controllers.deepconf import DeepConfOffline, DeepConfOnline
-from controllers.dynasor import DynasorCoT
-from controllers.majority_vote import MajorityVote
-from controllers.mcts import MCTS
-from controllers.native import NativeGeneration
-from controllers.tree_of_thoughts import TreeOfThoughts
-from controllers.weighted_vote import WeightedMajorityVote
-
-REGISTRY: dict[str, type[Controller]] = {c.name: c for c in (
-    NativeGeneration, MajorityVote, WeightedMajorityVote, BudgetMajorityVote, BestOfN, DynasorCoT,
-    DeepConfOffline, DeepConfOnline, BeamSearch, BestFirstSearch, MCTS, TreeOfThoughts,
-)}
+# isort: off
+import controllers.native  # noqa: F401
+import controllers.majority_vote  # noqa: F401
+import controllers.weighted_vote  # noqa: F401
+import controllers.budget_vote  # noqa: F401
+import controllers.best_of_n  # noqa: F401
+import controllers.dynasor  # noqa: F401
+import controllers.deepconf  # noqa: F401
+import controllers.beam_search  # noqa: F401
+import controllers.best_first  # noqa: F401
+import controllers.mcts  # noqa: F401
+import controllers.tree_of_thoughts  # noqa: F401
+# isort: on
+from controllers.base import REGISTRY
+from controllers.errors import ParamError
 
 
-def controller_class(name: str) -> type[Controller]:
+def controller_class(name: str) -> type:
     if not name:
         raise ParamError("controller", f"must be set (one of: {', '.join(REGISTRY)})")
     try:

@@ -19,7 +19,8 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Protocol
 
-from controllers.base import Controller, ControllerError, Result
+from controllers.base import Controller, Result
+from controllers.errors import ControllerError
 from controllers.tasks import (
     Branch,
     Cancel,

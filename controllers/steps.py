@@ -4,7 +4,7 @@ A solution is a sequence of reasoning steps, each ending at a separator ("\\n\\n
 search-and-learn and the process reward models it uses). A search proposes next steps by sampling the
 prompt continued with a partial solution, stopping at the separator, and values each partial solution with a
 reward model (a Score task). This module holds the mechanics, so each controller's module reads as its paper:
-- `continue_prompt`: the prompt with a partial assistant answer appended;
+- `require_text_prompt`: searches continue the prompt with text, so it must be text or chat;
 - `read_step`: what a sampled step says, and whether the solution ended there;
 - `StepSearch.expand`: propose n next steps of several partial solutions and value them, concurrently;
   a partial solution that has filled the model's context is reported `full` (cut off there), not failed;
@@ -18,12 +18,12 @@ from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
-from controllers import extractors
-from controllers.base import INT32_MAX, Controller, ControllerError, Param, ParamError
+from controllers.answers import EXTRACTOR_PARAMS, answer_extractor
+from controllers.base import INT32_MAX, Controller, Param
+from controllers.errors import ControllerError, ParamError
 from controllers.tasks import (
     Generate,
     Intermediate,
-    Message,
     Prompt,
     SampleOut,
     Score,
@@ -49,51 +49,16 @@ def search_params(kind: str = "process") -> tuple[Param, ...]:
         Param("reward_model", "str", "", "the reward model's pool; empty: any worker that can score this kind"),
         Param("aggregate", "str", "last", "how a process reward's step scores make one value: last (Snell et al.), "
               "min or product; ignored by the other kinds", choices=AGGREGATES),
-        Param("extractor", "str", "auto", "how the answer is read from the chosen solution: auto (boxed, else last "
-              "number), boxed, last_number, regex, or a registered name"),
-        Param("pattern", "str", "", "regular expression for extractor=regex (first group, or the whole match)"),
+        *EXTRACTOR_PARAMS,
     )
 
 
-def answer_extractor(name: str, pattern: str) -> extractors.Extractor:
-    """The extractor the `extractor` and `pattern` parameters name (validated as MajorityVote does)."""
-    if name == "regex" and not pattern:
-        raise ParamError("params.pattern", "is required when extractor is regex")
-    if name != "regex" and name not in extractors.EXTRACTORS:
-        raise ParamError("params.extractor",
-                         f"unknown extractor {name!r} (known: regex, {', '.join(extractors.EXTRACTORS)})")
-    try:
-        return extractors.get(name, pattern)
-    except Exception as exc:  # re.error from a bad pattern
-        raise ParamError("params.pattern", f"invalid regular expression: {exc}") from exc
-
-
-def check_prompt(prompt: Prompt) -> None:
+def require_text_prompt(prompt: Prompt) -> None:
+    """A search continues the prompt with text: a token-id prompt is INVALID_ARGUMENT naming `prompt`."""
     if prompt.token_ids is not None:
         raise ControllerError("INVALID_ARGUMENT", "prompt: a step-level search continues the prompt with text and "
                                                   "scores it with a reward model, so it takes a text or chat prompt, "
                                                   "not token ids")
-
-
-def continue_prompt(prompt: Prompt, partial: str) -> Prompt:
-    """`prompt` followed by `partial`, the start of the answer, for the model to continue.
-
-    A chat prompt gets the partial answer as the assistant's final message, rendered without closing the
-    turn (continue_final_message); a prompt that already ends in a partial assistant message has it extended.
-    """
-    if not partial:
-        return prompt
-    if prompt.messages is not None:
-        messages = prompt.messages
-        if prompt.continue_final_message:
-            last = messages[-1]
-            messages = (*messages[:-1], Message(last.role, last.content + partial))
-        else:
-            messages = (*messages, Message("assistant", partial))
-        return Prompt(messages=messages, continue_final_message=True)
-    if prompt.text is not None:
-        return Prompt(text=prompt.text + partial)
-    raise ControllerError("INVALID_ARGUMENT", "prompt: cannot append text to a token-id prompt")
 
 
 def read_step(sample: SampleOut, separator: str) -> tuple[str, bool]:
@@ -174,7 +139,7 @@ class StepSearch:
     def propose(self, prompt: Prompt, prefix: str, n: int, branch: str) -> Generate:
         # The separator closes the prefix, so what the model writes next is a new step.
         partial = prefix + self.separator if prefix else ""
-        return Generate(continue_prompt(prompt, partial), n=n, branch=branch,
+        return Generate(prompt.continued(partial), n=n, branch=branch,
                         sampling={"stop": [self.separator], "max_tokens": self.max_step_tokens})
 
     def read(self, task: Generate, expansion: Expansion) -> None:

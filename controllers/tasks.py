@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from controllers.errors import ControllerError
 
 if TYPE_CHECKING:
     from controllers.base import Controller, Result
@@ -24,6 +26,32 @@ class Prompt:
     messages: tuple[Message, ...] | None = None
     token_ids: tuple[int, ...] | None = None
     continue_final_message: bool = False
+
+    def continued(self, text: str, token_ids: Sequence[int] | None = None) -> Prompt:
+        """This prompt followed by what the model wrote so far (`text`; `token_ids` for a token-id prompt),
+        for a model to go on from there.
+
+        A chat whose final message is left open (continue_final_message) gets that message extended,
+        whatever its role: the model's output continued exactly that message. Otherwise the text becomes the
+        assistant's reply, left open. A token-id prompt is continued with token ids only.
+        """
+        if self.token_ids is not None:
+            if token_ids:
+                return Prompt(token_ids=(*self.token_ids, *token_ids))
+            if text:
+                raise ControllerError("INVALID_ARGUMENT", "prompt: a token-id prompt cannot be continued with "
+                                                          "text; send a text or chat prompt", "prompt")
+            return self
+        if not text:
+            return self
+        if self.messages is None:
+            return Prompt(text=(self.text or "") + text)
+        if self.continue_final_message and self.messages:
+            last = self.messages[-1]
+            messages = (*self.messages[:-1], Message(last.role, last.content + text))
+        else:
+            messages = (*self.messages, Message("assistant", text))
+        return Prompt(messages=messages, continue_final_message=True)
 
 
 # TaskFailure.reason of a task whose text does not fit the model's context (the worker contract's
@@ -89,6 +117,21 @@ class Trace:
                          list(self.logprobs), list(self.top_logprobs))
 
 
+class Settles:
+    """A task the runtime settles with exactly one of a result (`outcome` names its field) or a failure."""
+
+    outcome: ClassVar[str] = "output"
+    failure: TaskFailure | None
+
+    @property
+    def ok(self) -> bool:
+        return getattr(self, self.outcome) is not None
+
+    @property
+    def done(self) -> bool:
+        return self.ok or self.failure is not None
+
+
 @dataclass
 class GenerateOutput:
     samples: list[SampleOut]
@@ -100,7 +143,7 @@ class GenerateOutput:
 
 
 @dataclass
-class Generate:
+class Generate(Settles):
     """Sample `n` continuations of `prompt`. The runtime fills exactly one of `output` and `failure`.
 
     `sampling` overrides the run's sampling parameters for this task (e.g. {"temperature": 0}).
@@ -129,14 +172,6 @@ class Generate:
     stopped_early: bool = False
     traces: dict[int, Trace] = field(default_factory=dict)
 
-    @property
-    def ok(self) -> bool:
-        return self.output is not None
-
-    @property
-    def done(self) -> bool:
-        return self.output is not None or self.failure is not None
-
 
 @dataclass
 class ScoreOutput:
@@ -146,7 +181,7 @@ class ScoreOutput:
 
 
 @dataclass
-class Score:
+class Score(Settles):
     """Score candidate answers to `prompt`: kind "outcome" (a reward model, one score each),
     "process" (a process reward model, a score per step ending at `step_separator`, aggregate = min)
     or "verifier" (the generation model asked whether the answer is right, score = P(yes)).
@@ -160,34 +195,20 @@ class Score:
     output: ScoreOutput | None = None
     failure: TaskFailure | None = None
 
-    @property
-    def ok(self) -> bool:
-        return self.output is not None
-
-    @property
-    def done(self) -> bool:
-        return self.output is not None or self.failure is not None
-
 
 @dataclass
-class Branch:
+class Branch(Settles):
     """Run another controller as a parallel branch of this one (e.g. majority vote over Dynasor
     generations). Its token deltas stream under `name/...`; its Result lands in `result`, or its
     failure in `failure`."""
+
+    outcome: ClassVar[str] = "result"
 
     controller: Controller
     prompt: Prompt
     name: str = "branch"
     result: Result | None = None
     failure: TaskFailure | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.result is not None
-
-    @property
-    def done(self) -> bool:
-        return self.result is not None or self.failure is not None
 
 
 Task = Generate | Score | Branch

@@ -23,14 +23,14 @@ from collections.abc import Generator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from controllers.base import ControllerError, Param, Result
+from controllers.base import Param, Result, register
+from controllers.errors import ControllerError
 from controllers.steps import (
     SearchController,
-    check_prompt,
-    continue_prompt,
     dropped,
     join,
     pruned,
+    require_text_prompt,
     search_params,
 )
 from controllers.tasks import Candidate, Generate, Intermediate, Progress, Prompt, TaskFailure
@@ -47,6 +47,7 @@ class State:
     finish_reason: str = ""     # "" while it can be extended; "stop" complete, "length" cut off
 
 
+@register
 class TreeOfThoughts(SearchController):
     name = "tree_of_thoughts"
     description = ("Tree of Thoughts, BFS: propose `breadth` thoughts per state, value every state, keep the "
@@ -59,7 +60,7 @@ class TreeOfThoughts(SearchController):
     )
 
     def run(self, prompt: Prompt) -> Generator[Any, Any, Result]:
-        check_prompt(prompt)
+        require_text_prompt(prompt)
         frontier = [State("", "state")]     # S_0: the question alone
         failures: list[TaskFailure] = []
         depth = 0
@@ -114,7 +115,7 @@ class TreeOfThoughts(SearchController):
 
     def _finish(self, prompt: Prompt, state: State, failures: list[TaskFailure]) -> Generator[Any, Any, State]:
         """G(p, s, 1): the rest of the solution from the best state, generated to its end in one go."""
-        task = Generate(continue_prompt(prompt, state.text + self.step_separator), n=1, branch="answer")
+        task = Generate(prompt.continued(state.text + self.step_separator), n=1, branch="answer")
         yield task
         if task.failure is not None:
             if not task.failure.context_full:   # a full context only means the state is as long as it gets

@@ -21,7 +21,7 @@ from controllers.answers import (
     score_params,
     score_texts,
 )
-from controllers.base import Controller, Param, Result
+from controllers.base import Controller, Param, Result, register
 from controllers.tasks import Intermediate, Progress, Prompt
 
 
@@ -37,6 +37,7 @@ def vote_weights(scores: list[float], how: str) -> list[float]:
     return list(scores)
 
 
+@register
 class WeightedMajorityVote(Controller):
     name = "weighted_majority_vote"
     description = ("Sample n answers, score each with a reward model or the verifier, and return the answer whose "

@@ -10,6 +10,7 @@ from controllers import (
     ControllerError,
     Generate,
     GenerateOutput,
+    Message,
     ParamError,
     Prompt,
     SampleOut,
@@ -129,3 +130,39 @@ def test_majority_vote_inner_must_be_a_known_controller():
     assert info.value.field == "params.inner"
     with pytest.raises(ParamError):
         MajorityVote.from_params({"inner": "majority_vote"})
+
+
+# ---- continuing a prompt: one rule for the searches, Dynasor and the router's migration --------------------
+
+
+def test_an_open_final_message_is_extended_whatever_its_role():
+    """With continue_final_message the model's output continued that very message, so the continuation extends it:
+    a user message the model was asked to complete stays the user's."""
+    user_open = Prompt(messages=(Message("system", "s"), Message("user", "Complete: The cat")),
+                       continue_final_message=True)
+    assert user_open.continued(" sat").messages == (Message("system", "s"), Message("user", "Complete: The cat sat"))
+    assistant_open = Prompt(messages=(Message("user", "q"), Message("assistant", "Let")), continue_final_message=True)
+    assert assistant_open.continued(" me").messages == (Message("user", "q"), Message("assistant", "Let me"))
+    assert user_open.continued(" sat").continue_final_message
+
+
+def test_a_closed_chat_gets_the_text_as_the_assistants_open_reply():
+    chat = Prompt(messages=(Message("user", "q"), Message("assistant", "earlier reply"), Message("user", "again")))
+    assert chat.continued("new") == Prompt(messages=(*chat.messages, Message("assistant", "new")),
+                                           continue_final_message=True)
+
+
+def test_text_and_token_id_prompts_continue_in_their_own_kind():
+    assert Prompt(text="Q: ").continued("A") == Prompt(text="Q: A")
+    ids = Prompt(token_ids=(1, 2))
+    assert ids.continued("ignored text", token_ids=[3, 4]) == Prompt(token_ids=(1, 2, 3, 4))
+    assert ids.continued("", token_ids=[]) is ids
+    with pytest.raises(ControllerError) as err:
+        ids.continued("text without ids")
+    assert (err.value.code, err.value.field) == ("INVALID_ARGUMENT", "prompt")
+
+
+def test_nothing_to_add_leaves_the_prompt_as_it_was():
+    for prompt in (Prompt(text="q"), Prompt(messages=(Message("user", "q"),)),
+                   Prompt(messages=(Message("user", "q"),), continue_final_message=True)):
+        assert prompt.continued("") is prompt

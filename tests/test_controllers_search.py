@@ -25,7 +25,7 @@ from controllers.beam_search import BeamSearch
 from controllers.best_first import BestFirstSearch
 from controllers.mcts import MCTS, Node
 from controllers.runtime import drive
-from controllers.steps import continue_prompt, read_step
+from controllers.steps import read_step
 from controllers.tree_of_thoughts import TreeOfThoughts
 from tests.scripted import ScriptedRunner, run_controller
 
@@ -84,14 +84,14 @@ def intermediates(events, kind: str) -> list[Intermediate]:
 # ---- shared mechanics ----------------------------------------------------------------------------
 
 
-def test_continue_prompt_appends_the_partial_answer():
-    assert continue_prompt(Prompt(text="Q: 2+2?\n"), "step 1\n\n") == Prompt(text="Q: 2+2?\nstep 1\n\n")
+def test_a_search_continues_the_prompt_with_its_partial_answer():
+    assert Prompt(text="Q: 2+2?\n").continued("step 1\n\n") == Prompt(text="Q: 2+2?\nstep 1\n\n")
     chat = Prompt(messages=(Message("user", "2+2?"),))
-    assert continue_prompt(chat, "step 1\n\n") == Prompt(
+    assert chat.continued("step 1\n\n") == Prompt(
         messages=(Message("user", "2+2?"), Message("assistant", "step 1\n\n")), continue_final_message=True)
-    started = continue_prompt(chat, "step 1\n\n")
-    assert continue_prompt(started, "step 2\n\n").messages[-1] == Message("assistant", "step 1\n\nstep 2\n\n")
-    assert continue_prompt(chat, "") is chat
+    started = chat.continued("step 1\n\n")
+    assert started.continued("step 2\n\n").messages[-1] == Message("assistant", "step 1\n\nstep 2\n\n")
+    assert chat.continued("") is chat
 
 
 def test_a_token_id_prompt_is_rejected_before_any_task():

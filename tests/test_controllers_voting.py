@@ -17,7 +17,7 @@ from controllers.deepconf import (
     token_confidence,
     trace_confidence,
 )
-from controllers.dynasor import PROBE, DynasorCoT, extend
+from controllers.dynasor import PROBE, DynasorCoT
 from controllers.weighted_vote import WeightedMajorityVote
 from tests.scripted import Script, ScriptedRunner, run_controller
 
@@ -453,15 +453,15 @@ def test_dynasor_fails_naming_the_prompt_when_the_question_alone_does_not_fit():
     assert (info.value.code, info.value.field) == ("INVALID_ARGUMENT", "prompt")
 
 
-def test_extend_writes_the_reasoning_as_the_start_of_the_reply():
+def test_dynasor_writes_the_reasoning_as_the_start_of_the_reply():
     chat = Prompt(messages=(Message("user", "2+2?"),))
-    assert extend(chat, "think") == Prompt(messages=(Message("user", "2+2?"), Message("assistant", "think")),
-                                           continue_final_message=True)
+    assert chat.continued("think") == Prompt(messages=(Message("user", "2+2?"), Message("assistant", "think")),
+                                             continue_final_message=True)
     started = Prompt(messages=(Message("user", "q"), Message("assistant", "Let")), continue_final_message=True)
-    assert extend(started, " me").messages == (Message("user", "q"), Message("assistant", "Let me"))
-    assert extend(Prompt(text="q"), "") == Prompt(text="q")
+    assert started.continued(" me").messages == (Message("user", "q"), Message("assistant", "Let me"))
+    assert Prompt(text="q").continued("") == Prompt(text="q")
     with pytest.raises(ControllerError) as info:
-        extend(Prompt(token_ids=(1, 2)), "x")
+        Prompt(token_ids=(1, 2)).continued("x")
     assert info.value.code == "INVALID_ARGUMENT"
 
 
