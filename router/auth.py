@@ -110,3 +110,14 @@ class Authenticator:
             return ClientPolicy("anonymous")
         raise StatusError(grpc.StatusCode.UNAUTHENTICATED,
                           "send 'authorization: Bearer <token>' metadata or a client certificate this router knows")
+
+
+def identify(context: grpc.aio.ServicerContext, auth: Authenticator | None) -> ClientPolicy:
+    """Who is calling: an authenticated client when --auth-file is set (UNAUTHENTICATED otherwise), else an
+    open policy named by the x-trellis-client metadata or the peer's host, for per-client limits."""
+    if auth is not None:
+        return auth.identify(context)
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-trellis-client":
+            return ClientPolicy(value)
+    return ClientPolicy((context.peer() or "").rsplit(":", 1)[0])

@@ -12,9 +12,10 @@ import structlog
 from router.admission import Admission
 from router.auth import Authenticator
 from router.discovery import Discovery
+from router.limits import Limits
 from router.pool import WorkerPool
-from router.routing import POLICIES, Router
-from router.service import Limits, RouterService
+from router.routing import POLICIES, RoutingPolicy
+from router.service import RouterService
 from trellis_rpc import tls
 from trellis_rpc.logs import configure_logging
 from trellis_rpc.server import run_until_signalled, start_server
@@ -78,18 +79,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    pool = WorkerPool([], routing=Router(args.routing, args.overlap_weight), tls=args.worker_tls)
+    pool = WorkerPool([], routing=RoutingPolicy(args.routing, args.overlap_weight), tls=args.worker_tls)
     discovery = Discovery(pool, args.worker_list, args.discovery_interval)
     await discovery.refresh()
     pool.start()
     discovery.start()
-    service = RouterService(pool, max_n=args.max_n, worker_wait_s=args.worker_wait_seconds,
-                            max_migrations=args.max_migrations,
-                            admission=Admission(args.max_running_runs, args.max_queued_runs, args.max_runs_per_client),
-                            auth=args.auth,
-                            limits=Limits(max_n=args.max_n, max_tokens=args.max_tokens,
-                                          max_prompt_chars=args.max_prompt_chars, max_run_s=args.max_run_seconds,
-                                          max_tasks_per_run=args.max_tasks_per_run))
+    limits = Limits(max_n=args.max_n, max_tokens=args.max_tokens, max_prompt_chars=args.max_prompt_chars,
+                    max_run_s=args.max_run_seconds, max_tasks_per_run=args.max_tasks_per_run)
+    admission = Admission(args.max_running_runs, args.max_queued_runs, args.max_runs_per_client)
+    service = RouterService(pool, limits, admission, args.auth, worker_wait_s=args.worker_wait_seconds,
+                            max_migrations=args.max_migrations)
     served = await start_server(
         args.host, args.port, lambda server: router_pb2_grpc.add_RouterServicer_to_server(service, server),
         (router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,), tls=args.tls,

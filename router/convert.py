@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 
-from controllers import Candidate, Intermediate, Message, Progress, Prompt, Result
+from controllers import Candidate, Controller, Intermediate, Message, Progress, Prompt, Result
 from trellis_rpc.errors import invalid
+from trellis_rpc.finish_reasons import finish_reason_pb
 from trellis_rpc.v1 import common_pb2, router_pb2
 
-_FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH,
-           "cancelled": common_pb2.FINISH_REASON_CANCELLED}
-FINISH_NAMES = {v: k for k, v in _FINISH.items()}
 _INT32_LIMIT = 2**31
 
 
@@ -96,7 +94,7 @@ def event_to_pb(event: Progress | Intermediate) -> dict[str, Any]:
 
 def candidate_to_pb(c: Candidate) -> router_pb2.Candidate:
     return router_pb2.Candidate(branch=c.branch, text=c.text, answer=c.answer, score=c.score,
-                                finish_reason=_FINISH.get(c.finish_reason, common_pb2.FINISH_REASON_UNSPECIFIED))
+                                finish_reason=finish_reason_pb(c.finish_reason))
 
 
 def result_to_pb(run_id: str, controller: str, result: Result, usage: common_pb2.Usage,
@@ -106,3 +104,18 @@ def result_to_pb(run_id: str, controller: str, result: Result, usage: common_pb2
         candidates=[candidate_to_pb(c) for c in result.candidates], details=dict_to_struct(result.details),
         usage=usage, timings=timings,
     )
+
+
+def controller_spec_pb(cls: type[Controller], max_n: int) -> router_pb2.ControllerSpec:
+    """A controller as ListControllers shows it; a parameter the n cap limits shows the caller's cap."""
+    params = []
+    for p in cls.params:
+        spec = router_pb2.ParamSpec(name=p.name, type=p.type, description=p.description, choices=p.choices)
+        json_format.ParseDict(p.default, spec.default)
+        if p.minimum is not None:
+            spec.minimum = p.minimum
+        maximum = max_n if (p.limit or p.name) == "n" else p.maximum
+        if maximum is not None:
+            spec.maximum = maximum
+        params.append(spec)
+    return router_pb2.ControllerSpec(name=cls.name, description=cls.description, params=params)

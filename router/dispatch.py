@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import time
@@ -10,19 +9,21 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
-import structlog
 from opentelemetry import trace
 
 from controllers import Generate, GenerateOutput, SampleOut, TaskFailure
-from controllers.runtime import EarlyStop, TaskFailed, TokenSink
+from controllers.runtime import TaskFailed, TokenSink
 from controllers.tasks import Cancel, Score, ScoreOutput, TokenDelta, WaitAny
 from router import metrics
-from router.convert import FINISH_NAMES, prompt_to_pb, sampling_with_overrides
-from router.migration import SampleSoFar, continuation, merged_result
+from router.convert import prompt_to_pb, sampling_with_overrides
+from router.limits import NO_LIMITS, RunLimits
+from router.migration import SampleSoFar, migrate
+from router.outcomes import outcome
 from router.pool import NoWorker, WorkerPool
 from router.worker_connection import WorkerConnection
 from trellis_rpc.errors import StatusError, code_from_number
-from trellis_rpc.sampling import DEFAULT_MAX_TOKENS
+from trellis_rpc.finish_reasons import finish_reason_name
+from trellis_rpc.sampling import DEFAULT_MAX_TOKENS, derive_seed
 from trellis_rpc.scoring import CAPABILITY_OF_KIND, check_score_request
 from trellis_rpc.telemetry import inject, tracer
 from trellis_rpc.v1 import common_pb2, worker_pb2
@@ -62,49 +63,20 @@ async def dispatch(pool: WorkerPool, request: worker_pb2.WorkerRequest, model: s
         yield response
 
 
-class Unresumable(StatusError):
-    """A sample cut off by a failed worker that another worker refused to resume: moving it again cannot help."""
-
-
-# What a worker answers when it refuses a task as asked (its prompt too long for the context or the KV cache).
-_REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.RESOURCE_EXHAUSTED}
-
 _SCORE_KINDS = {"outcome": common_pb2.SCORE_KIND_OUTCOME, "process": common_pb2.SCORE_KIND_PROCESS,
                 "verifier": common_pb2.SCORE_KIND_VERIFIER}
 
-
-log = structlog.get_logger(__name__)
 _tracer = tracer(__name__)
 
 
 @contextlib.contextmanager
 def task_outcome(kind: str, span: trace.Span) -> Iterator[None]:
     """Count the task by how it ended (gRPC status code name) and mark its span when it failed."""
-    code = "OK"
-    try:
-        yield
-    except EarlyStop:
-        code = "CANCELLED"
-        span.set_attribute("trellis.stopped_early", True)  # the controller's stop_when fired: not an error
-        raise
-    except TaskFailed as exc:
-        code = exc.failure.code
-        span.set_status(trace.Status(trace.StatusCode.ERROR, f"{code}: {exc.failure.message}"))
-        raise
-    except StatusError as err:  # a task sent straight to a worker (Router.Generate / Router.Score)
-        code = err.code.name
-        span.set_status(trace.Status(trace.StatusCode.ERROR, f"{code}: {err.message}"))
-        raise
-    except asyncio.CancelledError:
-        code = "CANCELLED"
-        span.set_attribute("trellis.cancelled", True)
-        raise
-    except Exception as exc:
-        code = "INTERNAL"
-        span.set_status(trace.Status(trace.StatusCode.ERROR, f"INTERNAL: {exc!r}"))
-        raise
-    finally:
-        metrics.tasks.add(1, kind, code)
+    with outcome(span) as ended:
+        try:
+            yield
+        finally:
+            metrics.tasks.add(1, kind, ended.code)
 
 
 def step_span(controller: str, number: int, step: object) -> contextlib.AbstractContextManager:
@@ -135,32 +107,31 @@ class RunUsage:
 
 
 class RemoteRunner:
-    def __init__(self, pool: WorkerPool, run_id: str, model: str, sampling: common_pb2.SamplingParams,
-                 deadline: float | None, worker_wait_s: float, max_migrations: int = 2, max_tasks: int = 0,
-                 max_tokens: int = 0, max_n: int = 0) -> None:
-        """max_tasks: tasks this run may start (bounds a search tree); max_tokens: per generate task; max_n:
-        samples per generate task. 0: no limit."""
+    """The router's TaskRunner for one run: its tasks go to workers of the pool, their tokens stream back."""
+
+    def __init__(self, pool: WorkerPool, run_id: str, model: str, sampling: common_pb2.SamplingParams, *,
+                 deadline: float | None = None, limits: RunLimits = NO_LIMITS, worker_wait_s: float = 2.0,
+                 max_migrations: int = 2) -> None:
+        """deadline: a time.monotonic() value, or None; limits: what this run's client may ask of workers."""
         self.pool = pool
         self.run_id = run_id
         self.model = model
         self.sampling = sampling
-        self.deadline = deadline  # time.monotonic() value, or None
+        self.deadline = deadline
+        self.limits = limits
         self.worker_wait_s = worker_wait_s
         self.max_migrations = max_migrations
         self.usage = RunUsage()
         self._ids = itertools.count()
         # Task ids must be unique on a worker; run_id is the client's and two runs may share one.
         self.task_prefix = f"{run_id}.{uuid.uuid4().hex[:8]}"
-        self.max_tasks = max_tasks
-        self.max_tokens = max_tokens
-        self.max_n = max_n
         # Workers that ran a task asked to keep its sequences: told to release them when the run ends.
         self.kept_on: dict[str, WorkerConnection] = {}
 
     def _next_task(self) -> int:
-        number = next(self._ids)
-        if self.max_tasks and number >= self.max_tasks:
-            raise TaskFailed(TaskFailure("RESOURCE_EXHAUSTED", f"this run has started its limit of {self.max_tasks} "
+        number, limit = next(self._ids), self.limits.max_tasks
+        if limit and number >= limit:
+            raise TaskFailed(TaskFailure("RESOURCE_EXHAUSTED", f"this run has started its limit of {limit} "
                                                                f"tasks (the router's --max-tasks-per-run)"))
         return number
 
@@ -172,19 +143,20 @@ class RemoteRunner:
     async def generate(self, task: Generate, on_token: TokenSink) -> GenerateOutput:
         # Checked before anything is allocated per sample: n comes from controller code, which may not have
         # marked the parameter it derives n from as limited by the router's n cap.
-        if not 1 <= task.n <= (self.max_n or task.n):
+        max_n = self.limits.max_n
+        if not 1 <= task.n <= (max_n or task.n):
             raise TaskFailed(TaskFailure("RESOURCE_EXHAUSTED", f"a task asked for n={task.n} samples; this run's "
-                                                               f"limit is 1 to {self.max_n or 'any'}"))
+                                                               f"limit is 1 to {max_n or 'any'}"))
         number = self._next_task()
         sampling = sampling_with_overrides(self.sampling, task.sampling, task.n)
         asked = sampling.max_tokens if sampling.HasField("max_tokens") else DEFAULT_MAX_TOKENS
-        if self.max_tokens and asked > self.max_tokens:
+        if self.limits.max_tokens and asked > self.limits.max_tokens:
             raise TaskFailed(TaskFailure("PERMISSION_DENIED", f"sampling.max_tokens: {asked} is over this run's limit "
-                                                              f"of {self.max_tokens}", "sampling.max_tokens"))
+                                                              f"of {self.limits.max_tokens}", "sampling.max_tokens"))
         if sampling.HasField("seed") and "seed" not in task.sampling and number:
             # A seeded run stays reproducible, but its tasks must not all draw the same samples: the
             # worker seeds sample i of a task from (seed, i), so n separate n=1 tasks would be copies.
-            sampling.seed = (sampling.seed * 1_000_003 + number * 7_919) % 2**63
+            sampling.seed = derive_seed(sampling.seed, number)
         generate = worker_pb2.GenerateTask(
             prompt=prompt_to_pb(task.prompt), stream=True, branch=task.branch, sampling=sampling)
         if task.keep_s > 0:
@@ -216,7 +188,9 @@ class RemoteRunner:
                 # worker to take the task at all, there is nowhere to migrate to.
                 if holder or err.code != grpc.StatusCode.UNAVAILABLE or isinstance(err, NoWorker):
                     raise
-                result = await self._migrate(request, samples, on_token, err)
+                result = await migrate(
+                    request, samples, err, lambda resumed, i: self._stream(resumed, "", samples, [i], on_token),
+                    self._timeout_ms, self.max_migrations, self._count_migration)
             return self._output(result)
         except StatusError as err:
             raise TaskFailed(TaskFailure(err.code.name, err.message, err.field, err.reason)) from err
@@ -246,51 +220,6 @@ class RemoteRunner:
                     samples[indexes[j]].handle = handle
                 return result
         raise StatusError(grpc.StatusCode.INTERNAL, "worker ended the task without a result")
-
-    async def _migrate(self, request: worker_pb2.WorkerRequest, samples: list[SampleSoFar], on_token: TokenSink,
-                       failure: StatusError) -> common_pb2.GenerateResult:
-        """Resume the unfinished samples elsewhere, each from its text so far; up to max_migrations tries."""
-        task = request.generate
-        max_tokens = task.sampling.max_tokens if task.sampling.HasField("max_tokens") else DEFAULT_MAX_TOKENS
-        results: list[common_pb2.GenerateResult] = []
-        for attempt in range(1, self.max_migrations + 1):
-            unfinished = [i for i, s in enumerate(samples) if not s.finished]
-            log.warning("migrating task", task_id=request.task_id, attempt=attempt, samples=len(unfinished),
-                        reason=failure.message)
-            trace.get_current_span().add_event("migrating", {"attempt": attempt, "samples": len(unfinished),
-                                                             "reason": failure.message})
-            self.usage.migrations += 1
-            metrics.migrations.add(len(unfinished))
-
-            async def resume(i: int, attempt: int = attempt, why: str = failure.message) -> common_pb2.GenerateResult:
-                resumed = worker_pb2.WorkerRequest(
-                    task_id=f"{request.task_id}/m{attempt}.{i}", timeout_ms=self._timeout_ms(),
-                    generate=continuation(task, samples[i], max_tokens, attempt))
-                try:
-                    return await self._stream(resumed, "", samples, [i], on_token)
-                except StatusError as err:
-                    if err.code not in _REFUSALS or not (samples[i].text or samples[i].token_ids):
-                        raise
-                    # The client's request was valid; what the worker refused is its resumed form, the prompt
-                    # plus the text so far, which re-tokenizes differently (a random model's invalid UTF-8
-                    # comes back as U+FFFD, 3 bytes) and may no longer fit the context. The run fails because
-                    # a worker did: UNAVAILABLE (retry), not INVALID_ARGUMENT (change your request).
-                    raise Unresumable(grpc.StatusCode.UNAVAILABLE,
-                                      f"{why}; sample {i} could not resume on another worker: {err.message}") from err
-
-            outcomes = await asyncio.gather(*(resume(i) for i in unfinished), return_exceptions=True)
-            results += [o for o in outcomes if isinstance(o, common_pb2.GenerateResult)]
-            errors = [o for o in outcomes if isinstance(o, BaseException)]
-            if not errors:
-                first = results[0] if results else common_pb2.GenerateResult()
-                return merged_result(samples, first.usage.prompt_tokens, first.usage.cached_prompt_tokens,
-                                     first.model_id, [r.worker_id for r in results])
-            failure = next((e for e in errors if isinstance(e, StatusError)), None)
-            if (failure is None or failure.code != grpc.StatusCode.UNAVAILABLE
-                    or isinstance(failure, (NoWorker, Unresumable))):
-                raise failure or errors[0]
-        raise StatusError(grpc.StatusCode.UNAVAILABLE,
-                          f"{failure.message} (gave up after {self.max_migrations} migrations to other workers)")
 
     async def score(self, task: Score) -> ScoreOutput:
         kind = _SCORE_KINDS.get(task.kind)
@@ -323,6 +252,9 @@ class RemoteRunner:
             raise TaskFailed(TaskFailure(err.code.name, err.message, err.field, err.reason)) from err
         raise TaskFailed(TaskFailure(grpc.StatusCode.INTERNAL.name, "worker ended the task without a result"))
 
+    def _count_migration(self) -> None:
+        self.usage.migrations += 1
+
     def _kept_on(self, worker: WorkerConnection) -> None:
         self.kept_on[worker.address] = worker
 
@@ -346,7 +278,7 @@ class RemoteRunner:
         self.usage.prompt_tokens += result.usage.prompt_tokens
         self.usage.completion_tokens += result.usage.completion_tokens
         samples = [
-            SampleOut(index=c.index, text=c.text, finish_reason=FINISH_NAMES.get(c.finish_reason, "stop"),
+            SampleOut(index=c.index, text=c.text, finish_reason=finish_reason_name(c.finish_reason),
                       token_count=len(c.token_ids), cumulative_logprob=c.cumulative_logprob,
                       token_logprobs=[lp.logprob for lp in c.logprobs],
                       top_logprobs=[[t.logprob for t in lp.top] for lp in c.logprobs], stop_reason=c.stop_reason)

@@ -1,8 +1,8 @@
 """The workers a router knows and how it picks one for a task.
 
-This is the walking skeleton's policy: among connected workers that serve the model and capability,
-the least loaded (tasks this router has in flight there, plus the worker's reported queue and
-running sequences). KV-aware routing, DNS discovery and circuit breaking build on this.
+Among the connected workers that serve the model and capability (and whose circuit is closed), the
+routing policy (router/routing.py) picks one: by default the KV-aware cost, prefix overlap against
+load; least-loaded and round-robin on request. Discovery (router/discovery.py) adds and removes links.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import asyncio
 import grpc
 
 from router import metrics
-from router.routing import Router, prefix_hashes
+from router.routing import RoutingPolicy, prefix_hashes
 from router.worker_connection import WorkerConnection
 from trellis_rpc.errors import StatusError
 from trellis_rpc.tls import ClientTLS
@@ -24,11 +24,11 @@ class NoWorker(StatusError):
 
 
 class WorkerPool:
-    def __init__(self, addresses: list[str], services: list | None = None, routing: Router | None = None,
+    def __init__(self, addresses: list[str], services: list | None = None, routing: RoutingPolicy | None = None,
                  tls: ClientTLS | None = None) -> None:
         """addresses: workers over gRPC (TLS when tls is given); services: WorkerService objects in this process."""
         self._any_ready = asyncio.Event()
-        self.routing = routing or Router()
+        self.routing = routing or RoutingPolicy()
         self.tls = tls
         self.workers = [WorkerConnection(a, self._any_ready, on_drop=self.routing.forget, tls=tls) for a in addresses]
         self.workers += [WorkerConnection(f"in-process:{s.worker_id}", self._any_ready, service=s,

@@ -6,9 +6,11 @@ nothing of details loses nothing."""
 
 from __future__ import annotations
 
+import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
+from router.admission import Exhausted
 from trellis_rpc.errors import StatusError, code_number
 
 DETAILS_KEY = "grpc-status-details-bin"
@@ -36,3 +38,15 @@ def status_details(err: StatusError, retry_after_ms: int = 0) -> bytes | None:
         holder.Pack(detail)
         packed.append(holder)
     return status_pb2.Status(code=code_number(err.code), message=err.message, details=packed).SerializeToString()
+
+
+async def abort(context: grpc.aio.ServicerContext, err: StatusError) -> None:
+    """End the RPC with err's code and message, its details, and `retry-after-ms` when the router is full."""
+    retry_after_ms = err.retry_after_ms if isinstance(err, Exhausted) else 0
+    trailers = [("retry-after-ms", str(retry_after_ms))] if retry_after_ms else []
+    details = status_details(err, retry_after_ms)
+    if details is not None:
+        trailers.append((DETAILS_KEY, details))
+    if trailers:
+        context.set_trailing_metadata(tuple(trailers))
+    await context.abort(err.code, err.message)

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 CHARS_PER_BLOCK = 64
-TOKENS_PER_BLOCK = 16
 POLICIES = ("kv", "least_loaded", "round_robin")
 
 
@@ -36,7 +35,7 @@ def prefix_hashes(text: str) -> list[bytes]:
     return hashes
 
 
-class Candidate(Protocol):
+class RoutableWorker(Protocol):
     """What a policy reads of a worker link (router.worker_connection.WorkerConnection)."""
 
     address: str
@@ -75,12 +74,15 @@ class PrefixIndex:
 
 @dataclass
 class Decision:
-    worker: Candidate
+    worker: RoutableWorker
     policy: str
     overlap_blocks: int = 0
 
 
-class Router:
+class RoutingPolicy:
+    """Which worker of a pool takes a task: the policy (kv, least_loaded, round_robin) and what it remembers
+    of the prefixes it sent where. Not the router process: one part of it."""
+
     def __init__(self, policy: str = "kv", overlap_weight: float = 1.0) -> None:
         if policy not in POLICIES:
             raise ValueError(f"routing policy must be one of {', '.join(POLICIES)}, got {policy!r}")
@@ -90,10 +92,10 @@ class Router:
         self._turn = itertools.count()
 
     @staticmethod
-    def load(worker: Candidate) -> int:
+    def load(worker: RoutableWorker) -> int:
         return worker.outstanding + worker.reported_load[0]
 
-    def choose(self, candidates: list[Candidate], hashes: Sequence[bytes] = ()) -> Decision:
+    def choose(self, candidates: list[RoutableWorker], hashes: Sequence[bytes] = ()) -> Decision:
         # Rotate first so that ties spread instead of piling onto the first worker.
         start = next(self._turn) % len(candidates)
         rotated = candidates[start:] + candidates[:start]
@@ -105,7 +107,7 @@ class Router:
             return Decision(min(rotated, key=self.load), "kv-balance")
         overlaps = {id(w): self._indexes[w.address].overlap(hashes) for w in rotated}
 
-        def cost(w: Candidate) -> float:
+        def cost(w: RoutableWorker) -> float:
             prefill_blocks = len(hashes) - overlaps[id(w)]
             # The worker's own count of KV blocks in use is the decode load (it includes what this
             # router's tasks hold once they run); a task in flight since its last report adds a block,
@@ -116,14 +118,14 @@ class Router:
         best = min(rotated, key=cost)
         return Decision(best, self.policy, overlaps[id(best)])
 
-    def _imbalanced(self, candidates: list[Candidate]) -> bool:
+    def _imbalanced(self, candidates: list[RoutableWorker]) -> bool:
         loads = [self.load(w) for w in candidates]
         return len(loads) > 1 and max(loads) - min(loads) > 64 and max(loads) > 1.5 * min(loads)
 
-    def record(self, worker: Candidate, hashes: Sequence[bytes]) -> None:
+    def record(self, worker: RoutableWorker, hashes: Sequence[bytes]) -> None:
         if hashes and self.policy == "kv":
             self._indexes[worker.address].record(hashes)
 
-    def forget(self, worker: Candidate) -> None:
+    def forget(self, worker: RoutableWorker) -> None:
         """The worker restarted or left: whatever it held is gone."""
         self._indexes.pop(worker.address, None)

@@ -12,7 +12,7 @@ from controllers.runtime import TaskFailed
 from router.breaker import Breaker
 from router.dispatch import RemoteRunner
 from router.pool import WorkerPool
-from router.routing import Router
+from router.routing import RoutingPolicy
 from trellis_rpc.v1 import common_pb2
 from worker_runtime.service import WorkerService
 
@@ -46,11 +46,11 @@ def test_a_failing_worker_is_ejected_then_readmitted_when_healthy():
             service = WorkerService(worker_id=wid)
             service.attach(engine)
             services.append(service)
-        pool = WorkerPool([], services=services, routing=Router("round_robin"))
+        pool = WorkerPool([], services=services, routing=RoutingPolicy("round_robin"))
         for w in pool.workers:
             w.breaker = Breaker(threshold=3, base_cooldown_s=0.3)
         pool.start()
-        runner = RemoteRunner(pool, "run", "", common_pb2.SamplingParams(max_tokens=2), None, worker_wait_s=5)
+        runner = RemoteRunner(pool, "run", "", common_pb2.SamplingParams(max_tokens=2), worker_wait_s=5)
         served, failures = [], 0
         try:
             for _ in range(12):

@@ -3,7 +3,7 @@ in order, with anything else a barrier: no token is lost, reordered or duplicate
 
 from __future__ import annotations
 
-from router.service import coalesce
+from router.events import coalesce_events
 from trellis_rpc.v1 import common_pb2, router_pb2, worker_pb2
 from worker_runtime.service import coalesce_deltas
 
@@ -33,7 +33,8 @@ def test_router_merges_each_branchs_queued_deltas_around_other_events():
             branch=branch, text=text, token_count=n))
 
     vote = router_pb2.RunEvent(run_id="r", intermediate=router_pb2.Intermediate(kind="vote"))
-    out = coalesce([d("s/0", "a", 1, 1.0), d("s/1", "b", 1, 2.0), d("s/0", "c", 2, 3.0), vote, d("s/0", "e", 1, 4.0)])
+    out = coalesce_events([d("s/0", "a", 1, 1.0), d("s/1", "b", 1, 2.0), d("s/0", "c", 2, 3.0), vote,
+                           d("s/0", "e", 1, 4.0)])
     assert [(e.WhichOneof("event"), e.delta.branch, e.delta.text, e.delta.token_count) for e in out] == [
         ("delta", "s/0", "ac", 3), ("delta", "s/1", "b", 1), ("intermediate", "", "", 0), ("delta", "s/0", "e", 1)]
     assert out[0].elapsed_ms == 3.0

@@ -23,7 +23,7 @@ from controllers import Generate, Prompt
 from controllers.runtime import TaskFailed
 from router.dispatch import RemoteRunner
 from router.pool import WorkerPool
-from router.routing import Router
+from router.routing import RoutingPolicy
 from tests.helpers import chat, run_request
 from tests.test_observability import scrape, total
 from tests.tiny_model import build_tiny_llama
@@ -459,9 +459,9 @@ def test_a_sample_no_worker_will_resume_fails_unavailable_not_invalid_argument()
             service = WorkerService(worker_id=wid)
             service.attach(engine)
             services.append(service)
-        pool = WorkerPool([], services=services, routing=Router("round_robin"))   # first task: "dies"
+        pool = WorkerPool([], services=services, routing=RoutingPolicy("round_robin"))   # first task: "dies"
         pool.start()
-        runner = RemoteRunner(pool, "run", "", common_pb2.SamplingParams(max_tokens=50), None, worker_wait_s=5,
+        runner = RemoteRunner(pool, "run", "", common_pb2.SamplingParams(max_tokens=50), worker_wait_s=5,
                               max_migrations=2)
         try:
             while not all(w.ready for w in pool.workers):

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from client.launcher import start_router, start_worker
-from router.routing import CHARS_PER_BLOCK, Router, prefix_hashes
+from router.routing import CHARS_PER_BLOCK, RoutingPolicy, prefix_hashes
 from tests.helpers import chat
 from trellis_rpc.v1 import common_pb2, router_pb2, router_pb2_grpc
 
@@ -40,7 +40,7 @@ def test_prefix_hashes_are_chained_over_full_chunks():
 
 
 def test_kv_policy_prefers_the_worker_that_holds_the_prefix():
-    router = Router("kv")
+    router = RoutingPolicy("kv")
     workers = [FakeWorker("a"), FakeWorker("b"), FakeWorker("c")]
     hashes = prefix_hashes(LONG + "first")
     first = router.choose(workers, hashes)
@@ -51,7 +51,7 @@ def test_kv_policy_prefers_the_worker_that_holds_the_prefix():
 
 
 def test_kv_policy_spills_over_when_the_holder_is_loaded():
-    router = Router("kv")
+    router = RoutingPolicy("kv")
     holder, idle = FakeWorker("a"), FakeWorker("b")
     hashes = prefix_hashes(LONG)
     router.record(holder, hashes)
@@ -62,7 +62,7 @@ def test_kv_policy_spills_over_when_the_holder_is_loaded():
 
 
 def test_kv_policy_balances_when_load_is_badly_skewed():
-    router = Router("kv", overlap_weight=1000.0)
+    router = RoutingPolicy("kv", overlap_weight=1000.0)
     holder, idle = FakeWorker("a", queued_running=200), FakeWorker("b", queued_running=10)
     hashes = prefix_hashes(LONG)
     router.record(holder, hashes)
@@ -71,7 +71,7 @@ def test_kv_policy_balances_when_load_is_badly_skewed():
 
 
 def test_forgetting_a_worker_drops_what_it_held():
-    router = Router("kv")
+    router = RoutingPolicy("kv")
     a, b = FakeWorker("a"), FakeWorker("b")
     hashes = prefix_hashes(LONG)
     router.record(a, hashes)
@@ -81,15 +81,15 @@ def test_forgetting_a_worker_drops_what_it_held():
 
 def test_round_robin_and_least_loaded():
     workers = [FakeWorker("a"), FakeWorker("b", outstanding=3), FakeWorker("c")]
-    rr = Router("round_robin")
+    rr = RoutingPolicy("round_robin")
     assert [rr.choose(workers).worker.address for _ in range(6)] == ["a", "b", "c", "a", "b", "c"]
-    ll = Router("least_loaded")
+    ll = RoutingPolicy("least_loaded")
     assert {ll.choose(workers).worker.address for _ in range(6)} == {"a", "c"}
 
 
 def test_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="routing policy"):
-        Router("random")
+        RoutingPolicy("random")
 
 
 @pytest.fixture(scope="module")

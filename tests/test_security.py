@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.launcher import ROUTER_SERVICE, WORKER_SERVICE, _spawn, free_port
 from router.dispatch import RemoteRunner
+from router.limits import RunLimits
 from tests.helpers import run_request
 from trellis_rpc.v1 import common_pb2, router_pb2, router_pb2_grpc
 
@@ -170,7 +171,7 @@ def test_bad_auth_file_is_refused_at_start(tmp_path):
 def test_a_run_may_start_only_so_many_tasks():
     from controllers.runtime import TaskFailed
 
-    runner = RemoteRunner(None, "r", "", common_pb2.SamplingParams(), None, 1.0, max_tasks=2)
+    runner = RemoteRunner(None, "r", "", common_pb2.SamplingParams(), limits=RunLimits(max_tasks=2), worker_wait_s=1.0)
     runner._next_task()
     runner._next_task()
     with pytest.raises(TaskFailed) as err:
@@ -187,7 +188,7 @@ def test_a_task_over_the_n_cap_fails_before_anything_is_allocated(n):
     from controllers import Generate, Prompt
     from controllers.runtime import TaskFailed
 
-    runner = RemoteRunner(None, "r", "", common_pb2.SamplingParams(), None, 1.0, max_n=8)
+    runner = RemoteRunner(None, "r", "", common_pb2.SamplingParams(), limits=RunLimits(max_n=8), worker_wait_s=1.0)
     with pytest.raises(TaskFailed) as err:
         asyncio.run(runner.generate(Generate(Prompt(text="q"), n=n), lambda delta: None))
     assert err.value.failure.code == "RESOURCE_EXHAUSTED" and f"n={n}" in err.value.failure.message

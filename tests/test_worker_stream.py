@@ -208,7 +208,7 @@ def test_router_runner_routes_a_fork_to_the_worker_holding_the_kv(tiny_worker):
         pool.start()
         try:
             runner = RemoteRunner(pool, "run-keep", "", common_pb2.SamplingParams(temperature=0.0, ignore_eos=True,
-                                                                                  max_tokens=5), None, 5.0)
+                                                                                  max_tokens=5), worker_wait_s=5.0)
             first = Generate(Prompt(text="hello there"), keep_s=30.0)
             first.output = await runner.generate(first, lambda *a: None)
             handle = first.output.handles[0]
