@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TRELLIS_CACHE ?= $(CURDIR)/.cache/trellis
 
-.PHONY: setup demo test lint protos clean
+.PHONY: setup demo test test-fast lint protos clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ demo: setup
 
 test: setup lint
 	$(PY) -m pytest -q
+
+# The in-process half: no test here starts a process (tests/conftest.py enforces the marker).
+test-fast: setup
+	$(PY) -m pytest -q -m "not processes"
 
 lint: setup
 	$(PY) -m ruff check .

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import grpc
@@ -17,6 +18,44 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # Router limit the tests check against (n above it is INVALID_ARGUMENT).
 ROUTER_MAX_N = 16
+
+# Fixtures that start worker and router processes: a test using any of them is marked `processes`.
+PROCESS_FIXTURES = {"tiny_worker", "tiny_router", "router", "worker_channel", "worker_stub"}
+
+
+# ---- the `processes` marker: `pytest -m "not processes"` runs the in-process half in seconds ------------
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.processes)
+
+
+_running: list[pytest.Item | None] = [None]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    _running[0] = item      # its fixtures too: setup, call and teardown all run inside this hook
+    try:
+        yield
+    finally:
+        _running[0] = None
+
+
+def _refuse_unmarked(execute_child):
+    """Keeps the marker true: a test not marked `processes` that starts one (itself or through a fixture)
+    fails, naming the marker, instead of silently slowing the fast half down."""
+    def guarded(self, *args, **kwargs):
+        item = _running[0]
+        if item is not None and item.get_closest_marker("processes") is None:
+            raise RuntimeError(f"{item.nodeid} starts a process ({args[0]!r}): mark it @pytest.mark.processes")
+        return execute_child(self, *args, **kwargs)
+    return guarded
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    subprocess.Popen._execute_child = _refuse_unmarked(subprocess.Popen._execute_child)
 
 
 @pytest.fixture(scope="session")

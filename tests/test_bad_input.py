@@ -90,6 +90,7 @@ def test_score_without_a_scoring_worker_is_unavailable(router):
     assert "SCORE_OUTCOME" in info.value.details()
 
 
+@pytest.mark.processes
 def test_no_reachable_worker_is_unavailable_within_the_deadline(logs):
     dead = f"127.0.0.1:{free_port()}"  # nothing listens here
     proc = start_router([dead], logs, name="router-no-worker")

@@ -35,7 +35,11 @@ KUBECTL = shutil.which("kubectl")
 NAMESPACE = "trellis"
 OTEL_COMPONENT = K8S / "components" / "otel-collector"
 
-pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed: it renders the Kustomize manifests")
+# kubectl renders the manifests, and the programs' parsers run in processes of their own.
+pytestmark = [
+    pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed: it renders the Kustomize manifests"),
+    pytest.mark.processes,
+]
 
 # What gets rendered: the base, every overlay, and each of them with the OpenTelemetry component.
 TARGETS = {"base": K8S / "base", "cpu-only": K8S / "overlays" / "cpu-only", "gpu": K8S / "overlays" / "gpu"}

@@ -13,6 +13,9 @@ from tests.helpers import chat, run_request
 from tests.tiny_model import build_tiny_llama
 from trellis_rpc.v1 import common_pb2, router_pb2, router_pb2_grpc
 
+# Starts workers and routers: the slower half of the suite.
+pytestmark = pytest.mark.processes
+
 
 @pytest.fixture(scope="module")
 def long_model(tmp_path_factory):

@@ -31,6 +31,9 @@ from trellis_rpc.errors import invalid
 from trellis_rpc.v1 import common_pb2, router_pb2, router_pb2_grpc
 from worker_runtime.service import WorkerService
 
+# Starts workers and routers: the slower half of the suite.
+pytestmark = pytest.mark.processes
+
 CLEAR = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 
 

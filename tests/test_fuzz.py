@@ -627,6 +627,7 @@ def router(router_channel):
     return router_pb2_grpc.RouterStub(router_channel)
 
 
+@pytest.mark.processes
 @FUZZ
 @given(method=st.sampled_from(sorted(RAW_METHODS)), data=st.data())
 def test_unknown_fields_and_enum_values_on_the_wire(router_channel, method, data):
@@ -650,6 +651,7 @@ def test_unknown_fields_and_enum_values_on_the_wire(router_channel, method, data
 
 @FUZZ
 # ListControllersRequest has no fields: any bytes parse (as unknown fields) and none can be cut short.
+@pytest.mark.processes
 @given(method=st.sampled_from(sorted(m for m in RAW_METHODS if m != "ListControllers")), data=st.data())
 def test_malformed_bytes_are_invalid_argument(router_channel, method, data):
     """Invalid UTF-8 in any string field (protobuf will not serialize it, so the bytes are written here),

@@ -26,6 +26,9 @@ from tests.test_fuzz import int32s, prompts, samplings, texts, valid_samplings
 from tests.test_worker_stream import Stream
 from trellis_rpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
+# Starts workers and routers: the slower half of the suite.
+pytestmark = pytest.mark.processes
+
 DEADLINE_S = 30.0
 ALLOWED = {
     grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION,

@@ -21,6 +21,9 @@ from client.launcher import free_port, start_router, start_worker
 from tests.helpers import run_request
 from trellis_rpc.v1 import router_pb2_grpc
 
+# Starts workers and routers: the slower half of the suite.
+pytestmark = pytest.mark.processes
+
 
 class Collector(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self) -> None:

@@ -112,6 +112,7 @@ def routed(workers, logs, policy: str):
     return router
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("policy", ["kv", "round_robin"])
 def test_requests_sharing_a_prefix_land_where_their_kv_is(two_workers, logs, policy):
     router = routed(two_workers, logs, policy)

@@ -122,6 +122,7 @@ def worker_info(address: str) -> worker_pb2.WorkerInfo:
 
 # ---- scores equal the Hugging Face model's, run here one candidate at a time ------------------------
 
+@pytest.mark.processes
 def test_outcome_scores_match_the_hf_model(orm_worker, orm_dir):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -163,6 +164,7 @@ def prm_reference(prm_dir, question: str, candidates: list[str], sep: str) -> li
     return out
 
 
+@pytest.mark.processes
 def test_process_scores_match_the_hf_model(prm_worker, prm_dir):
     result = score(prm_worker.address, score_request(PROCESS))
     expected = prm_reference(prm_dir, QUESTION, CANDIDATES, "\n\n")
@@ -251,6 +253,7 @@ def test_bad_score_requests_name_the_field(score_router, request_, field):
     assert err.value.details().startswith(f"{field}: ")
 
 
+@pytest.mark.processes
 def test_reward_worker_refuses_what_it_cannot_do_and_keeps_serving(orm_worker):
     replies = on_worker(
         orm_worker.address,
@@ -270,6 +273,7 @@ def test_reward_worker_refuses_what_it_cannot_do_and_keeps_serving(orm_worker):
     assert replies[5].WhichOneof("kind") == "score_result" and len(replies[5].score_result.scores) == 1
 
 
+@pytest.mark.processes
 def test_deadline_and_cancel_of_score_tasks(orm_worker):
     heavy = score_request(OUTCOME, candidates=["Step 1: add the numbers. " * 20] * 64)
     late = on_worker(orm_worker.address, score_task("d1", heavy, timeout_ms=1))[0]

@@ -105,6 +105,7 @@ def wait_serving(channel: grpc.Channel, service: str, proc, timeout: float = 120
 BEARER = (("authorization", f"Bearer {TOKEN}"),)
 
 
+@pytest.mark.processes
 def test_tls_and_authorization_on_every_hop(secured, pki):
     worker, router = secured
     with tls_channel(pki, worker.address, "router-client") as channel:
@@ -149,6 +150,7 @@ def test_tls_and_authorization_on_every_hop(secured, pki):
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+@pytest.mark.processes
 def test_plaintext_off_loopback_must_be_asked_for(pki):
     for module in ("router", "worker_cpu"):
         extra = ["--workers", "127.0.0.1:1"] if module == "router" else []
@@ -160,6 +162,7 @@ def test_plaintext_off_loopback_must_be_asked_for(pki):
     assert proc.returncode == 2 and "--tls-key" in proc.stderr
 
 
+@pytest.mark.processes
 def test_bad_auth_file_is_refused_at_start(tmp_path):
     bad = tmp_path / "auth.json"
     bad.write_text(json.dumps({"clients": [{"name": "x", "token_sha256": "abc", "max_n": -1}]}))
@@ -195,6 +198,7 @@ def test_a_task_over_the_n_cap_fails_before_anything_is_allocated(n):
     assert runner.usage.tasks == 0
 
 
+@pytest.mark.processes
 def test_a_rotated_serving_certificate_is_used_without_a_restart(pki, tiny_model, logs, tmp_path):
     """The kubelet swaps a renewed secret's files under a running pod: the next handshake uses them."""
     import os
@@ -239,6 +243,7 @@ def test_a_rotated_serving_certificate_is_used_without_a_restart(pki, tiny_model
         worker.stop()
 
 
+@pytest.mark.processes
 def test_the_router_dials_with_rotated_client_files_on_its_next_connection(pki, tmp_path):
     import asyncio
     import os
@@ -265,6 +270,7 @@ def test_the_router_dials_with_rotated_client_files_on_its_next_connection(pki, 
     assert asyncio.run(main()) == (True, True)
 
 
+@pytest.mark.processes
 def test_code_in_a_model_directory_runs_only_when_trusted(tmp_path, logs):
     """A reward model whose classes are its own Python (auto_map): refused with the flag to pass, then served."""
     from tests.tiny_model import build_remote_code_reward_model

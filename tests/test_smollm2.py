@@ -14,6 +14,9 @@ from tests.helpers import chat, run_request
 from tests.test_worker_stream import Stream
 from trellis_rpc.v1 import router_pb2_grpc, worker_pb2_grpc
 
+# Starts workers and routers: the slower half of the suite.
+pytestmark = pytest.mark.processes
+
 
 @pytest.fixture(scope="module")
 def smol(logs):

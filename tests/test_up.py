@@ -16,10 +16,14 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import pytest
 
 from client.launcher import free_port
 from tests.helpers import chat, run_request
 from trellis_rpc.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+# Starts workers and routers: the slower half of the suite.
+pytestmark = pytest.mark.processes
 
 ROOT = Path(__file__).resolve().parent.parent
 DRAIN_S = 5.0

@@ -35,6 +35,7 @@ FAKES = Path(__file__).parent / "fakes"
 
 # ---- without TensorRT-LLM -------------------------------------------------------------------------
 
+@pytest.mark.processes
 def test_tensorrt_llm_engine_without_tensorrt_llm_exits_with_what_to_install():
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-m", "worker_gpu", "--port", "0"], capture_output=True, text=True,
@@ -191,6 +192,7 @@ def start_gpu_worker(tiny_model: Path, logs: Path, name: str, extra: list[str]):
                   WORKER_SERVICE, logs, env)
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("engine", ["tensorrt-llm", "torch"])
 def test_gpu_worker_serves_runs_and_scores_through_a_router(tiny_model, logs, engine):
     extra = ["--engine", engine] + (["--device", "cpu", "--kv-cache-tokens", "4096"] if engine == "torch" else [])
