@@ -1,5 +1,5 @@
-"""What voting controllers share: the `extractor` / `pattern` parameters, a tally of (weighted) votes,
-and scoring samples with a reward model or the verifier."""
+"""What controllers that read answers share: the `extractor` / `pattern` parameters (the votes, best-of-N,
+Dynasor and the searches), a tally of (weighted) votes, and scoring samples with a reward model or the verifier."""
 
 from __future__ import annotations
 

@@ -181,7 +181,12 @@ class DynasorCoT(Controller):
             state.fallbacks += 1
             yield Intermediate("fallback", branch, details={"code": task.failure.code,
                                                             "message": task.failure.message})
-        task = Generate(prompt.continued(state.text + suffix), sampling=sampling, branch=branch, keep_s=keep_s)
+        try:
+            resent = prompt.continued(state.text + suffix)
+        except ValueError:  # a token-id prompt: served only while the worker keeps the reasoning
+            raise ControllerError("INVALID_ARGUMENT", "dynasor_cot must re-send the prompt with the reasoning so far, "
+                                                      "which takes a text or chat prompt, not token ids") from None
+        task = Generate(resent, sampling=sampling, branch=branch, keep_s=keep_s)
         yield task
         if task.ok:
             return task

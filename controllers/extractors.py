@@ -66,7 +66,7 @@ EXTRACTORS: dict[str, Extractor] = {"auto": auto, "boxed": boxed, "last_number":
 
 
 def register(name: str, extractor: Extractor) -> None:
-    """Plug in an extractor under a name the majority_vote `extractor` parameter accepts."""
+    """Plug in an extractor under a name every controller's `extractor` parameter accepts."""
     EXTRACTORS[name] = extractor
 
 

@@ -20,11 +20,11 @@ import controllers.best_first  # noqa: F401
 import controllers.mcts  # noqa: F401
 import controllers.tree_of_thoughts  # noqa: F401
 # isort: on
-from controllers.base import REGISTRY
+from controllers.base import REGISTRY, Controller
 from controllers.errors import ParamError
 
 
-def controller_class(name: str) -> type:
+def controller_class(name: str) -> type[Controller]:
     if not name:
         raise ParamError("controller", f"must be set (one of: {', '.join(REGISTRY)})")
     try:

@@ -6,8 +6,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from controllers.errors import ControllerError
-
 if TYPE_CHECKING:
     from controllers.base import Controller, Result
 
@@ -28,20 +26,17 @@ class Prompt:
     continue_final_message: bool = False
 
     def continued(self, text: str, token_ids: Sequence[int] | None = None) -> Prompt:
-        """This prompt followed by what the model wrote so far (`text`; `token_ids` for a token-id prompt),
-        for a model to go on from there.
+        """This prompt followed by what the model wrote so far, for a model to go on from there: `text`, or
+        for a token-id prompt `token_ids` (the same output as ids; such a prompt cannot take text).
 
         A chat whose final message is left open (continue_final_message) gets that message extended,
-        whatever its role: the model's output continued exactly that message. Otherwise the text becomes the
-        assistant's reply, left open. A token-id prompt is continued with token ids only.
+        whatever its role: the model's output continued exactly that message. Otherwise the text becomes a
+        new assistant message, left open. Nothing to add leaves the prompt as it is.
         """
         if self.token_ids is not None:
-            if token_ids:
-                return Prompt(token_ids=(*self.token_ids, *token_ids))
-            if text:
-                raise ControllerError("INVALID_ARGUMENT", "prompt: a token-id prompt cannot be continued with "
-                                                          "text; send a text or chat prompt", "prompt")
-            return self
+            if token_ids is None and text:
+                raise ValueError("prompt: cannot continue a token-id prompt with text; send a text or chat prompt")
+            return Prompt(token_ids=(*self.token_ids, *token_ids)) if token_ids else self
         if not text:
             return self
         if self.messages is None:

@@ -103,9 +103,10 @@ class Recorded:
     deltas: list[tuple[str, str]]
 
 
-def run_controller(controller, runner, prompt: str = "q") -> Recorded:
+def run_controller(controller, runner, prompt: str | Prompt = "q") -> Recorded:
     events: list = []
     deltas: list[tuple[str, str]] = []
-    result = asyncio.run(drive(controller, Prompt(text=prompt), runner, events.append,
+    prompt = Prompt(text=prompt) if isinstance(prompt, str) else prompt
+    result = asyncio.run(drive(controller, prompt, runner, events.append,
                                lambda branch, text, count: deltas.append((branch, text))))
     return Recorded(result, events, deltas)

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from controllers import (
+    REGISTRY,
     ControllerError,
     Generate,
     GenerateOutput,
@@ -132,6 +133,15 @@ def test_majority_vote_inner_must_be_a_known_controller():
         MajorityVote.from_params({"inner": "majority_vote"})
 
 
+def test_the_registry_lists_the_controllers_in_list_controllers_order():
+    """Each module registers its own controllers; controllers/registry.py's import order is ListControllers' order."""
+    assert list(REGISTRY) == [
+        "native_generation", "majority_vote", "weighted_majority_vote", "budget_majority_vote", "best_of_n",
+        "dynasor_cot", "deepconf_offline", "deepconf_online", "beam_search", "best_first_search", "mcts",
+        "tree_of_thoughts",
+    ]
+
+
 # ---- continuing a prompt: one rule for the searches, Dynasor and the router's migration --------------------
 
 
@@ -150,16 +160,21 @@ def test_a_closed_chat_gets_the_text_as_the_assistants_open_reply():
     chat = Prompt(messages=(Message("user", "q"), Message("assistant", "earlier reply"), Message("user", "again")))
     assert chat.continued("new") == Prompt(messages=(*chat.messages, Message("assistant", "new")),
                                            continue_final_message=True)
+    # A closed assistant turn is a finished reply: the continuation is a reply of its own, not more of it.
+    answered = Prompt(messages=(Message("user", "q"), Message("assistant", "done")))
+    assert answered.continued("more").messages == (*answered.messages, Message("assistant", "more"))
 
 
 def test_text_and_token_id_prompts_continue_in_their_own_kind():
     assert Prompt(text="Q: ").continued("A") == Prompt(text="Q: A")
     ids = Prompt(token_ids=(1, 2))
     assert ids.continued("ignored text", token_ids=[3, 4]) == Prompt(token_ids=(1, 2, 3, 4))
+    assert ids.continued("", token_ids=[3]) == Prompt(token_ids=(1, 2, 3))
     assert ids.continued("", token_ids=[]) is ids
-    with pytest.raises(ControllerError) as err:
+    assert ids.continued("") is ids
+    with pytest.raises(ValueError, match="^prompt: cannot continue a token-id prompt with text; send a text or chat "
+                                         "prompt$"):
         ids.continued("text without ids")
-    assert (err.value.code, err.value.field) == ("INVALID_ARGUMENT", "prompt")
 
 
 def test_nothing_to_add_leaves_the_prompt_as_it_was():

@@ -460,9 +460,18 @@ def test_dynasor_writes_the_reasoning_as_the_start_of_the_reply():
     started = Prompt(messages=(Message("user", "q"), Message("assistant", "Let")), continue_final_message=True)
     assert started.continued(" me").messages == (Message("user", "q"), Message("assistant", "Let me"))
     assert Prompt(text="q").continued("") == Prompt(text="q")
+
+
+def test_dynasor_serves_a_token_id_prompt_only_while_the_worker_keeps_the_reasoning():
+    ids = Prompt(token_ids=(1, 2))
+    probes = ["4}", "4}", "4}"]
+    kept = KeepingRunner(dynasor_script([chunk(k) for k in range(3)], probes))
+    assert run_controller(DynasorCoT.from_params({}), kept, ids).result.answer == "4"
+    assert kept.generated[0].prompt is ids
+    # Without a kept sequence the probe must re-send the prompt with the reasoning, which token ids cannot take.
     with pytest.raises(ControllerError) as info:
-        Prompt(token_ids=(1, 2)).continued("x")
-    assert info.value.code == "INVALID_ARGUMENT"
+        run_controller(DynasorCoT.from_params({}), ScriptedRunner(dynasor_script([chunk(0)], probes)), ids)
+    assert info.value.code == "INVALID_ARGUMENT" and info.value.message.startswith("dynasor_cot must re-send")
 
 
 # ---- parameters -------------------------------------------------------------------------------
