@@ -316,7 +316,9 @@ def test_slow_worker_runs_finish_in_time_and_the_router_prefers_the_fast_one(clu
         before = {w.wid: w.tasks() for w in cluster}
 
         async def client(stub, k: int) -> list[Outcome]:   # closed loop: the next run when the last is done
-            return [await stream_run(stub, long_run(100 * k + i, max_tokens=32), deadline_s) for i in range(8)]
+            # 16 runs each: the first runs land on both workers before any load report, and with too few
+            # after them the split is at the mercy of that start (it came out 21 / 11 once in 10 runs of 8).
+            return [await stream_run(stub, long_run(100 * k + i, max_tokens=32), deadline_s) for i in range(16)]
 
         async def main() -> list[Outcome]:
             async with grpc.aio.insecure_channel(router.address) as channel:
@@ -331,9 +333,9 @@ def test_slow_worker_runs_finish_in_time_and_the_router_prefers_the_fast_one(clu
         served = {w.wid: w.tasks() - before[w.wid] for w in cluster}
         print(f"\nslow worker: {len(outcomes)} runs in {took:.1f} s, tasks per worker {served}, "
               f"slowest run {max(o.elapsed for o in outcomes):.1f} s")
-        assert [o.code for o in outcomes] == ["OK"] * 32, outcomes
+        assert [o.code for o in outcomes] == ["OK"] * 64, outcomes
         assert all(o.tokens == 32 and o.elapsed < deadline_s for o in outcomes)
-        assert served[fast.wid] + served[slow.wid] == 32
+        assert served[fast.wid] + served[slow.wid] == 64
         assert served[fast.wid] >= 2 * served[slow.wid], served        # the less loaded worker gets the work
         assert "worker disconnected" not in router.proc.log_tail(400)  # slow is not hung: no false alarm
         wait_idle(cluster)
