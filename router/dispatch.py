@@ -24,7 +24,7 @@ from router.worker_connection import WorkerConnection
 from trellis_rpc.errors import StatusError, code_from_number
 from trellis_rpc.finish_reasons import finish_reason_name
 from trellis_rpc.sampling import DEFAULT_MAX_TOKENS, derive_seed
-from trellis_rpc.scoring import CAPABILITY_OF_KIND, check_score_request
+from trellis_rpc.scoring import CAPABILITY_OF_KIND, KIND_NAMES, check_score_request
 from trellis_rpc.telemetry import inject, tracer
 from trellis_rpc.v1 import common_pb2, worker_pb2
 
@@ -63,8 +63,8 @@ async def dispatch(pool: WorkerPool, request: worker_pb2.WorkerRequest, model: s
         yield response
 
 
-_SCORE_KINDS = {"outcome": common_pb2.SCORE_KIND_OUTCOME, "process": common_pb2.SCORE_KIND_PROCESS,
-                "verifier": common_pb2.SCORE_KIND_VERIFIER}
+# A controller's score kind by name -> ScoreKind on the wire (the inverse of the validation's map).
+_SCORE_KINDS = {name: kind for kind, name in KIND_NAMES.items()}
 
 _tracer = tracer(__name__)
 

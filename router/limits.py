@@ -43,8 +43,11 @@ class Limits:
     def max_n_for(self, client: ClientPolicy) -> int:
         return lowest(self.max_n, client.max_n)
 
+    def max_tokens_for(self, client: ClientPolicy) -> int:
+        return lowest(self.max_tokens, client.max_tokens)
+
     def for_run(self, client: ClientPolicy) -> RunLimits:
-        return RunLimits(max_n=self.max_n_for(client), max_tokens=lowest(self.max_tokens, client.max_tokens),
+        return RunLimits(max_n=self.max_n_for(client), max_tokens=self.max_tokens_for(client),
                          max_tasks=self.max_tasks_per_run)
 
     def deadline(self, context: grpc.aio.ServicerContext) -> float | None:
@@ -66,7 +69,7 @@ class Limits:
             if size > self.max_prompt_chars:
                 raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, f"{prefix}prompt: {size} characters (or tokens), "
                                   f"more than this router's limit of {self.max_prompt_chars}", f"{prefix}prompt")
-        cap = lowest(self.max_tokens, client.max_tokens)
+        cap = self.max_tokens_for(client)
         asked = sampling.max_tokens if sampling.HasField("max_tokens") else DEFAULT_MAX_TOKENS
         if cap and asked > cap:
             field = f"{prefix}sampling.max_tokens"

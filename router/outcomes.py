@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import grpc
 from opentelemetry import trace
 
-from controllers import ControllerError, ParamError
 from controllers.runtime import EarlyStop, TaskFailed
 from trellis_rpc.errors import StatusError
 
@@ -26,15 +25,12 @@ def status_code(name: str) -> grpc.StatusCode:
 
 
 def classify(exc: BaseException) -> tuple[str, str]:
-    """(status code name, message) for how an exception ends a run or a task."""
+    """(status code name, message) for how an exception ends a run or a task. A run's controller errors
+    reach it as StatusErrors (router/runs.py converts them at the controller's edge)."""
     if isinstance(exc, (EarlyStop, asyncio.CancelledError)):
         return "CANCELLED", ""
     if isinstance(exc, TaskFailed):
         return exc.failure.code, exc.failure.message
-    if isinstance(exc, ControllerError):
-        return status_code(exc.code).name, exc.message
-    if isinstance(exc, ParamError):
-        return "INVALID_ARGUMENT", exc.message
     if isinstance(exc, StatusError):
         return exc.code.name, exc.message
     return "INTERNAL", repr(exc)

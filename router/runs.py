@@ -98,7 +98,7 @@ class Runs:
             await run.ticket.admitted.wait()
             return await self._execute(run, deadline, emit)
         finally:
-            self.admission.release(run.ticket)
+            self.release(run)
 
     def release(self, run: PreparedRun) -> None:
         """Give up the run's place (also when it was cancelled before it started); releasing twice is harmless."""
