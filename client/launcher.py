@@ -98,6 +98,14 @@ def start_worker(model: str, log_dir: Path, port: int | None = None, extra: list
                   WORKER_SERVICE, log_dir, env)
 
 
+def start_openai_worker(base_url: str, log_dir: Path, port: int | None = None, extra: list[str] | None = None,
+                        env: dict[str, str] | None = None, name: str = "worker-openai") -> Process:
+    """python -m worker_openai in front of an OpenAI-compatible server at base_url (e.g. http://host:8000/v1)."""
+    port = port or free_port()
+    return _spawn(name, "worker_openai", ["--base-url", base_url, "--port", str(port), *(extra or [])], port,
+                  WORKER_SERVICE, log_dir, env)
+
+
 def start_router(workers: list[str], log_dir: Path, port: int | None = None, extra: list[str] | None = None,
                  env: dict[str, str] | None = None, name: str = "router") -> Process:
     port = port or free_port()

@@ -6,7 +6,7 @@ import contextlib
 import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 
 import grpc
 from opentelemetry import trace
@@ -47,10 +47,11 @@ def prompt_key(request: worker_pb2.WorkerRequest) -> str:
 
 async def dispatch(pool: WorkerPool, request: worker_pb2.WorkerRequest, model: str, capability: int,
                    wait_s: float, worker_id: str = "", picked: Callable[[WorkerConnection], None] | None = None,
-                   ) -> AsyncIterator[worker_pb2.WorkerResponse]:
-    """Send one task to a worker of the pool (to worker_id, if given; `picked` hears which); yield its
-    responses; a worker error raises StatusError."""
-    worker = await pool.pick(model, capability, wait_s=wait_s, worker_id=worker_id, prompt_key=prompt_key(request))
+                   avoid: Collection[str] = ()) -> AsyncIterator[worker_pb2.WorkerResponse]:
+    """Send one task to a worker of the pool (to worker_id, if given; `picked` hears which; passing over the
+    workers in avoid while there is another); yield its responses; a worker error raises StatusError."""
+    worker = await pool.pick(model, capability, wait_s=wait_s, worker_id=worker_id, prompt_key=prompt_key(request),
+                             avoid=avoid)
     if picked is not None:
         picked(worker)
     # The span names the last worker tried; a migration's event says why the one before was given up.
@@ -182,43 +183,57 @@ class RemoteRunner:
         task_n = len(samples)
         try:
             try:
-                result = await self._stream(request, holder, samples, list(range(task_n)), on_token)
+                failed: set[str] = set()   # workers that failed this task: its migrations go elsewhere
+                result = await self._stream(request, holder, samples, list(range(task_n)), on_token, failed)
             except StatusError as err:
                 # A continuation's KV died with its worker: the controller decides (it may re-send). With no
                 # worker to take the task at all, there is nowhere to migrate to.
                 if holder or err.code != grpc.StatusCode.UNAVAILABLE or isinstance(err, NoWorker):
                     raise
                 result = await migrate(
-                    request, samples, err, lambda resumed, i: self._stream(resumed, "", samples, [i], on_token),
+                    request, samples, err, lambda resumed, i: self._stream(resumed, "", samples, [i], on_token, failed),
                     self._timeout_ms, self.max_migrations, self._count_migration)
             return self._output(result)
         except StatusError as err:
             raise TaskFailed(TaskFailure(err.code.name, err.message, err.field, err.reason)) from err
 
     async def _stream(self, request: worker_pb2.WorkerRequest, holder: str, samples: list[SampleSoFar],
-                      indexes: list[int], on_token: TokenSink) -> common_pb2.GenerateResult:
-        """Run one worker task; its sample j is the caller's sample indexes[j]."""
+                      indexes: list[int], on_token: TokenSink, failed: set[str]) -> common_pb2.GenerateResult:
+        """Run one worker task; its sample j is the caller's sample indexes[j]. A worker that fails it with
+        UNAVAILABLE joins `failed`."""
         keeps = request.generate.keep.keep
-        async for response in dispatch(self.pool, request, self.model, common_pb2.CAPABILITY_GENERATE,
-                                       self._wait_s(), worker_id=holder, picked=self._kept_on if keeps else None):
-            kind = response.WhichOneof("kind")
-            if kind == "delta":
-                if self.usage.first_token is None:
-                    self.usage.first_token = time.monotonic()
-                d = response.delta
-                index = indexes[d.index]
-                samples[index].add(d)
-                on_token(TokenDelta(index, d.text, len(d.token_ids), [lp.logprob for lp in d.logprobs],
-                                    [[t.logprob for t in lp.top] for lp in d.logprobs]))
-            elif kind == "generate_result":
-                result = response.generate_result
-                for c in result.completions:
-                    sample = samples[indexes[c.index]]
-                    sample.finish_reason, sample.stop_reason = c.finish_reason, c.stop_reason
-                    sample.cumulative_logprob += c.cumulative_logprob
-                for j, handle in enumerate(result.sequence_handles):
-                    samples[indexes[j]].handle = handle
-                return result
+        used: list[WorkerConnection] = []
+
+        def picked(worker: WorkerConnection) -> None:
+            used.append(worker)
+            if keeps:
+                self._kept_on(worker)
+
+        try:
+            async for response in dispatch(self.pool, request, self.model, common_pb2.CAPABILITY_GENERATE,
+                                           self._wait_s(), worker_id=holder, picked=picked, avoid=failed):
+                kind = response.WhichOneof("kind")
+                if kind == "delta":
+                    if self.usage.first_token is None:
+                        self.usage.first_token = time.monotonic()
+                    d = response.delta
+                    index = indexes[d.index]
+                    samples[index].add(d)
+                    on_token(TokenDelta(index, d.text, len(d.token_ids), [lp.logprob for lp in d.logprobs],
+                                        [[t.logprob for t in lp.top] for lp in d.logprobs]))
+                elif kind == "generate_result":
+                    result = response.generate_result
+                    for c in result.completions:
+                        sample = samples[indexes[c.index]]
+                        sample.finish_reason, sample.stop_reason = c.finish_reason, c.stop_reason
+                        sample.cumulative_logprob += c.cumulative_logprob
+                    for j, handle in enumerate(result.sequence_handles):
+                        samples[indexes[j]].handle = handle
+                    return result
+        except StatusError as err:
+            if used and err.code == grpc.StatusCode.UNAVAILABLE:
+                failed.add(used[-1].info.worker_id)
+            raise
         raise StatusError(grpc.StatusCode.INTERNAL, "worker ended the task without a result")
 
     async def score(self, task: Score) -> ScoreOutput:

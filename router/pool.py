@@ -8,6 +8,7 @@ load; least-loaded and round-robin on request. Discovery (router/discovery.py) a
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 
 import grpc
 
@@ -77,15 +78,20 @@ class WorkerPool:
         ]
 
     async def pick(self, model: str = "", capability: int = common_pb2.CAPABILITY_GENERATE,
-                   wait_s: float = 0.0, worker_id: str = "", prompt_key: str = "") -> WorkerConnection:
+                   wait_s: float = 0.0, worker_id: str = "", prompt_key: str = "",
+                   avoid: Collection[str] = ()) -> WorkerConnection:
         """A worker for the task (the one named worker_id, if given; else by the routing policy, which
         weighs how much of prompt_key each worker holds against its load); waits up to wait_s for one
-        to connect, then UNAVAILABLE with the reasons."""
+        to connect, then UNAVAILABLE with the reasons. avoid: worker ids that just failed this task (a
+        migration), passed over while another candidate exists: a worker whose backend died keeps its link
+        up, and prefix affinity would send the resumed task, which shares its prefix, straight back."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         hashes = prefix_hashes(prompt_key) if prompt_key and self.routing.policy == "kv" else []
         while True:
             candidates = self._candidates(model, capability, worker_id)
+            if avoid:
+                candidates = [w for w in candidates if w.info.worker_id not in avoid] or candidates
             if candidates:
                 decision = self.routing.choose(candidates, hashes)
                 self.routing.record(decision.worker, hashes)

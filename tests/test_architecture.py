@@ -12,20 +12,23 @@ ROOT = Path(__file__).resolve().parent.parent
 # package -> top-level modules it must never import
 FORBIDDEN = {
     "controllers": {"grpc", "grpc_health", "grpc_reflection", "google", "torch", "transformers", "trellis_rpc",
-                    "router", "worker_runtime", "torch_engine", "worker_cpu", "worker_gpu", "client"},
-    "router": {"torch", "transformers", "worker_runtime", "torch_engine", "worker_cpu", "worker_gpu", "client"},
+                    "router", "worker_runtime", "torch_engine", "worker_cpu", "worker_gpu", "worker_openai", "client"},
+    "router": {"torch", "transformers", "worker_runtime", "torch_engine", "worker_cpu", "worker_gpu", "worker_openai",
+               "client"},
     # The worker side of the contract: every worker kind runs it, including ones that forward to another server.
     "worker_runtime": {"torch", "transformers", "router", "controllers", "torch_engine", "worker_cpu", "worker_gpu",
-                       "client"},
+                       "worker_openai", "client"},
     # The PyTorch engine is a library that two worker processes share: no process, no wire, no router.
     "torch_engine": {"grpc", "grpc_health", "grpc_reflection", "router", "controllers", "worker_cpu", "worker_gpu",
-                     "client"},
-    "worker_cpu": {"router", "controllers", "worker_gpu", "client"},
-    "worker_gpu": {"router", "controllers", "worker_cpu", "client"},
-    "trellis_rpc": {"router", "controllers", "worker_runtime", "torch_engine", "worker_cpu", "worker_gpu", "client",
-                    "torch", "transformers"},
-    "client": {"router", "controllers", "worker_runtime", "torch_engine", "worker_cpu", "worker_gpu", "torch",
-               "transformers"},
+                     "worker_openai", "client"},
+    "worker_cpu": {"router", "controllers", "worker_gpu", "worker_openai", "client"},
+    "worker_gpu": {"router", "controllers", "worker_cpu", "worker_openai", "client"},
+    # Forwards to an OpenAI-compatible server: no model of its own, so no torch (its image has none).
+    "worker_openai": {"torch", "torch_engine", "router", "controllers", "worker_cpu", "worker_gpu", "client"},
+    "trellis_rpc": {"router", "controllers", "worker_runtime", "torch_engine", "worker_cpu", "worker_gpu",
+                    "worker_openai", "client", "torch", "transformers"},
+    "client": {"router", "controllers", "worker_runtime", "torch_engine", "worker_cpu", "worker_gpu", "worker_openai",
+               "torch", "transformers"},
 }
 
 

@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from torch_engine.detokenizer import IncrementalDetokenizer
-from torch_engine.stop_strings import StopStringMatcher
+from worker_runtime.stop_strings import StopStringMatcher
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,6 @@ from torch_engine.model_runner import ModelRunner
 from torch_engine.sampler import Row, sample
 from torch_engine.scheduler import Scheduler
 from torch_engine.sequence import Request, Sequence, Status
-from torch_engine.stop_strings import StopStringMatcher
 from trellis_rpc.errors import StatusError, context_exceeded, internal, invalid, resource_exhausted
 from trellis_rpc.sampling import SamplingConfig
 from worker_runtime.engine_api import (
@@ -46,6 +45,7 @@ from worker_runtime.engine_api import (
     TopLogprob,
 )
 from worker_runtime.prompts import check_token_ids, encode_prompt
+from worker_runtime.stop_strings import StopStringMatcher
 
 log = structlog.get_logger(__name__)
 

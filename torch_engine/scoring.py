@@ -53,10 +53,10 @@ from worker_runtime.engine_api import (
     ScoreOut,
     ScorerInfo,
 )
+from worker_runtime.verifier import VERIFY_TEMPLATE, prompt_messages, prompt_text
 
 log = structlog.get_logger(__name__)
 
-VERIFY_TEMPLATE = "Question: {question}\nProposed answer: {answer}\nIs the proposed answer correct? Answer Yes or No."
 _SENTINEL = "\x00trellis-assistant-content\x00"
 
 
@@ -78,19 +78,6 @@ class _Job:
 
 
 # ---- helpers shared with the tests ---------------------------------------------------------------
-
-def prompt_messages(prompt: PromptInput) -> list[dict[str, str]]:
-    if prompt.chat is not None:
-        return [{"role": m["role"], "content": m["content"]} for m in prompt.chat]
-    return [{"role": "user", "content": prompt.text or ""}]
-
-
-def prompt_text(prompt: PromptInput) -> str:
-    """The prompt as plain text: the text itself, or the non-empty chat messages joined by blank lines."""
-    if prompt.chat is not None:
-        return "\n\n".join(m["content"] for m in prompt.chat if m["content"].strip())
-    return prompt.text or ""
-
 
 def answer_token_ids(tokenizer, word: str) -> list[int]:
     """Token ids of `word` and " word" that are single tokens; if neither is, the first token of each."""

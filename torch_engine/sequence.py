@@ -10,9 +10,9 @@ import torch
 
 from torch_engine.block_manager import BlockTable
 from torch_engine.detokenizer import IncrementalDetokenizer
-from torch_engine.stop_strings import StopStringMatcher
 from trellis_rpc.sampling import SamplingConfig, derive_seed
 from worker_runtime.engine_api import SequenceSource, TokenLogprob
+from worker_runtime.stop_strings import StopStringMatcher
 
 
 class Status(enum.Enum):

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import structlog
 
-from torch_engine.stop_strings import StopStringMatcher
 from trellis_rpc.errors import context_exceeded, deadline_exceeded, invalid, not_found
 from trellis_rpc.sampling import SamplingConfig
 from worker_gpu.trtllm_sampling import Support, allow_greedy_n, trtllm_kwargs
@@ -40,6 +39,7 @@ from worker_runtime.engine_api import (
     TopLogprob,
 )
 from worker_runtime.prompts import check_token_ids, encode_prompt
+from worker_runtime.stop_strings import StopStringMatcher
 
 log = structlog.get_logger(__name__)
 

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
-from torch_engine.scoring import VERIFY_TEMPLATE, answer_token_ids, prompt_messages, prompt_text, yes_no_token_ids
+from torch_engine.scoring import answer_token_ids, yes_no_token_ids
 from trellis_rpc.errors import context_exceeded, failed_precondition, internal, invalid
 from trellis_rpc.scoring import process_steps
 from worker_runtime.engine_api import CandidateScoreOut, LoadStats, ScoreInput, ScoreOut, ScorerInfo
+from worker_runtime.verifier import VERIFY_TEMPLATE, prompt_messages, prompt_text
 
 _SENTINEL = "\x00trellis-assistant-content\x00"
 REWARD_ARCHITECTURES = {"ForProcessRewardModel": "process", "ForRewardModel": "outcome"}

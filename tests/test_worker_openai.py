@@ -1,0 +1,350 @@
+"""worker_openai against a real OpenAI-compatible server: `transformers serve` on the tiny Llama, started here,
+with tests/openai_proxy.py in front of it where a test needs a fault the server cannot be made to produce
+(429, 500, a slow stream, an API key, being killed).
+
+router -> worker_openai -> proxy -> transformers serve, all real processes on loopback.
+"""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from client.launcher import free_port, start_openai_worker, start_router, start_worker
+from tests.helpers import chat, eventually, run_request
+from tests.openai_servers import HttpServer, control, start_proxy, start_transformers_serve
+from tests.test_controllers_e2e import PARAMS
+from tests.test_observability import scrape, total
+from tests.test_worker_stream import Stream, ends, generate
+from tests.tiny_model import build_tiny_reward_model
+from trellis_rpc.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+pytestmark = pytest.mark.processes
+
+MODEL_ID = "tiny-upstream"
+# transformers serve returns no logprobs, so this pool has no verifier: the verifier's controllers score with
+# the reward-model workers instead, and DeepConf (which needs logprobs) is refused, naming the field.
+OPENAI_PARAMS = {**PARAMS, "mcts": {**PARAMS["mcts"], "kind": "outcome"},
+                 "tree_of_thoughts": {**PARAMS["tree_of_thoughts"], "kind": "outcome"}}
+NEEDS_LOGPROBS = {"deepconf_offline", "deepconf_online"}
+
+
+def holds(check, timeout_s: float) -> None:
+    eventually(check, timeout_s=timeout_s, every_s=0.05)
+    assert check()
+
+
+def worker_args(tokenizer, *more: str) -> list[str]:
+    return ["--model", str(tokenizer), "--served-model-id", MODEL_ID, "--upstream-kind", "transformers",
+            "--tokenizer", str(tokenizer), "--health-interval", "0.3", *more]
+
+
+@pytest.fixture(scope="module")
+def upstream(tiny_model, logs) -> HttpServer:
+    server = start_transformers_serve(tiny_model, logs)
+    try:
+        server.wait_healthy(timeout=180)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(upstream, logs) -> HttpServer:
+    server = start_proxy(upstream.root, logs)
+    try:
+        server.wait_healthy(timeout=60)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def clean_proxy(proxy) -> HttpServer:
+    control(proxy, fail_status=0, fail_count=0, delay_s=0.0, chunk_delay_s=0.0, api_key="")
+    return proxy
+
+
+@pytest.fixture(scope="module")
+def openai_worker(proxy, tiny_model, logs):
+    worker = start_openai_worker(proxy.base_url, logs, extra=worker_args(tiny_model), name="worker-openai",
+                                 env={"OTEL_TRACES_EXPORTER": "console"})
+    try:
+        worker.wait_serving(timeout=60)
+        yield worker
+    finally:
+        worker.stop()
+
+
+@pytest.fixture
+def openai_stub(openai_worker, clean_proxy):
+    with grpc.insecure_channel(openai_worker.address) as channel:
+        yield worker_pb2_grpc.WorkerStub(channel)
+
+
+@pytest.fixture(scope="module")
+def openai_router(openai_worker, logs, tmp_path_factory):
+    """The worker_openai pool plus reward-model workers (the controllers that score need them)."""
+    orm = build_tiny_reward_model(tmp_path_factory.mktemp("oa-orm"), head="sequence", num_labels=1)
+    prm = build_tiny_reward_model(tmp_path_factory.mktemp("oa-prm"), head="token", num_labels=2, arch="qwen2")
+    scorers = [start_worker(str(path), logs, name=name, extra=["--threads", "1"])
+               for path, name in ((orm, "oa-orm"), (prm, "oa-prm"))]
+    router = None
+    try:
+        for w in scorers:
+            w.wait_serving(timeout=120)
+        router = start_router([openai_worker.address] + [w.address for w in scorers], logs, name="oa-router",
+                              extra=["--max-n", "16"])
+        router.wait_serving(timeout=60)
+        with grpc.insecure_channel(router.address) as channel:
+            yield router_pb2_grpc.RouterStub(channel)
+    finally:
+        for proc in [router, *scorers]:
+            if proc is not None:
+                proc.stop()
+
+
+# ---- every controller, end to end ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(OPENAI_PARAMS))
+def test_every_controller_runs_on_an_openai_compatible_upstream(openai_router, clean_proxy, name):
+    request = run_request(name, prompt=chat("What is 3 + 4? Answer with a number."), params=OPENAI_PARAMS[name],
+                          max_tokens=12, seed=5, temperature=0.8)
+    if name in NEEDS_LOGPROBS:
+        with pytest.raises(grpc.RpcError) as err:
+            list(openai_router.RunStream(request, timeout=120))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "sampling.logprobs" in err.value.details() and "transformers" in err.value.details()
+        return
+    events = list(openai_router.RunStream(request, timeout=120))
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds[0] == "started" and kinds[-1] == "result", kinds
+    assert "delta" in kinds, f"{name} streamed no tokens"
+    result = events[-1].result
+    assert result.usage.completion_tokens > 0
+    streamed = sum(e.delta.token_count for e in events if e.WhichOneof("event") == "delta")
+    assert 0 < streamed <= result.usage.completion_tokens
+
+
+def test_dynasor_continues_and_forks_kept_sequences_on_the_worker(openai_router, clean_proxy):
+    """Dynasor keeps its reasoning on the worker (continue_from / fork_from): worker_openai re-sends the prompt
+    plus the kept text, so the upstream sees the reasoning so far followed by the probe."""
+    request = run_request("dynasor_cot", prompt=chat("What is 3 + 4?"), max_tokens=40, temperature=0.0,
+                          params={"max_tokens": 32, "probe_interval": 8, "agree": 3, "probe_tokens": 4})
+    result = openai_router.Run(request, timeout=120)
+    assert result.usage.completion_tokens > 0
+    bodies = control(clean_proxy)["bodies"]
+    probes = [b for b in bodies if "answer is" in b.lower() or "final answer" in b.lower()]
+    assert probes, "no probe reached the upstream"
+
+
+# ---- generation on the worker contract -----------------------------------------------------------------
+
+def test_worker_info_advertises_kept_sequences_and_no_verifier(openai_stub):
+    info = openai_stub.Info(worker_pb2.InfoRequest(), timeout=10)
+    assert info.model_id == MODEL_ID and info.engine == "openai-compatible (transformers)"
+    assert common_pb2.CAPABILITY_GENERATE in info.capabilities
+    assert common_pb2.CAPABILITY_KEEP_SEQUENCES in info.capabilities
+    assert common_pb2.CAPABILITY_SCORE_VERIFIER not in info.capabilities   # no logprobs from this upstream
+
+
+def _result(stub, task: worker_pb2.WorkerRequest, limit_s: float = 60):
+    s = Stream(stub)
+    try:
+        s.send(task)
+        seen = s.until(ends(task.task_id), deadline=time.monotonic() + limit_s)
+    finally:
+        s.close()
+    return seen
+
+
+def test_deltas_stream_as_they_arrive_and_add_up_to_the_result(openai_stub):
+    seen = _result(openai_stub, generate("s1", prompt=common_pb2.Prompt(text="Once upon a time"), max_tokens=16,
+                                         temperature=0.0))
+    deltas = [r.delta for r in seen if r.WhichOneof("kind") == "delta"]
+    result = seen[-1].generate_result
+    assert len(deltas) > 1
+    assert "".join(d.text for d in deltas) == result.completions[0].text
+    assert sum(len(d.token_ids) for d in deltas) == len(result.completions[0].token_ids)
+    assert result.completions[0].finish_reason in (common_pb2.FINISH_REASON_LENGTH, common_pb2.FINISH_REASON_STOP)
+    assert result.usage.prompt_tokens > 0 and result.timings.ttft_ms > 0
+
+
+def test_greedy_is_deterministic_and_stop_strings_cut_the_text(openai_stub):
+    prompt = common_pb2.Prompt(text="The list of words:")
+    first = _result(openai_stub, generate("g1", stream=False, prompt=prompt, max_tokens=24, temperature=0.0))[-1]
+    again = _result(openai_stub, generate("g2", stream=False, prompt=prompt, max_tokens=24, temperature=0.0))[-1]
+    text = first.generate_result.completions[0].text
+    assert text and text == again.generate_result.completions[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    cut = _result(openai_stub, generate("g3", stream=False, prompt=prompt, max_tokens=24, temperature=0.0,
+                                        stop=[stop]))[-1].generate_result.completions[0]
+    assert cut.finish_reason == common_pb2.FINISH_REASON_STOP
+    assert cut.text == text[:text.index(stop)]
+
+
+def test_a_seed_reproduces_a_sample(openai_stub):
+    prompt = common_pb2.Prompt(text="Tell me a story")
+    texts = [_result(openai_stub, generate(f"seed{i}", stream=False, prompt=prompt, max_tokens=16, temperature=1.0,
+                                           seed=1234))[-1].generate_result.completions[0].text for i in range(2)]
+    assert texts[0] and texts[0] == texts[1]
+
+
+@pytest.mark.parametrize("field, value", [("top_k", 5), ("min_p", 0.1), ("logprobs", 2), ("ignore_eos", True),
+                                          ("presence_penalty", 0.5), ("repetition_penalty", 1.2)])
+def test_fields_the_upstream_cannot_honour_are_refused_by_name(openai_stub, field, value):
+    seen = _result(openai_stub, generate("r-" + field, prompt=common_pb2.Prompt(text="hi"), max_tokens=4,
+                                         **{field: value}))
+    error = seen[-1].error
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert error.field == f"sampling.{field}" and "transformers" in error.message
+
+
+def test_n_samples_are_separate_requests_each_seeded(openai_stub, clean_proxy):
+    before = control(clean_proxy)["requests"]
+    seen = _result(openai_stub, generate("n3", stream=False, prompt=common_pb2.Prompt(text="Say"), max_tokens=8,
+                                         n=3, seed=7, temperature=1.0))
+    result = seen[-1].generate_result
+    assert [c.index for c in result.completions] == [0, 1, 2]
+    assert control(clean_proxy)["requests"] - before == 3
+
+
+# ---- cancellation and deadlines close the upstream's request -------------------------------------------
+
+def test_cancel_closes_the_upstream_stream(openai_stub, clean_proxy):
+    control(clean_proxy, chunk_delay_s=0.05)
+    s = Stream(openai_stub)
+    try:
+        s.send(generate("c1", prompt=common_pb2.Prompt(text="Count:"), max_tokens=400, temperature=0.0))
+        s.until(lambda r: r.task_id == "c1" and r.WhichOneof("kind") == "delta", deadline=time.monotonic() + 30)
+        assert control(clean_proxy)["open_streams"] == 1
+        s.send(worker_pb2.WorkerRequest(task_id="x", cancel=worker_pb2.CancelTask(target_task_id="c1")))
+        last = s.until(ends("c1"), deadline=time.monotonic() + 30)[-1]
+    finally:
+        s.close()
+    completion = last.generate_result.completions[0]
+    assert completion.finish_reason == common_pb2.FINISH_REASON_CANCELLED and len(completion.token_ids) < 400
+    holds(lambda: control(clean_proxy)["open_streams"] == 0, 5)
+
+
+def test_a_deadline_ends_the_task_and_its_upstream_request(openai_stub, clean_proxy):
+    control(clean_proxy, chunk_delay_s=0.2)
+    seen = _result(openai_stub, generate("d1", prompt=common_pb2.Prompt(text="Count:"), max_tokens=200,
+                                         temperature=0.0, timeout_ms=1000))
+    assert seen[-1].error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    holds(lambda: control(clean_proxy)["open_streams"] == 0, 5)
+
+
+# ---- upstream errors -> gRPC codes ---------------------------------------------------------------------
+
+def test_429_is_resource_exhausted_with_the_retry_hint(openai_stub, clean_proxy):
+    control(clean_proxy, fail_status=429, fail_count=1)
+    error = _result(openai_stub, generate("e429", prompt=common_pb2.Prompt(text="hi"), max_tokens=4))[-1].error
+    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert "429" in error.message and "retry after 2 s" in error.message
+
+
+def test_500_is_unavailable_so_the_router_migrates(openai_stub, clean_proxy):
+    control(clean_proxy, fail_status=500, fail_count=1)
+    error = _result(openai_stub, generate("e500", prompt=common_pb2.Prompt(text="hi"), max_tokens=4))[-1].error
+    assert error.code == grpc.StatusCode.UNAVAILABLE.value[0] and "injected 500" in error.message
+
+
+def test_503_before_anything_streamed_is_retried(openai_stub, clean_proxy):
+    before = control(clean_proxy)["requests"]
+    control(clean_proxy, fail_status=503, fail_count=2)
+    result = _result(openai_stub, generate("e503", stream=False, prompt=common_pb2.Prompt(text="hi"),
+                                           max_tokens=4))[-1]
+    assert result.WhichOneof("kind") == "generate_result"
+    assert control(clean_proxy)["requests"] - before == 3
+
+
+def test_the_trace_context_is_forwarded_upstream(openai_stub, clean_proxy):
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    task = generate("t1", stream=False, prompt=common_pb2.Prompt(text="hi"), max_tokens=2)
+    task.trace_context["traceparent"] = parent
+    _result(openai_stub, task)
+    sent = control(clean_proxy)["traceparent"]
+    assert sent.startswith("00-0af7651916cd43dd8448eb211c80319c-") and sent != parent   # same trace, its own span
+
+
+# ---- the API key, and the upstream going away ----------------------------------------------------------
+
+def test_a_refused_api_key_stops_the_worker_at_start_with_a_clear_message(proxy, tiny_model, logs, tmp_path):
+    control(proxy, api_key="s3cret", fail_count=0, chunk_delay_s=0.0)
+    try:
+        bad = start_openai_worker(proxy.base_url, logs, extra=worker_args(tiny_model), name="worker-openai-badkey",
+                                  env={"OPENAI_API_KEY": "wrong"})
+        assert bad.popen.wait(60) == 2
+        assert "refused this worker's API key" in bad.log_tail() and "UNAUTHENTICATED" in bad.log_tail()
+        assert "wrong" not in bad.log_path.read_text()     # the key itself is never logged
+        key_file = tmp_path / "key"
+        key_file.write_text("s3cret\n")
+        good = start_openai_worker(proxy.base_url, logs, extra=worker_args(tiny_model, "--api-key-file",
+                                                                            str(key_file)), name="worker-openai-key")
+        try:
+            good.wait_serving(timeout=60)
+            with grpc.insecure_channel(good.address) as channel:
+                result = _result(worker_pb2_grpc.WorkerStub(channel),
+                                 generate("k1", stream=False, prompt=common_pb2.Prompt(text="hi"), max_tokens=2))[-1]
+            assert result.WhichOneof("kind") == "generate_result"
+        finally:
+            good.stop()
+    finally:
+        control(proxy, api_key="")
+
+
+def test_upstream_killed_mid_stream_migrates_and_the_worker_follows_its_health(upstream, tiny_model, logs):
+    """Two worker_openai workers: A through a proxy that gets killed mid-stream, B straight to the server. The
+    runs on A migrate to B and complete; A is NOT_SERVING while its upstream is gone, SERVING when it is back."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    doomed = start_proxy(upstream.root, logs, name="openai-proxy-doomed")
+    doomed.wait_healthy(timeout=60)
+    control(doomed, chunk_delay_s=0.05)
+    a = start_openai_worker(doomed.base_url, logs, extra=worker_args(tiny_model), name="worker-openai-a")
+    b = start_openai_worker(upstream.base_url, logs, extra=worker_args(tiny_model), name="worker-openai-b")
+    router = revived = None
+    try:
+        a.wait_serving(timeout=60)
+        b.wait_serving(timeout=60)
+        metrics_port = free_port()
+        router = start_router([a.address, b.address], logs, name="oa-router-faults",
+                              extra=["--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1"])
+        router.wait_serving(timeout=60)
+        with grpc.insecure_channel(router.address) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            requests = [run_request("majority_vote", prompt=common_pb2.Prompt(text=f"Count {i}:"), params={"n": 2},
+                                    max_tokens=60, temperature=0.0) for i in range(4)]
+            futures = [stub.Run.future(r, timeout=120) for r in requests]
+            holds(lambda: control(doomed)["open_streams"] > 0, 30)
+            doomed.kill()
+            results = [f.result() for f in futures]
+        assert all(r.usage.completion_tokens > 0 for r in results)
+        assert total(scrape(metrics_port), "trellis_router_migrations_total") >= 1
+
+        def health(worker) -> int:
+            with grpc.insecure_channel(worker.address) as ch:
+                return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+
+        holds(lambda: health(a) == health_pb2.HealthCheckResponse.NOT_SERVING, 10)
+        revived = start_proxy(upstream.root, logs, name="openai-proxy-revived", port=doomed.port)
+        revived.wait_healthy(timeout=60)
+        holds(lambda: health(a) == health_pb2.HealthCheckResponse.SERVING, 10)
+    finally:
+        for proc in (router, a, b):
+            if proc is not None:
+                proc.stop()
+        for server in (doomed, revived):
+            if server is not None:
+                server.stop()
+
+
+def test_generate_through_the_router_names_the_pool(openai_router):
+    reply = openai_router.Generate(router_pb2.GenerateRequest(prompt=common_pb2.Prompt(text="Hello"),
+                                                              sampling=common_pb2.SamplingParams(max_tokens=4)),
+                                   timeout=60)
+    assert reply.model_id == MODEL_ID and reply.completions[0].token_ids
+    assert reply.worker_id.startswith("worker-")

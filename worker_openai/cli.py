@@ -1,0 +1,250 @@
+"""Command line of the OpenAI-compatible worker: any server with an OpenAI API becomes a Trellis worker.
+
+    python -m worker_openai --base-url http://vllm:8000/v1 --model Qwen/Qwen2.5-7B-Instruct --upstream-kind vllm \\
+        --tokenizer /models/Qwen2.5-7B-Instruct --port 50061
+
+The API key comes from --api-key-file or the environment (TRELLIS_UPSTREAM_API_KEY, else OPENAI_API_KEY), never
+from the command line, and is never logged. The worker listens at once, NOT_SERVING until the upstream answers
+/models; it follows the upstream's health from then on (NOT_SERVING while it is down). An upstream that refuses
+the key is a configuration error: the worker says so and exits 2, rather than failing every request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import uuid
+from pathlib import Path
+
+import grpc
+import httpx
+import structlog
+
+from trellis_rpc import tls
+from trellis_rpc.errors import StatusError
+from trellis_rpc.logs import configure_logging
+from trellis_rpc.server import Served, start_server
+from trellis_rpc.telemetry import add_metrics_args, configure_metrics, configure_tracing, shutdown_telemetry
+from trellis_rpc.v1 import worker_pb2, worker_pb2_grpc
+from worker_openai.engine import OpenAIEngine
+from worker_openai.sampling_fields import KINDS
+from worker_openai.scoring import VerifierScorer
+from worker_openai.upstream import Upstream, UpstreamConfig
+from worker_runtime.service import WorkerService
+
+log = structlog.get_logger(__name__)
+
+KEY_ENV = ("TRELLIS_UPSTREAM_API_KEY", "OPENAI_API_KEY")
+REFUSED_KEY = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m worker_openai",
+                                description="Trellis worker over an OpenAI-compatible server (vLLM, SGLang, "
+                                            "llama.cpp, trtllm-serve, transformers serve, hosted endpoints)")
+    p.add_argument("--base-url", required=True, help="the upstream's API root, e.g. http://vllm:8000/v1")
+    p.add_argument("--model", default="", help="the upstream's model name (default: the first /models lists)")
+    p.add_argument("--served-model-id", default="",
+                   help="the model id this worker advertises to routers (default: --model)")
+    p.add_argument("--upstream-kind", choices=sorted(KINDS), default="openai",
+                   help="which server it is: decides the vendor extensions sent (top_k, min_p, ...) and what is "
+                        "refused with INVALID_ARGUMENT")
+    p.add_argument("--api-key-file", default="", help="file holding the upstream's API key "
+                                                      f"(else the environment: {' or '.join(KEY_ENV)})")
+    p.add_argument("--tokenizer", default="",
+                   help="the model's Hugging Face tokenizer (a local directory): chats are rendered with its "
+                        "template and sent to /completions, so continuations are exact; token ids are its ids")
+    p.add_argument("--chat-only", action="store_true",
+                   help="the upstream has no /completions (e.g. a hosted chat model): text prompts are refused")
+    p.add_argument("--max-concurrency", type=int, default=64,
+                   help="upstream requests in flight (one per sample); beyond, tasks get RESOURCE_EXHAUSTED")
+    p.add_argument("--max-context-tokens", type=int, default=0, help="the model's context, advertised (0: unknown)")
+    p.add_argument("--max-n", type=int, default=64, help="largest n one generate task may ask for")
+    p.add_argument("--no-verifier", action="store_true",
+                   help="do not offer SCORE_VERIFIER (yes/no from the upstream's top logprobs)")
+    p.add_argument("--max-candidates", type=int, default=64, help="largest number of candidates per score task")
+    p.add_argument("--request-retries", type=int, default=2,
+                   help="retries of a request that failed to connect or got 502/503/504, before anything streamed")
+    p.add_argument("--read-timeout", type=float, default=600.0, help="seconds the upstream may stay silent mid-stream")
+    p.add_argument("--health-interval", type=float, default=2.0, help="seconds between probes of the upstream")
+    p.add_argument("--health-url", default="",
+                   help="what to probe: default the server's /health (vLLM, SGLang, llama.cpp, trtllm-serve and "
+                        "transformers serve all have one), or <base-url>/models for --upstream-kind openai")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50061, help="0 picks a free port (printed in the 'serving' log line)")
+    p.add_argument("--worker-id", default="", help="defaults to a random id")
+    add_metrics_args(p)
+    p.add_argument("--drain-seconds", type=float, default=30.0, help="grace period for in-flight work on SIGTERM")
+    tls.add_server_args(p)
+    args = p.parse_args(argv)
+    args.tls = tls.server_tls(args, p)
+    if args.max_concurrency < 1:
+        p.error("--max-concurrency: must be >= 1")
+    if not args.health_url:
+        root = httpx.URL(args.base_url)
+        args.health_url = (str(root.join("/health")) if args.upstream_kind != "openai"
+                           else args.base_url.rstrip("/") + "/models")
+    return args
+
+
+def api_key(args: argparse.Namespace) -> str:
+    if args.api_key_file:
+        try:
+            return Path(args.api_key_file).read_text().strip()
+        except OSError as err:
+            raise SystemExit(f"--api-key-file: cannot read {args.api_key_file}: {err.strerror}") from err
+    return next((os.environ[k] for k in KEY_ENV if os.environ.get(k)), "")
+
+
+def load_tokenizer(path: str):
+    if not path:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+class UpstreamHealth:
+    """Follows the upstream through its health URL: SERVING while it answers, NOT_SERVING while it does not."""
+
+    def __init__(self, upstream: Upstream, served: Served, interval_s: float, url: str) -> None:
+        self.upstream = upstream
+        self.served = served
+        self.interval_s = interval_s
+        self.url = url
+        self.up: bool | None = None
+        self.stopping = False
+
+    async def models(self) -> list[str]:
+        """The model ids the upstream lists, [] when it lists none it can say; raises a refused key. This is
+        where a bad key shows at start: /health needs no key on the servers that have one."""
+        try:
+            listing = await self.upstream.get_json("models")
+        except StatusError as err:
+            if err.code in REFUSED_KEY:
+                raise
+            log.warning("the upstream's /models did not answer", error=err.message)
+            return []
+        return [m.get("id", "") for m in listing.get("data") or [] if isinstance(m, dict)]
+
+    async def wait_until_up(self) -> None:
+        while True:
+            try:
+                await self.upstream.get(self.url)
+                return
+            except StatusError as err:
+                if err.code in REFUSED_KEY:
+                    raise
+                log.warning("upstream not answering yet", health_url=self.url, error=err.message)
+            await asyncio.sleep(self.interval_s)
+
+    async def follow(self) -> None:
+        while not self.stopping:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.upstream.get(self.url)
+                up, reason = True, ""
+            except StatusError as err:
+                if err.code in REFUSED_KEY:
+                    raise
+                up, reason = False, err.message
+            if up != self.up and not self.stopping:
+                self.up = up
+                await self.served.set_serving(up)
+                if up:
+                    log.info("upstream back: serving")
+                else:
+                    log.warning("upstream down: not serving", error=reason)
+
+
+async def serve(args: argparse.Namespace, worker_id: str) -> None:
+    upstream = Upstream(UpstreamConfig(base_url=args.base_url, api_key=api_key(args), retries=args.request_retries,
+                                       read_timeout_s=args.read_timeout,
+                                       max_connections=max(args.max_concurrency, 16)))
+    service = WorkerService(worker_id=worker_id, max_n=args.max_n)
+    served = await start_server(
+        args.host, args.port, lambda server: worker_pb2_grpc.add_WorkerServicer_to_server(service, server),
+        (worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name,), tls=args.tls)
+    log.info("listening", port=served.port, base_url=args.base_url, state="waiting for the upstream")
+    health = UpstreamHealth(upstream, served, args.health_interval, args.health_url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    follower = None
+    try:
+        tokenizer = await asyncio.to_thread(load_tokenizer, args.tokenizer)
+        if await _until(stop, health.wait_until_up()) is None:
+            return
+        models = await health.models()
+        model = args.model or (models[0] if models else "")
+        if not model:
+            raise SystemExit("--model: the upstream lists no model; name one")
+        if models and model not in models:
+            log.warning("the upstream does not list this model", model=model, listed=models[:10])
+        kind = KINDS[args.upstream_kind]
+        engine = OpenAIEngine(upstream, kind, model, tokenizer=tokenizer, chat_only=args.chat_only,
+                              max_concurrency=args.max_concurrency, max_context_tokens=args.max_context_tokens,
+                              served_model_id=args.served_model_id)
+        scorer = None
+        if not args.no_verifier and kind.max_logprobs is not None:
+            scorer = VerifierScorer(engine, args.max_candidates)
+        service.attach(engine, scorer)
+        health.up = True
+        await served.set_serving(True)
+        log.info("serving", port=served.port, model_id=engine.info.model_id, worker_id=worker_id,
+                 upstream_kind=kind.name, verifier=scorer is not None, pid=os.getpid())
+        follower = asyncio.ensure_future(health.follow())
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({follower, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if follower.done():
+            follower.result()   # raises the refused key
+        log.info("draining", grace_s=args.drain_seconds)
+        health.stopping = True
+        await served.set_serving(False)
+        await served.server.stop(args.drain_seconds)
+    except StatusError as err:
+        if err.code not in REFUSED_KEY:
+            raise
+        log.error("the upstream refused this worker's API key", code=err.code.name, error=err.message,
+                  hint="set --api-key-file or " + " / ".join(KEY_ENV))
+        raise SystemExit(2) from err
+    finally:
+        if follower is not None:
+            follower.cancel()
+        await served.server.stop(0)
+        await upstream.close()
+
+
+async def _until(stop: asyncio.Event, work):
+    """work's result (True for None), or None when a signal came first."""
+    job = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({job, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if not job.done():
+        job.cancel()
+        return None
+    return job.result() or True
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    configure_logging("worker_openai")
+    logging.getLogger("httpx").setLevel(logging.WARNING)   # a line per request otherwise, outside structlog
+    worker_id = args.worker_id or f"worker-{uuid.uuid4().hex[:8]}"
+    configure_tracing("worker", instance=worker_id)
+    metrics_port = configure_metrics("worker", args.metrics_port, args.metrics_host, instance=worker_id)
+    if metrics_port:
+        log.info("metrics", url=f"http://{args.metrics_host}:{metrics_port}/metrics")
+    try:
+        asyncio.run(serve(args, worker_id))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    finally:
+        shutdown_telemetry()

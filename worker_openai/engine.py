@@ -1,0 +1,229 @@
+"""The engine of worker_openai: each sample of a generate task is one streamed request to the upstream.
+
+n samples are n concurrent requests with n=1 (each seeded with derive_seed(seed, i) when the task is
+seeded), so every sample streams, finishes and is cancelled on its own, and --max-concurrency counts what the
+upstream really carries. Cancelling a task cancels its requests' asyncio tasks, which closes their HTTP
+responses: the upstream sees the client go away and aborts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from opentelemetry import propagate
+
+from trellis_rpc.errors import StatusError, internal, invalid, resource_exhausted, unavailable
+from trellis_rpc.sampling import SamplingConfig, derive_seed
+from worker_openai.chunks import Piece, parse_choice
+from worker_openai.prompts import KeptPrompts, UpstreamPrompt, appended_text, render
+from worker_openai.sampling_fields import UpstreamKind, sampling_fields
+from worker_openai.upstream import Upstream
+from worker_runtime.engine_api import (
+    CompletionOut,
+    Delta,
+    EngineInfo,
+    Finished,
+    LoadStats,
+    PromptInput,
+    SequenceSource,
+    TokenLogprob,
+)
+from worker_runtime.stop_strings import StopStringMatcher
+
+
+@dataclass
+class _Sample:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str = ""
+    stop_reason: str = ""
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    completion_tokens: int | None = None    # the upstream's own count, when it reports usage
+
+    def add(self, piece: Piece) -> None:
+        self.text += piece.text
+        self.token_ids += piece.token_ids
+        self.logprobs += piece.logprobs
+        self.finish_reason = piece.finish_reason or self.finish_reason
+        self.stop_reason = piece.stop_reason or self.stop_reason
+
+
+@dataclass
+class _Task:
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    requests: list[asyncio.Task] = field(default_factory=list)
+    first_token_at: float | None = None
+
+
+class OpenAIEngine:
+    def __init__(self, upstream: Upstream, kind: UpstreamKind, model: str, *, tokenizer=None,
+                 chat_only: bool = False, max_concurrency: int = 64, max_context_tokens: int = 0,
+                 served_model_id: str = "") -> None:
+        self.upstream = upstream
+        self.kind = kind
+        self.model = model
+        self.tokenizer = tokenizer
+        self.chat_only = chat_only
+        self.max_concurrency = max_concurrency
+        self.kept = KeptPrompts()
+        self.in_flight = 0
+        self._tasks: dict[str, _Task] = {}
+        self.info = EngineInfo(
+            model_id=served_model_id or model, engine=f"openai-compatible ({kind.name})",
+            max_context_tokens=max_context_tokens, max_batch_size=max_concurrency,
+            eos_token=getattr(tokenizer, "eos_token", "") or "", keeps_sequences=True)
+
+    # ---- the Engine protocol ---------------------------------------------------------------------------
+
+    async def generate(self, task_id: str, prompt: PromptInput, sampling: SamplingConfig,
+                       source: SequenceSource | None = None,
+                       keep_ttl_s: float | None = None) -> AsyncIterator[Delta | Finished]:
+        started = time.monotonic()
+        base = self._prompt(prompt, source)
+        bodies = [self._body(base, sampling, i) for i in range(sampling.n)]   # refuses before anything is sent
+        if self.in_flight + sampling.n > self.max_concurrency:
+            raise resource_exhausted(f"this worker has {self.in_flight} of its {self.max_concurrency} upstream "
+                                     f"requests in flight; the task needs {sampling.n}")
+        headers: dict[str, str] = {}
+        propagate.inject(headers)   # traceparent: the upstream's own spans join the run's trace
+        task = _Task()
+        self._tasks[task_id] = task
+        samples = [_Sample(i) for i in range(sampling.n)]
+        self.in_flight += sampling.n
+        for sample, body in zip(samples, bodies, strict=True):
+            request = asyncio.create_task(self._request(task, sample, body, headers, sampling.stop))
+            request.add_done_callback(lambda r, s=sample: self._request_ended(task, s, r))
+            task.requests.append(request)
+        try:
+            pending = sampling.n
+            while pending:
+                kind, index, item = await task.events.get()
+                if kind == "delta":
+                    if task.first_token_at is None:
+                        task.first_token_at = time.monotonic()
+                    yield Delta(index, item.text, item.token_ids, item.logprobs, item.finish_reason)
+                elif kind == "error":
+                    raise item
+                else:
+                    pending -= 1
+        finally:
+            self._tasks.pop(task_id, None)
+            for request in task.requests:
+                request.cancel()
+        yield self._finished(task_id, task, base, samples, started, keep_ttl_s)
+
+    def cancel(self, task_id: str) -> None:
+        task = self._tasks.get(task_id)
+        if task is not None:
+            for request in task.requests:
+                request.cancel()
+
+    def release(self, task_prefix: str) -> None:
+        self.kept.release(task_prefix)
+
+    def load(self) -> LoadStats:
+        return LoadStats(queue_depth=0, running_sequences=self.in_flight, kv_blocks_used=0, kv_blocks_free=0,
+                         kept_sequences=len(self.kept))
+
+    # ---- one task --------------------------------------------------------------------------------------
+
+    def _prompt(self, prompt: PromptInput, source: SequenceSource | None) -> UpstreamPrompt:
+        if source is not None:
+            base = self.kept.take(source.handle, source.fork).extended(appended_text(prompt), self.tokenizer)
+        else:
+            base = render(prompt, self.tokenizer)
+        if base.chat and base.continue_final and not self.kind.chat_continuation:
+            raise invalid("prompt.chat.continue_final_message",
+                          f"continuing a chat's final message needs --tokenizer on this worker (the upstream, "
+                          f"{self.kind.name}, cannot continue a message through /chat/completions)")
+        if self.chat_only and not base.chat:
+            raise invalid("prompt.text", "this worker's upstream has only /chat/completions (--chat-only): send "
+                                         "prompt.chat")
+        return base
+
+    def _body(self, prompt: UpstreamPrompt, cfg: SamplingConfig, index: int) -> dict:
+        seed = derive_seed(cfg.seed, index) if cfg.seed is not None and cfg.n > 1 else cfg.seed
+        body = {"model": self.model, **prompt.body(), **sampling_fields(self.kind, cfg, seed),
+                "n": 1, "stream": True, "stream_options": {"include_usage": True}}
+        if cfg.logprobs is not None:
+            if prompt.chat:
+                body.update(logprobs=True, top_logprobs=cfg.logprobs)
+            else:
+                body["logprobs"] = cfg.logprobs
+            if self.kind.token_ids_in_logprobs:
+                body[self.kind.token_ids_in_logprobs] = True
+        if prompt.chat and prompt.continue_final:
+            body.update(continue_final_message=True, add_generation_prompt=False)
+        return body
+
+    async def _request(self, task: _Task, sample: _Sample, body: dict, headers: dict[str, str],
+                       stops: tuple[str, ...]) -> None:
+        path = "chat/completions" if "messages" in body else "completions"
+        # Stop strings are also applied here: servers differ on whether the stop string stays in the text
+        # (transformers serve keeps it, vLLM drops it), and streamed text must never show what the result drops.
+        matcher = StopStringMatcher(stops)
+        try:
+            async with self.upstream.stream(path, body, headers) as events:
+                async for event in events:
+                    self._usage(sample, event.get("usage"))
+                    for choice in event.get("choices") or []:
+                        piece = parse_choice(choice, self.tokenizer)
+                        piece.text = matcher.feed(piece.text)
+                        if matcher.matched:
+                            piece.finish_reason, piece.stop_reason = "stop", matcher.matched
+                        elif piece.finish_reason:
+                            piece.text += matcher.flush()
+                        if piece.text or piece.token_ids or piece.finish_reason:
+                            sample.add(piece)
+                            task.events.put_nowait(("delta", sample.index, piece))
+                    if matcher.matched:
+                        break    # leaving the block closes the response: the upstream stops generating
+            if not sample.finish_reason:
+                raise unavailable("upstream ended the stream before the sample finished")
+        except StatusError as err:
+            task.events.put_nowait(("error", sample.index, err))
+        except Exception as exc:   # a chunk this worker cannot read must fail the task, not hang it
+            task.events.put_nowait(("error", sample.index, internal(f"reading the upstream's stream: {exc!r}")))
+
+    def _request_ended(self, task: _Task, sample: _Sample, request: asyncio.Task) -> None:
+        """A done callback, so a request cancelled before it ever ran still returns its slot and reports."""
+        self.in_flight -= 1
+        if request.cancelled():
+            sample.finish_reason = sample.finish_reason or "cancelled"
+        task.events.put_nowait(("done", sample.index, None))
+
+    @staticmethod
+    def _usage(sample: _Sample, usage: dict | None) -> None:
+        if not usage:
+            return
+        sample.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        sample.completion_tokens = usage.get("completion_tokens")
+        details = usage.get("prompt_tokens_details") or {}
+        sample.cached_prompt_tokens = int(details.get("cached_tokens") or 0)
+
+    def _finished(self, task_id: str, task: _Task, base: UpstreamPrompt, samples: list[_Sample], started: float,
+                  keep_ttl_s: float | None) -> Finished:
+        now = time.monotonic()
+        handles = []
+        if keep_ttl_s is not None:
+            for s in samples:
+                handle = f"{task_id}/{s.index}"
+                self.kept.keep(handle, base.extended(s.text, self.tokenizer), keep_ttl_s)
+                handles.append(handle)
+        return Finished(
+            completions=[CompletionOut(index=s.index, text=s.text, token_ids=s.token_ids,
+                                       finish_reason=s.finish_reason or "cancelled", stop_reason=s.stop_reason,
+                                       logprobs=s.logprobs, cumulative_logprob=sum(lp.logprob for lp in s.logprobs))
+                         for s in samples],
+            prompt_tokens=max((s.prompt_tokens for s in samples), default=0),
+            cached_prompt_tokens=max((s.cached_prompt_tokens for s in samples), default=0),
+            queue_ms=0.0,
+            ttft_ms=((task.first_token_at or now) - started) * 1000.0,
+            latency_ms=(now - started) * 1000.0,
+            handles=handles)
