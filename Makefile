@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TRELLIS_CACHE ?= $(CURDIR)/.cache/trellis
 
-.PHONY: setup demo test test-fast lint protos clean
+.PHONY: setup demo test test-fast test-llamacpp llamacpp lint protos clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,20 @@ test: setup lint
 # The in-process half: no test here starts a process (tests/conftest.py enforces the marker).
 test-fast: setup
 	$(PY) -m pytest -q -m "not processes"
+
+# llama-cpp-python's OpenAI-compatible server, a second real upstream for worker_openai (tests and benchmark).
+# It compiles llama.cpp on install (~10 minutes on 2 cores), so it has a venv of its own and make test skips
+# the tests that need it when this was not run.
+LLAMACPP_VENV := .cache/llamacpp-venv
+llamacpp: $(LLAMACPP_VENV)/.installed
+
+$(LLAMACPP_VENV)/.installed:
+	test -x $(LLAMACPP_VENV)/bin/python || $(PYTHON) -m venv $(LLAMACPP_VENV)
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(LLAMACPP_VENV)/bin/python -m pip install --quiet 'llama-cpp-python[server]==0.3.36'
+	touch $@
+
+test-llamacpp: setup llamacpp
+	$(PY) -m pytest -q tests/test_worker_openai_llamacpp.py
 
 lint: setup
 	$(PY) -m ruff check .

@@ -31,13 +31,13 @@ class HttpServer:
     def base_url(self) -> str:
         return self.root + "/v1"
 
-    def wait_healthy(self, timeout: float = 120.0) -> None:
+    def wait_healthy(self, timeout: float = 120.0, path: str = "/health") -> None:
         deadline = time.monotonic() + timeout
         while True:
             if self.popen.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(self.root + "/health", timeout=1) as reply:
+                with urllib.request.urlopen(self.root + path, timeout=1) as reply:
                     if reply.status == 200:
                         return
             except OSError:
@@ -93,3 +93,27 @@ def control(proxy: HttpServer, **changes) -> dict:
                                      headers={"content-type": "application/json"})
     with urllib.request.urlopen(request, timeout=5) as reply:
         return json.loads(reply.read())
+
+
+# llama-cpp-python's server compiles llama.cpp on install (about 10 minutes on 2 cores), so it lives in a venv of
+# its own that `make llamacpp` builds; the tests that need it are skipped without it.
+LLAMACPP_PYTHON = Path(os.environ.get("TRELLIS_LLAMACPP_PYTHON", Path(__file__).resolve().parent.parent
+                                      / ".cache" / "llamacpp-venv" / "bin" / "python"))
+
+
+def llamacpp_available() -> bool:
+    if not LLAMACPP_PYTHON.exists():
+        return False
+    return subprocess.run([str(LLAMACPP_PYTHON), "-c", "import llama_cpp.server, uvicorn"],
+                          capture_output=True).returncode == 0
+
+
+def start_llamacpp_server(gguf: Path, log_dir: Path, alias: str, name: str = "llama-cpp-server",
+                          n_ctx: int = 2048, threads: int = 1) -> HttpServer:
+    """llama-cpp-python's OpenAI-compatible server on a .gguf (no /health: probe /v1/models)."""
+    port = free_port()
+    return _spawn(name, [str(LLAMACPP_PYTHON), "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+                         "--port", str(port), "--n_ctx", str(n_ctx), "--model_alias", alias,
+                         "--n_threads", str(threads), "--verbose", "False",
+                         # by default a new request ends the stream in flight (with [DONE] and no finish reason)
+                         "--interrupt_requests", "False"], port, log_dir)

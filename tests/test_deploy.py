@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import io
 import os
@@ -18,9 +19,11 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -33,7 +36,6 @@ K8S = ROOT / "deploy" / "k8s"
 DOCKER = ROOT / "deploy" / "docker"
 KUBECTL = shutil.which("kubectl")
 NAMESPACE = "trellis"
-OTEL_COMPONENT = K8S / "components" / "otel-collector"
 
 # kubectl renders the manifests, and the programs' parsers run in processes of their own.
 pytestmark = [
@@ -41,9 +43,12 @@ pytestmark = [
     pytest.mark.processes,
 ]
 
-# What gets rendered: the base, every overlay, and each of them with the OpenTelemetry component.
-TARGETS = {"base": K8S / "base", "cpu-only": K8S / "overlays" / "cpu-only", "gpu": K8S / "overlays" / "gpu"}
-RENDERS = [*TARGETS, *(f"{name}+otel" for name in TARGETS)]
+# What gets rendered: the base, every overlay, each of them with the OpenTelemetry component, and the
+# worker-openai component on overlays that do not list it (alone, and before the OpenTelemetry one).
+TARGETS = {"base": K8S / "base", "cpu-only": K8S / "overlays" / "cpu-only", "gpu": K8S / "overlays" / "gpu",
+           "openai": K8S / "overlays" / "openai"}
+COMPONENTS = {"otel": K8S / "components" / "otel-collector", "worker-openai": K8S / "components" / "worker-openai"}
+RENDERS = [*TARGETS, *(f"{name}+otel" for name in TARGETS), "cpu-only+worker-openai", "gpu+worker-openai+otel"]
 
 # The health service names the servers register (router/cli.py and worker_*/cli.py pass exactly these).
 ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
@@ -67,10 +72,13 @@ PROGRAMS = {
                                   ("worker_cpu", "torch_engine", "worker_runtime", "trellis_rpc"), True),
     "trellis/worker-gpu": Program("worker_gpu", "worker-gpu.Dockerfile", WORKER_SERVICE,
                                   ("worker_gpu", "torch_engine", "worker_runtime", "trellis_rpc"), True),
+    "trellis/worker-openai": Program("worker_openai", "worker-openai.Dockerfile", WORKER_SERVICE,
+                                     ("worker_openai", "worker_runtime", "trellis_rpc"), True),
 }
-# Which Trellis Deployments each render must have.
+# Which Trellis Deployments each target must have, and what each component adds.
 EXPECTED_DEPLOYMENTS = {"base": {"router", "worker-cpu", "worker-gpu"}, "gpu": {"router", "worker-cpu", "worker-gpu"},
-                        "cpu-only": {"router", "worker-cpu"}}
+                        "cpu-only": {"router", "worker-cpu"}, "openai": {"router", "worker-cpu", "worker-openai"}}
+COMPONENT_DEPLOYMENTS = {"otel": set(), "worker-openai": {"worker-openai"}}
 # Third-party libraries in the processes that read environment variables of their own.
 ENV_LIBRARIES = ("opentelemetry", "huggingface_hub", "transformers")
 
@@ -84,17 +92,26 @@ def kustomize(directory: Path) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
 
 
+def expected_deployments(render: str) -> set[str]:
+    target, *components = render.split("+")
+    return EXPECTED_DEPLOYMENTS[target].union(*(COMPONENT_DEPLOYMENTS[c] for c in components))
+
+
 @pytest.fixture(scope="module")
 def renders(tmp_path_factory) -> dict[str, list[dict]]:
-    out = {name: kustomize(path) for name, path in TARGETS.items()}
-    for name, path in TARGETS.items():
-        # kustomize refuses absolute paths: a throwaway kustomization that points at both relatively.
-        here = tmp_path_factory.mktemp(f"{name}-otel")
+    out = {}
+    for render in RENDERS:
+        target, *components = render.split("+")
+        if not components:
+            out[render] = kustomize(TARGETS[target])
+            continue
+        # kustomize refuses absolute paths: a throwaway kustomization that points at them relatively.
+        here = tmp_path_factory.mktemp(render.replace("+", "-"))
         (here / "kustomization.yaml").write_text(
             "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
-            f"resources:\n  - {os.path.relpath(path, here)}\n"
-            f"components:\n  - {os.path.relpath(OTEL_COMPONENT, here)}\n")
-        out[f"{name}+otel"] = kustomize(here)
+            f"resources:\n  - {os.path.relpath(TARGETS[target], here)}\n"
+            "components:\n" + "".join(f"  - {os.path.relpath(COMPONENTS[c], here)}\n" for c in components))
+        out[render] = kustomize(here)
     return out
 
 
@@ -178,7 +195,7 @@ def container_env(objects: list[dict], container: dict) -> dict[str, str]:
         elif "configMapKeyRef" in var.get("valueFrom", {}):
             env[var["name"]] = config_value(objects, var["valueFrom"]["configMapKeyRef"])
         else:
-            env[var["name"]] = f"<{var['name']} from the downward API>"
+            env[var["name"]] = f"<{var['name']} from {next(iter(var['valueFrom']))}>"
     return env
 
 
@@ -217,7 +234,7 @@ def parse(objects: list[dict], w: Workload, monkeypatch: pytest.MonkeyPatch):
 
 
 def workload_cases() -> list[tuple[str, str]]:
-    return [(render, name) for render in RENDERS for name in sorted(EXPECTED_DEPLOYMENTS[render.split("+")[0]])]
+    return [(render, name) for render in RENDERS for name in sorted(expected_deployments(render))]
 
 
 def workload(renders: dict[str, list[dict]], render: str, name: str) -> Workload:
@@ -254,11 +271,11 @@ def test_renders_the_expected_objects(renders, render):
     for o in objects:
         if o["kind"] != "Namespace":
             assert o["metadata"].get("namespace") == NAMESPACE, f"{o['kind']}/{o['metadata']['name']}"
-    assert {w.name for w in workloads(objects)} == EXPECTED_DEPLOYMENTS[render.split("+")[0]]
+    assert {w.name for w in workloads(objects)} == expected_deployments(render)
     kinds = {o["kind"] for o in objects}
     assert {"Namespace", "ConfigMap", "ServiceAccount", "Service", "Deployment", "PodDisruptionBudget",
             "NetworkPolicy"} <= kinds
-    if render.endswith("+otel"):
+    if "otel" in render.split("+"):
         assert by_name(objects, "Deployment", "otel-collector") and by_name(objects, "Service", "otel-collector")
 
 
@@ -340,6 +357,10 @@ def test_probes_ask_grpc_health_of_the_served_port_and_service(renders, render, 
         assert startup, "a worker is NOT_SERVING while its model loads: it needs a startupProbe"
         assert startup["grpc"].get("service") == WORKER_SERVICE
         assert startup.get("failureThreshold", 3) * startup.get("periodSeconds", 10) >= 300
+    if w.program.module == "worker_openai":
+        # trellis.v1.Worker follows the upstream, "" does not (test_worker_openai checks both): liveness must ask
+        # "", or every upstream restart would restart (and back off) the pool.
+        assert liveness["grpc"].get("service", "") == ""
 
 
 @pytest.mark.parametrize(("render", "name"), workload_cases())
@@ -411,6 +432,14 @@ def test_pods_run_non_root_read_only_with_limits(renders, render, name, monkeypa
     if w.program.module == "worker_gpu":
         assert resources["limits"].get("nvidia.com/gpu")
         assert spec.get("nodeSelector") and spec.get("tolerations")
+    if w.program.module == "worker_openai":
+        assert not resources["limits"].get("nvidia.com/gpu"), "it forwards to a server that has the GPUs"
+        # An API key comes from a Secret, never written in the manifest (nor in args: the CLI takes none).
+        from worker_openai.cli import KEY_ENV
+
+        keys = [v for v in w.container.get("env") or [] if v["name"] in KEY_ENV]
+        assert all("secretKeyRef" in (v.get("valueFrom") or {}) for v in keys), keys
+        assert urlsplit(parse(objects, w, monkeypatch).base_url).password is None, "a key in --base-url"
 
 
 # ------------------------------------------------------------------------ discovery, network, scaling
@@ -471,6 +500,10 @@ def test_network_policy_lets_only_the_router_reach_workers(renders, render, monk
             continue
         grpc_rules = [r for r in rules if allows_port(r, args.port)]
         assert grpc_rules, f"{w.name}: the router cannot reach the worker"
+        if w.program.module == "worker_openai":
+            # Its upstream may be in any namespace or outside the cluster: no policy restricts its egress.
+            assert not [p["metadata"]["name"] for p in policies if "Egress" in p["spec"]["policyTypes"]
+                        and selector_matches(p["spec"]["podSelector"], pod_labels(w.deployment))]
         for rule in grpc_rules:
             peers = rule.get("from") or []
             assert peers, f"{w.name}: its gRPC port is open to everyone"
@@ -499,7 +532,7 @@ def test_autoscalers_and_disruption_budgets_target_the_pools(renders, render):
     for pdb in of_kind(objects, "PodDisruptionBudget"):
         matched = [n for n, d in deployments.items() if selector_matches(pdb["spec"]["selector"], pod_labels(d))]
         assert matched == [pdb["metadata"]["name"]], f"PDB {pdb['metadata']['name']} selects {matched}"
-    for name in EXPECTED_DEPLOYMENTS[render.split("+")[0]]:
+    for name in expected_deployments(render):
         assert by_name(objects, "PodDisruptionBudget", name), f"{name} has no PodDisruptionBudget"
 
 
@@ -511,7 +544,7 @@ def test_queue_depth_metric_is_the_one_workers_export_and_the_adapter_serves():
     assert HPA_QUEUE_METRIC in rules[0]["seriesQuery"]
 
 
-@pytest.mark.parametrize("render", [r for r in RENDERS if r.endswith("+otel")])
+@pytest.mark.parametrize("render", [r for r in RENDERS if "otel" in r.split("+")])
 def test_otel_component_points_every_process_at_the_collector(renders, render):
     objects = renders[render]
     collector = by_name(objects, "Deployment", "otel-collector")
@@ -542,23 +575,127 @@ def test_otel_component_points_every_process_at_the_collector(renders, render):
 # ----------------------------------------------------------------------------------------------- images
 
 
-def test_router_image_needs_no_model_stack():
-    """The router image leaves out torch and friends: importing the router and the CLI must not need them."""
+def requirements_helper():
     spec = importlib.util.spec_from_file_location("docker_requirements", DOCKER / "requirements.py")
     helper = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(helper)
-    ml_packages, requirements = helper.ML_PACKAGES, helper.requirements
-    code = ("import sys, router.cli, router.service, controllers.registry, client.cli; "
-            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert done.returncode == 0, done.stderr
-    imported = set(done.stdout.split())
-    assert not imported & ml_packages, f"the router imports {imported & ml_packages}"
-    pins = requirements(str(ROOT / "pyproject.toml"), without_ml=True)
-    assert any(p.startswith("grpcio==") for p in pins) and any(p.startswith("protobuf==") for p in pins)
-    assert not [p for p in pins if p.split("==")[0] in ml_packages]
-    left_out = set(requirements(str(ROOT / "pyproject.toml"), without_ml=False)) - set(pins)
-    assert {helper.package_name(r) for r in left_out} <= ml_packages
+    return helper
+
+
+def pins(*flags: str) -> list[str]:
+    """requirements.py's output for these flags, as an image build runs it."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        requirements_helper().main([*flags, str(ROOT / "pyproject.toml")])
+    return out.getvalue().split()
+
+
+def requirements_flags(dockerfile_text: str) -> list[str]:
+    """The flags a Dockerfile runs requirements.py with."""
+    return re.search(r"requirements\.py[ \t]+([^\n]*?)[ \t]*pyproject\.toml", dockerfile_text).group(1).split()
+
+
+# The python:3.11 images ship these; everything else an image has, its Dockerfile installs.
+BASE_IMAGE_DISTRIBUTIONS = frozenset({"pip", "setuptools", "wheel"})
+
+
+def image_contents(dockerfile: str) -> tuple[set[str], set[str]]:
+    """The distributions a Dockerfile's pip commands install (with their dependencies, as this environment's
+    metadata states them; none under --no-deps) and the project's packages it copies."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    text = (DOCKER / dockerfile).read_text().replace("\\\n", " ")
+    wanted: list[tuple[str, bool]] = []
+    for command in re.findall(r"pip install ([^&\n]*)", text):
+        words = command.split()
+        with_deps = "--no-deps" not in words
+        if "-r" in words:
+            wanted += [(pin, with_deps) for pin in pins(*requirements_flags(text))]
+        wanted += [(word, with_deps) for word in words if "==" in word and not word.startswith("-")]
+    installed: set[str] = set()
+    expanded: set[tuple[str, str]] = set()
+    while wanted:
+        line, with_deps = wanted.pop()
+        requirement = Requirement(line)
+        name = canonicalize_name(requirement.name)
+        installed.add(name)
+        for extra in ("", *requirement.extras):
+            if not with_deps or (name, extra) in expanded:
+                continue
+            expanded.add((name, extra))
+            try:
+                requires = importlib.metadata.requires(name) or []
+            except importlib.metadata.PackageNotFoundError:
+                continue
+            wanted += [(r, True) for r in requires
+                       if Requirement(r).marker is None or Requirement(r).marker.evaluate({"extra": extra})]
+    copied = {m.group(1) for m in re.finditer(r"^COPY\s+(\w+)\s+\./\1$", text, re.M)}
+    return installed, copied
+
+
+def absent_from_image(dockerfile: str) -> set[str]:
+    """Top-level modules importable here that the image would not have."""
+    from packaging.utils import canonicalize_name
+
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        pyproject = tomllib.load(f)
+    installed, copied = image_contents(dockerfile)
+    # The project itself (pip install --no-deps .) brings the packages the image copied, no more.
+    installed |= BASE_IMAGE_DISTRIBUTIONS | {canonicalize_name(pyproject["project"]["name"])}
+    absent = {module for module, dists in importlib.metadata.packages_distributions().items()
+              if not {canonicalize_name(d) for d in dists} & installed}
+    own = {i.rstrip("*") for i in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    return (absent - own) | (own - copied)
+
+
+# What each process loads, run with only what its image has. worker_gpu is not here: its image is NVIDIA's
+# TensorRT-LLM one, whose packages this environment cannot know.
+IMAGE_IMPORTS = {
+    "router": "import router.cli, router.service, controllers.registry, client.cli",
+    "worker_cpu": "import worker_cpu.cli, torch_engine.engine, torch_engine.model_loader",
+    # --tokenizer: transformers without torch, and a chat rendered with the model's template, as a task's is.
+    "worker_openai": "import worker_openai.cli, worker_openai.engine, worker_openai.scoring\n"
+                     "from worker_openai.prompts import render\n"
+                     "from worker_runtime.engine_api import PromptInput\n"
+                     "tokenizer = worker_openai.cli.load_tokenizer(sys.argv[2])\n"
+                     "text = render(PromptInput(chat=[{'role': 'user', 'content': '2+2?'}]), tokenizer).text\n"
+                     "assert text and tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text",
+}
+
+
+@pytest.mark.parametrize("module", sorted(IMAGE_IMPORTS))
+def test_images_install_what_their_process_imports(module, tmp_path):
+    """Each image's process starts with only the packages its Dockerfile installs and copies: the rest of
+    this environment is hidden from it (a None in sys.modules makes import and find_spec fail)."""
+    program = next(p for p in PROGRAMS.values() if p.module == module)
+    absent = absent_from_image(program.dockerfile)
+    assert not set(program.sources) & absent, f"{program.dockerfile} does not copy {set(program.sources) & absent}"
+    tokenizer = tmp_path / "tokenizer"
+    if module == "worker_openai":
+        from tests.tiny_model import build_tiny_tokenizer
+
+        build_tiny_tokenizer().save_pretrained(tokenizer)
+    code = ("import sys\nfor name in sys.argv[1].split(','):\n    sys.modules[name] = None\n"
+            + IMAGE_IMPORTS[module])
+    done = subprocess.run([sys.executable, "-c", code, ",".join(sorted(absent)), str(tokenizer)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, f"python -m {module} needs what {program.dockerfile} does not install:\n{done.stderr}"
+
+
+def test_requirements_helper_leaves_out_what_each_image_asks():
+    helper = requirements_helper()
+    everything = pins()
+    assert any(p.startswith("grpcio==") for p in everything) and any(p.startswith("protobuf==") for p in everything)
+    # The router and GPU images: everything but the model stack.
+    left_out = {helper.package_name(p) for p in set(everything) - set(pins("--without-ml"))}
+    assert left_out == helper.ML_PACKAGES
+    # The OpenAI-compatible worker: no torch, but what --tokenizer needs.
+    openai = requirements_flags((DOCKER / "worker-openai.Dockerfile").read_text())
+    kept = {helper.package_name(p) for p in pins(*openai)}
+    assert {"transformers", "tokenizers"} <= kept and not {"torch", "accelerate", "gguf"} & kept
+    with pytest.raises(ValueError, match="troch"):
+        helper.requirements(str(ROOT / "pyproject.toml"), frozenset({"troch"}))
 
 
 @pytest.mark.parametrize("dockerfile", sorted(p.dockerfile for p in PROGRAMS.values()))

@@ -325,11 +325,13 @@ def test_upstream_killed_mid_stream_migrates_and_the_worker_follows_its_health(u
         assert all(r.usage.completion_tokens > 0 for r in results)
         assert total(scrape(metrics_port), "trellis_router_migrations_total") >= 1
 
-        def health(worker) -> int:
+        def health(worker, service: str = "trellis.v1.Worker") -> int:
             with grpc.insecure_channel(worker.address) as ch:
-                return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service),
+                                                            timeout=2).status
 
         holds(lambda: health(a) == health_pb2.HealthCheckResponse.NOT_SERVING, 10)
+        assert health(a, "") == health_pb2.HealthCheckResponse.SERVING   # the process is fine: no liveness restart
         revived = start_proxy(upstream.root, logs, name="openai-proxy-revived", port=doomed.port)
         revived.wait_healthy(timeout=60)
         holds(lambda: health(a) == health_pb2.HealthCheckResponse.SERVING, 10)

@@ -38,9 +38,11 @@ class Served:
     services: tuple[str, ...]
     port: int
 
-    async def set_serving(self, serving: bool) -> None:
+    async def set_serving(self, serving: bool, services_only: bool = False) -> None:
+        """services_only: the named services, leaving "" (the process itself, what a liveness probe asks) as
+        it is: a worker whose backend is down is not ready, but restarting it would not help."""
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", *self.services):
+        for name in self.services if services_only else ("", *self.services):
             await self.health.set(name, status)
 
 

@@ -4,8 +4,8 @@
         --tokenizer /models/Qwen2.5-7B-Instruct --port 50061
 
 The API key comes from --api-key-file or the environment (TRELLIS_UPSTREAM_API_KEY, else OPENAI_API_KEY), never
-from the command line, and is never logged. The worker listens at once, NOT_SERVING until the upstream answers
-/models; it follows the upstream's health from then on (NOT_SERVING while it is down). An upstream that refuses
+from the command line, and is never logged. The worker listens at once, NOT_SERVING until the upstream answers;
+it follows the upstream's health from then on (trellis.v1.Worker NOT_SERVING while it is down). An upstream that refuses
 the key is a configuration error: the worker says so and exits 2, rather than failing every request.
 """
 
@@ -56,8 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-key-file", default="", help="file holding the upstream's API key "
                                                       f"(else the environment: {' or '.join(KEY_ENV)})")
     p.add_argument("--tokenizer", default="",
-                   help="the model's Hugging Face tokenizer (a local directory): chats are rendered with its "
-                        "template and sent to /completions, so continuations are exact; token ids are its ids")
+                   help="the model's Hugging Face tokenizer (a local directory, or a .gguf file): chats are "
+                        "rendered with its template and sent to /completions, so continuations are exact; token ids "
+                        "are its ids")
     p.add_argument("--chat-only", action="store_true",
                    help="the upstream has no /completions (e.g. a hosted chat model): text prompts are refused")
     p.add_argument("--max-concurrency", type=int, default=64,
@@ -105,11 +106,16 @@ def load_tokenizer(path: str):
         return None
     from transformers import AutoTokenizer
 
+    if path.endswith(".gguf"):   # the tokenizer inside a llama.cpp model file (transformers reads it with gguf)
+        file = Path(path)
+        return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
     return AutoTokenizer.from_pretrained(path)
 
 
 class UpstreamHealth:
-    """Follows the upstream through its health URL: SERVING while it answers, NOT_SERVING while it does not."""
+    """Follows the upstream through its health URL: trellis.v1.Worker is SERVING while it answers, NOT_SERVING
+    while it does not (routers and readiness probes ask that service); "" stays SERVING, so a liveness probe
+    does not restart a worker that is fine while its upstream restarts."""
 
     def __init__(self, upstream: Upstream, served: Served, interval_s: float, url: str) -> None:
         self.upstream = upstream
@@ -131,10 +137,22 @@ class UpstreamHealth:
             return []
         return [m.get("id", "") for m in listing.get("data") or [] if isinstance(m, dict)]
 
+    async def check(self) -> None:
+        """StatusError unless the upstream answers. A server without /health (llama-cpp-python's) is followed
+        through <base-url>/models instead, from its first 404 on."""
+        try:
+            await self.upstream.get(self.url)
+        except StatusError as err:
+            if "HTTP 404" not in err.message or self.url.endswith("/models"):
+                raise
+            self.url = self.upstream.config.base_url.rstrip("/") + "/models"
+            log.info("the upstream has no /health: following /models", health_url=self.url)
+            await self.upstream.get(self.url)
+
     async def wait_until_up(self) -> None:
         while True:
             try:
-                await self.upstream.get(self.url)
+                await self.check()
                 return
             except StatusError as err:
                 if err.code in REFUSED_KEY:
@@ -146,7 +164,7 @@ class UpstreamHealth:
         while not self.stopping:
             await asyncio.sleep(self.interval_s)
             try:
-                await self.upstream.get(self.url)
+                await self.check()
                 up, reason = True, ""
             except StatusError as err:
                 if err.code in REFUSED_KEY:
@@ -154,7 +172,7 @@ class UpstreamHealth:
                 up, reason = False, err.message
             if up != self.up and not self.stopping:
                 self.up = up
-                await self.served.set_serving(up)
+                await self.served.set_serving(up, services_only=True)
                 if up:
                     log.info("upstream back: serving")
                 else:

@@ -1,11 +1,16 @@
 """Print pyproject.toml's pinned runtime dependencies as a requirements file, for the image builds.
 
-    python requirements.py pyproject.toml                 # everything (the CPU worker image)
-    python requirements.py --without-ml pyproject.toml    # minus the model stack (router, GPU worker)
+    python requirements.py pyproject.toml                                  # everything (the CPU worker image)
+    python requirements.py --without-ml pyproject.toml                     # minus the model stack (router, GPU worker)
+    python requirements.py --without torch,accelerate,gguf pyproject.toml  # minus the named packages (OpenAI worker)
 
 The pins stay in one place (pyproject.toml). The router imports neither torch nor transformers
 (docs/ARCHITECTURE.md), and the GPU worker runs on the torch, transformers and tokenizers that NVIDIA's
 TensorRT-LLM image was built with, so both images install the rest and then the project with --no-deps.
+The OpenAI-compatible worker forwards to a server that runs the model: it keeps transformers and tokenizers
+(and safetensors, which transformers requires) for --tokenizer, and leaves out torch and what only torch
+uses. --without names must be dependencies in pyproject.toml, so a misspelt one fails the build instead of
+installing the package it meant to leave out.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import sys
 import tomllib
 
 # The model stack: torch_engine's dependencies that no other process imports.
-ML_PACKAGES = frozenset({"torch", "transformers", "tokenizers", "safetensors", "accelerate", "gguf"})
+ML_PACKAGES = frozenset({"torch", "transformers", "tokenizers", "safetensors", "accelerate", "gguf", "jinja2"})
 
 
 def package_name(requirement: str) -> str:
@@ -27,18 +32,29 @@ def package_name(requirement: str) -> str:
     return re.sub(r"[-_.]+", "-", name.group(1)).lower()
 
 
-def requirements(pyproject: str, without_ml: bool) -> list[str]:
+def requirements(pyproject: str, without: frozenset[str] = frozenset()) -> list[str]:
+    """pyproject's dependencies minus the packages named in without (any spelling PEP 503 normalises)."""
     with open(pyproject, "rb") as f:
         dependencies = tomllib.load(f)["project"]["dependencies"]
-    return [r for r in dependencies if not (without_ml and package_name(r) in ML_PACKAGES)]
+    left_out = {package_name(n) for n in without}
+    unknown = left_out - {package_name(r) for r in dependencies}
+    if unknown:
+        raise ValueError(f"not dependencies in {pyproject}: {', '.join(sorted(unknown))}")
+    return [r for r in dependencies if package_name(r) not in left_out]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("pyproject")
     p.add_argument("--without-ml", action="store_true", help="leave out " + ", ".join(sorted(ML_PACKAGES)))
+    p.add_argument("--without", default="", metavar="PKG[,PKG...]", help="leave out these packages")
     args = p.parse_args(argv)
-    print("\n".join(requirements(args.pyproject, args.without_ml)))
+    without = {n.strip() for n in args.without.split(",") if n.strip()} | (ML_PACKAGES if args.without_ml else set())
+    try:
+        pins = requirements(args.pyproject, frozenset(without))
+    except ValueError as err:
+        p.error(str(err))
+    print("\n".join(pins))
     return 0
 
 
