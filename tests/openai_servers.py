@@ -86,6 +86,14 @@ def start_proxy(upstream_root: str, log_dir: Path, name: str = "openai-proxy", p
                   port, log_dir)
 
 
+def start_vllm_classify(model_dir: Path, log_dir: Path, served_name: str,
+                        name: str = "vllm-classify") -> HttpServer:
+    """tests/vllm_classify_server.py: vLLM's classification API over a real reward model (vLLM needs CUDA)."""
+    port = free_port()
+    return _spawn(name, [sys.executable, "-m", "tests.vllm_classify_server", "--port", str(port), "--model",
+                         str(model_dir), "--served-model-name", served_name], port, log_dir)
+
+
 def control(proxy: HttpServer, **changes) -> dict:
     """Set the proxy's faults (see tests/openai_proxy.py) and return what it has seen."""
     data = json.dumps(changes).encode() if changes else None

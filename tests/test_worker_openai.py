@@ -7,6 +7,7 @@ router -> worker_openai -> proxy -> transformers serve, all real processes on lo
 
 from __future__ import annotations
 
+import json
 import time
 
 import grpc
@@ -14,7 +15,7 @@ import pytest
 
 from client.launcher import free_port, start_openai_worker, start_router, start_worker
 from tests.helpers import chat, eventually, run_request
-from tests.openai_servers import HttpServer, control, start_proxy, start_transformers_serve
+from tests.openai_servers import HttpServer, control, start_proxy, start_transformers_serve, start_vllm_classify
 from tests.test_controllers_e2e import PARAMS
 from tests.test_observability import scrape, total
 from tests.test_worker_stream import Stream, ends, generate
@@ -350,3 +351,63 @@ def test_generate_through_the_router_names_the_pool(openai_router):
                                    timeout=60)
     assert reply.model_id == MODEL_ID and reply.completions[0].token_ids
     assert reply.worker_id.startswith("worker-")
+
+
+# ---- an outcome reward model behind vLLM's classification API -------------------------------------------
+
+def test_an_outcome_reward_model_served_by_the_upstream_scores_like_the_cpu_worker(openai_worker, logs, tmp_path):
+    """worker_openai --reward-api classify over vLLM's /classify (served here by tests/vllm_classify_server.py
+    on the tiny reward model): the same rendering and the same model as the CPU worker's, so its scores are the
+    CPU worker's raw logits through vLLM's sigmoid; a router sends it the score tasks of its pool."""
+    import math
+
+    orm = build_tiny_reward_model(tmp_path / "orm", head="sequence", num_labels=1)
+    server = start_vllm_classify(orm, logs, served_name="tiny-orm")
+    reward = cpu = router = None
+    try:
+        server.wait_healthy(timeout=120)
+        reward = start_openai_worker(server.base_url, logs, name="worker-openai-reward",
+                                     extra=["--model", "tiny-orm", "--upstream-kind", "vllm", "--reward-api",
+                                            "classify", "--tokenizer", str(orm)])
+        cpu = start_worker(str(orm), logs, name="cpu-orm", extra=["--threads", "1"])
+        reward.wait_serving(timeout=60)
+        cpu.wait_serving(timeout=120)
+        request = common_pb2.ScoreRequest(prompt=chat("What is 3 + 4?"), candidates=["7", "It is 8.", "seven"],
+                                          kind=common_pb2.SCORE_KIND_OUTCOME)
+        scores, infos = [], []
+        for proc in (reward, cpu):
+            with grpc.insecure_channel(proc.address) as channel:
+                stub = worker_pb2_grpc.WorkerStub(channel)
+                infos.append(stub.Info(worker_pb2.InfoRequest(), timeout=10))
+                s = Stream(stub)
+                try:
+                    s.send(worker_pb2.WorkerRequest(task_id="sc", score=worker_pb2.ScoreTask(request=request)))
+                    done = s.until(lambda r: r.task_id == "sc", deadline=time.monotonic() + 60)[-1]
+                finally:
+                    s.close()
+                scores.append([c.score for c in done.score_result.scores])
+        upstream_scores, cpu_logits = scores
+        assert upstream_scores == pytest.approx([1 / (1 + math.exp(-x)) for x in cpu_logits], abs=1e-4)
+        assert list(infos[0].capabilities) == [common_pb2.CAPABILITY_SCORE_OUTCOME]   # a reward model: no generate
+        assert infos[0].model_id == "tiny-orm"
+        router = start_router([openai_worker.address, reward.address], logs, name="oa-router-reward")
+        router.wait_serving(timeout=60)
+        with grpc.insecure_channel(router.address) as channel:
+            scored = router_pb2_grpc.RouterStub(channel).Score(request, timeout=60)
+        assert scored.worker_id == infos[0].worker_id
+        assert [c.score for c in scored.scores] == pytest.approx(upstream_scores, abs=1e-6)
+    finally:
+        for proc in (router, reward, cpu):
+            if proc is not None:
+                proc.stop()
+        server.stop()
+
+
+def test_a_token_id_prompt_is_decoded_for_an_upstream_that_takes_text_only(openai_stub, clean_proxy, tiny_model):
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(tiny_model)("Once upon a time", add_special_tokens=False)["input_ids"]
+    seen = _result(openai_stub, generate("tok1", stream=False, prompt=common_pb2.Prompt(
+        token_ids=common_pb2.TokenIds(ids=ids)), max_tokens=4, temperature=0.0))
+    assert seen[-1].WhichOneof("kind") == "generate_result", seen[-1]
+    assert json.loads(control(clean_proxy)["bodies"][-1])["prompt"] == "Once upon a time"

@@ -32,7 +32,7 @@ from trellis_rpc.telemetry import add_metrics_args, configure_metrics, configure
 from trellis_rpc.v1 import worker_pb2, worker_pb2_grpc
 from worker_openai.engine import OpenAIEngine
 from worker_openai.sampling_fields import KINDS
-from worker_openai.scoring import VerifierScorer
+from worker_openai.scoring import ClassifyScorer, VerifierScorer
 from worker_openai.upstream import Upstream, UpstreamConfig
 from worker_runtime.service import WorkerService
 
@@ -68,6 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-verifier", action="store_true",
                    help="do not offer SCORE_VERIFIER (yes/no from the upstream's top logprobs)")
     p.add_argument("--max-candidates", type=int, default=64, help="largest number of candidates per score task")
+    p.add_argument("--reward-api", choices=["classify"], default="",
+                   help="the upstream serves an outcome reward model instead of generating: 'classify' is vLLM's "
+                        "classification API (POST /classify; SGLang's /v1/classify); the worker then offers "
+                        "SCORE_OUTCOME only")
+    p.add_argument("--reward-url", default="",
+                   help="where that API is (default: the server's /classify)")
     p.add_argument("--request-retries", type=int, default=2,
                    help="retries of a request that failed to connect or got 502/503/504, before anything streamed")
     p.add_argument("--read-timeout", type=float, default=600.0, help="seconds the upstream may stay silent mid-stream")
@@ -85,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.tls = tls.server_tls(args, p)
     if args.max_concurrency < 1:
         p.error("--max-concurrency: must be >= 1")
+    if args.reward_api and not args.reward_url:
+        args.reward_url = str(httpx.URL(args.base_url).join("/classify"))
     if not args.health_url:
         root = httpx.URL(args.base_url)
         args.health_url = (str(root.join("/health")) if args.upstream_kind != "openai"
@@ -205,17 +213,22 @@ async def serve(args: argparse.Namespace, worker_id: str) -> None:
         if models and model not in models:
             log.warning("the upstream does not list this model", model=model, listed=models[:10])
         kind = KINDS[args.upstream_kind]
-        engine = OpenAIEngine(upstream, kind, model, tokenizer=tokenizer, chat_only=args.chat_only,
-                              max_concurrency=args.max_concurrency, max_context_tokens=args.max_context_tokens,
-                              served_model_id=args.served_model_id)
-        scorer = None
-        if not args.no_verifier and kind.max_logprobs is not None:
-            scorer = VerifierScorer(engine, args.max_candidates)
+        engine = scorer = None
+        if args.reward_api:
+            scorer = ClassifyScorer(upstream, model, args.reward_url, tokenizer=tokenizer,
+                                    engine=f"openai-compatible ({kind.name}, {args.reward_api})",
+                                    max_candidates=args.max_candidates, model_id=args.served_model_id)
+        else:
+            engine = OpenAIEngine(upstream, kind, model, tokenizer=tokenizer, chat_only=args.chat_only,
+                                  max_concurrency=args.max_concurrency, max_context_tokens=args.max_context_tokens,
+                                  served_model_id=args.served_model_id)
+            if not args.no_verifier and kind.max_logprobs is not None:
+                scorer = VerifierScorer(engine, args.max_candidates)
         service.attach(engine, scorer)
         health.up = True
         await served.set_serving(True)
-        log.info("serving", port=served.port, model_id=engine.info.model_id, worker_id=worker_id,
-                 upstream_kind=kind.name, verifier=scorer is not None, pid=os.getpid())
+        log.info("serving", port=served.port, model_id=service.model_id, worker_id=worker_id,
+                 upstream_kind=kind.name, scores=list(scorer.info.kinds) if scorer else [], pid=os.getpid())
         follower = asyncio.ensure_future(health.follow())
         stopper = asyncio.ensure_future(stop.wait())
         await asyncio.wait({follower, stopper}, return_when=asyncio.FIRST_COMPLETED)

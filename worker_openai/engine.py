@@ -142,6 +142,11 @@ class OpenAIEngine:
             raise invalid("prompt.chat.continue_final_message",
                           f"continuing a chat's final message needs --tokenizer on this worker (the upstream, "
                           f"{self.kind.name}, cannot continue a message through /chat/completions)")
+        if base.token_ids is not None and not self.kind.token_prompts:
+            if self.tokenizer is None:
+                raise invalid("prompt.token_ids", f"the upstream ({self.kind.name}) takes text prompts only; "
+                                                  f"send text, or give this worker --tokenizer to decode ids")
+            base = UpstreamPrompt(text=self.tokenizer.decode(list(base.token_ids)))
         if self.chat_only and not base.chat:
             raise invalid("prompt.text", "this worker's upstream has only /chat/completions (--chat-only): send "
                                          "prompt.chat")

@@ -36,7 +36,7 @@ class UpstreamKind:
                                       # applies them (it always does too, and closes the stream at a match)
     token_ids_in_logprobs: str = ""   # a request field that makes logprob tokens say their ids
     chat_continuation: bool = False   # chat completions can continue the final (assistant) message
-    note: str = ""
+    token_prompts: bool = True        # /completions takes a prompt of token ids
 
 
 KINDS: dict[str, UpstreamKind] = {k.name: k for k in (
@@ -46,10 +46,11 @@ KINDS: dict[str, UpstreamKind] = {k.name: k for k in (
     UpstreamKind("llamacpp", {"top_k": "top_k", "min_p": "min_p", "repetition_penalty": "repeat_penalty"}),
     UpstreamKind("openai", {}, max_logprobs=5, max_stop=4),
     # transformers serve: temperature, top_p, max_tokens and seed; it ignores logprobs and presence_penalty,
-    # reads frequency_penalty as a repetition penalty (refused), and at a stop string drops only the last
-    # token's text, so the worker matches stop strings itself.
+    # reads frequency_penalty as a repetition penalty (refused), at a stop string drops only the last token's
+    # text (so the worker matches stop strings itself), and takes text prompts only. For anything not sent it
+    # applies the model's generation_config (top_k 50 unless the model says otherwise).
     UpstreamKind("transformers", {}, max_logprobs=None, presence_penalty=False, frequency_penalty=False, stop=False,
-                 note="transformers serve applies the model's generation_config for anything not sent"),
+                 token_prompts=False),
 )}
 
 
