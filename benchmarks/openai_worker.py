@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -98,7 +99,17 @@ async def trellis_vote(stub: router_pb2_grpc.RouterStub, max_tokens: int, n: int
     return time.perf_counter() - start
 
 
-async def measure(base_url: str, router_address: str, rounds: int, max_tokens: int, votes: int) -> None:
+def cpu_s(pids: tuple[int, ...]) -> float:
+    """User + system CPU seconds the processes have used (Linux /proc)."""
+    total = 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+async def measure(base_url: str, router_address: str, rounds: int, max_tokens: int, votes: int,
+                  hop_pids: tuple[int, ...]) -> None:
     async with httpx.AsyncClient(base_url=base_url + "/", timeout=120) as client, \
             grpc.aio.insecure_channel(router_address) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
@@ -115,15 +126,19 @@ async def measure(base_url: str, router_address: str, rounds: int, max_tokens: i
             trellis.append(t)
         report_stream(direct, trellis)
         dv, tv = [], []
+        hop_cpu = 0.0
         for i in range(votes):
             if i % 2 == 0:
                 dv.append(await direct_vote(client, max_tokens, 8))
-                tv.append(await trellis_vote(stub, max_tokens, 8))
-            else:
-                tv.append(await trellis_vote(stub, max_tokens, 8))
+            before = cpu_s(hop_pids)
+            tv.append(await trellis_vote(stub, max_tokens, 8))
+            hop_cpu += cpu_s(hop_pids) - before
+            if i % 2 == 1:
                 dv.append(await direct_vote(client, max_tokens, 8))
         print(f"majority vote n=8 ({votes} votes, {max_tokens} tokens each sample): direct p50 {p50(dv):.3f} s, "
               f"Trellis p50 {p50(tv):.3f} s, Trellis/direct {p50(tv) / p50(dv):.3f}")
+        print(f"  CPU of the hop (router + worker_openai) during the Trellis votes: {hop_cpu:.2f} s, "
+              f"{hop_cpu / (votes * 8 * max_tokens) * 1000:.2f} ms per token")
 
 
 def report_stream(direct: list[tuple[float, float, int]], trellis: list[tuple[float, float, int]]) -> None:
@@ -156,7 +171,8 @@ def main() -> None:
         worker.wait_serving(timeout=60)
         router = start_router([worker.address], LOGS)
         router.wait_serving(timeout=60)
-        asyncio.run(measure(server.base_url, router.address, args.rounds, args.max_tokens, args.votes))
+        asyncio.run(measure(server.base_url, router.address, args.rounds, args.max_tokens, args.votes,
+                            (router.popen.pid, worker.popen.pid)))
     finally:
         for proc in (router, worker):
             if proc is not None:

@@ -166,19 +166,19 @@ def test_kept_prompts_fork_continue_expire_and_release():
     kept.keep("run1/t1/0", UpstreamPrompt(text="a"), ttl_s=60)
     kept.keep("run1/t1/1", UpstreamPrompt(text="b"), ttl_s=0.01)
     kept.keep("run2/t1/0", UpstreamPrompt(text="c"), ttl_s=60)
-    assert kept.take("run1/t1/0", fork=True).text == "a"      # a fork leaves it
-    assert kept.take("run1/t1/0", fork=False).text == "a"     # a continuation uses it up
+    assert kept.get("run1/t1/0").text == "a"
+    kept.use_up("run1/t1/0")                                   # a continuation took it over
     with pytest.raises(StatusError) as err:
-        kept.take("run1/t1/0", fork=True)
-    assert err.value.code == grpc.StatusCode.NOT_FOUND
+        kept.get("run1/t1/0")
+    assert err.value.code == grpc.StatusCode.NOT_FOUND and err.value.field == "generate.source"
     time.sleep(0.02)
     with pytest.raises(StatusError):
-        kept.take("run1/t1/1", fork=True)                      # expired
+        kept.get("run1/t1/1")                                  # expired
     kept.release("run2")
     assert len(kept) == 0
     for i in range(5):
         kept.keep(f"r/{i}", UpstreamPrompt(text=str(i)), ttl_s=60)
-    assert len(kept) == 3 and kept.take("r/4", fork=True).text == "4"   # the oldest went first
+    assert len(kept) == 3 and kept.get("r/4").text == "4"   # the oldest went first
 
 
 def test_yes_probability_from_top_logprobs():

@@ -90,6 +90,8 @@ class OpenAIEngine:
         if self.in_flight + sampling.n > self.max_concurrency:
             raise resource_exhausted(f"this worker has {self.in_flight} of its {self.max_concurrency} upstream "
                                      f"requests in flight; the task needs {sampling.n}")
+        if source is not None and not source.fork:
+            self.kept.use_up(source.handle)   # only now: a refused continuation leaves its sequence kept
         headers: dict[str, str] = {}
         propagate.inject(headers)   # traceparent: the upstream's own spans join the run's trace
         task = _Task()
@@ -135,7 +137,7 @@ class OpenAIEngine:
 
     def _prompt(self, prompt: PromptInput, source: SequenceSource | None) -> UpstreamPrompt:
         if source is not None:
-            base = self.kept.take(source.handle, source.fork).extended(appended_text(prompt), self.tokenizer)
+            base = self.kept.get(source.handle).extended(appended_text(prompt), self.tokenizer)
         else:
             base = render(prompt, self.tokenizer)
         if base.chat and base.continue_final and not self.kind.chat_continuation:

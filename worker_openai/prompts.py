@@ -100,15 +100,18 @@ class KeptPrompts:
         while len(self._kept) > self.capacity:
             self._kept.popitem(last=False)
 
-    def take(self, handle: str, fork: bool) -> UpstreamPrompt:
+    def get(self, handle: str) -> UpstreamPrompt:
+        """The kept prompt; NOT_FOUND naming generate.source when there is none."""
         self._tidy()
         kept = self._kept.get(handle)
         if kept is None:
             raise not_found(f"generate.source: no kept sequence {handle!r} (expired, used up or never kept)",
                             "generate.source")
-        if not fork:
-            del self._kept[handle]
         return kept.prompt
+
+    def use_up(self, handle: str) -> None:
+        """A continuation took the sequence over: the handle is gone (a fork leaves it)."""
+        self._kept.pop(handle, None)
 
     def release(self, task_prefix: str) -> None:
         prefix = task_prefix + "/"
