@@ -411,3 +411,44 @@ def test_a_token_id_prompt_is_decoded_for_an_upstream_that_takes_text_only(opena
         token_ids=common_pb2.TokenIds(ids=ids)), max_tokens=4, temperature=0.0))
     assert seen[-1].WhichOneof("kind") == "generate_result", seen[-1]
     assert json.loads(control(clean_proxy)["bodies"][-1])["prompt"] == "Once upon a time"
+
+
+def test_without_a_tokenizer_chats_use_chat_completions_and_concurrency_is_admitted(clean_proxy, tiny_model, logs):
+    """No --tokenizer: a chat goes to /chat/completions as messages (continuing one needs an upstream that can,
+    refused here by name); --max-concurrency 2 admits two requests and refuses a third with RESOURCE_EXHAUSTED,
+    and the load report counts what is in flight."""
+    worker = start_openai_worker(clean_proxy.base_url, logs, name="worker-openai-notok",
+                                 extra=["--model", str(tiny_model), "--upstream-kind", "transformers",
+                                        "--max-concurrency", "2", "--health-interval", "0.3"])
+    try:
+        worker.wait_serving(timeout=60)
+        with grpc.insecure_channel(worker.address) as channel:
+            stub = worker_pb2_grpc.WorkerStub(channel)
+            done = _result(stub, generate("chat1", stream=False, prompt=chat("Hello there"), max_tokens=4))[-1]
+            assert done.WhichOneof("kind") == "generate_result"
+            body = json.loads(control(clean_proxy)["bodies"][-1])
+            assert body["messages"] == [{"role": "user", "content": "Hello there"}] and "prompt" not in body
+
+            continued = common_pb2.Prompt(chat=common_pb2.ChatMessages(
+                messages=[common_pb2.ChatMessage(role="user", content="Hi"),
+                          common_pb2.ChatMessage(role="assistant", content="Hel")], continue_final_message=True))
+            error = _result(stub, generate("chat2", prompt=continued, max_tokens=4))[-1].error
+            assert error.field == "prompt.chat.continue_final_message" and "--tokenizer" in error.message
+
+            control(clean_proxy, chunk_delay_s=0.05)
+            s = Stream(stub)
+            try:
+                s.send(generate("busy", prompt=common_pb2.Prompt(text="Count:"), max_tokens=200, n=2,
+                                temperature=0.0))
+                s.until(lambda r: r.WhichOneof("kind") == "load" and r.load.running_sequences == 2,
+                        deadline=time.monotonic() + 30)   # the load report counts both requests in flight
+                s.send(generate("third", prompt=common_pb2.Prompt(text="Hi"), max_tokens=2))
+                refused = s.until(ends("third"), deadline=time.monotonic() + 30)
+                s.send(worker_pb2.WorkerRequest(task_id="x", cancel=worker_pb2.CancelTask(target_task_id="busy")))
+                s.until(ends("busy"), deadline=time.monotonic() + 30)
+            finally:
+                s.close()
+            error = refused[-1].error
+            assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and "2 of its 2" in error.message
+    finally:
+        worker.stop()
