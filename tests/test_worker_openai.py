@@ -452,3 +452,41 @@ def test_without_a_tokenizer_chats_use_chat_completions_and_concurrency_is_admit
             assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and "2 of its 2" in error.message
     finally:
         worker.stop()
+
+
+def test_the_workers_spans_time_the_upstream_and_its_trace_continues_upstream(clean_proxy, tiny_model, logs):
+    """With tracing on, worker.generate names the upstream and has the upstream's TTFT (worker.prefill) and its
+    streaming (worker.decode) as phases; the traceparent the upstream gets is worker.generate's own."""
+    import secrets
+    from concurrent import futures
+
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
+    from tests.test_observability import Collector, attrs
+
+    sink, server = Collector(), grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(sink, server)
+    port = free_port()
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    env = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+           "OTEL_EXPORTER_OTLP_INSECURE": "true", "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    worker = start_openai_worker(clean_proxy.base_url, logs, extra=worker_args(tiny_model), env=env,
+                                 name="worker-openai-traced")
+    try:
+        worker.wait_serving(timeout=60)
+        trace_id = secrets.token_hex(16)
+        task = generate("tr1", stream=False, prompt=common_pb2.Prompt(text="hi"), max_tokens=6, temperature=0.0)
+        task.trace_context["traceparent"] = f"00-{trace_id}-{secrets.token_hex(8)}-01"
+        with grpc.insecure_channel(worker.address) as channel:
+            _result(worker_pb2_grpc.WorkerStub(channel), task)
+        spans = {s.name: s for _, s in sink.trace(trace_id, lambda got: {"worker.generate", "worker.decode"}
+                                                  <= {s.name for s in got})}
+    finally:
+        worker.stop()
+        server.stop(0)
+    generate_span = spans["worker.generate"]
+    assert attrs(generate_span)["trellis.upstream"] == f"transformers {clean_proxy.base_url}"
+    for phase in ("worker.prefill", "worker.decode"):
+        assert spans[phase].parent_span_id == generate_span.span_id
+    assert control(clean_proxy)["traceparent"] == f"00-{trace_id}-{generate_span.span_id.hex()}-01"

@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from opentelemetry import propagate
+from opentelemetry import propagate, trace
 
 from trellis_rpc.errors import StatusError, internal, invalid, resource_exhausted, unavailable
 from trellis_rpc.sampling import SamplingConfig, derive_seed
@@ -94,6 +94,9 @@ class OpenAIEngine:
             self.kept.use_up(source.handle)   # only now: a refused continuation leaves its sequence kept
         headers: dict[str, str] = {}
         propagate.inject(headers)   # traceparent: the upstream's own spans join the run's trace
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attribute("trellis.upstream", f"{self.kind.name} {self.upstream.config.base_url}")
         task = _Task()
         self._tasks[task_id] = task
         samples = [_Sample(i) for i in range(sampling.n)]
@@ -233,4 +236,9 @@ class OpenAIEngine:
             queue_ms=0.0,
             ttft_ms=((task.first_token_at or now) - started) * 1000.0,
             latency_ms=(now - started) * 1000.0,
-            handles=handles)
+            handles=handles,
+            # The worker's spans show the upstream's time to the first token (prefill) and its streaming
+            # after it (decode, one step per token of the longest sample).
+            prefill_batch_size=len(samples),
+            decode_steps=max((len(s.token_ids) for s in samples), default=1) - 1,
+            decode_batch_mean=float(len(samples)))
