@@ -4,9 +4,9 @@
         --tokenizer /models/Qwen2.5-7B-Instruct --port 50061
 
 The API key comes from --api-key-file or the environment (TRELLIS_UPSTREAM_API_KEY, else OPENAI_API_KEY), never
-from the command line, and is never logged. The worker listens at once, NOT_SERVING until the upstream answers;
-it follows the upstream's health from then on (trellis.v1.Worker NOT_SERVING while it is down). An upstream that refuses
-the key is a configuration error: the worker says so and exits 2, rather than failing every request.
+from the command line, and is never logged. The worker listens at once, NOT_SERVING until the upstream answers,
+and follows the upstream's health from then on (health.py). An upstream that refuses the key is a configuration
+error: the worker says so and exits 2, rather than failing every request.
 """
 
 from __future__ import annotations
@@ -20,17 +20,17 @@ import sys
 import uuid
 from pathlib import Path
 
-import grpc
 import httpx
 import structlog
 
 from trellis_rpc import tls
 from trellis_rpc.errors import StatusError
 from trellis_rpc.logs import configure_logging
-from trellis_rpc.server import Served, start_server
+from trellis_rpc.server import start_server
 from trellis_rpc.telemetry import add_metrics_args, configure_metrics, configure_tracing, shutdown_telemetry
 from trellis_rpc.v1 import worker_pb2, worker_pb2_grpc
 from worker_openai.engine import OpenAIEngine
+from worker_openai.health import REFUSED_KEY, UpstreamHealth
 from worker_openai.sampling_fields import KINDS
 from worker_openai.scoring import ClassifyScorer, VerifierScorer
 from worker_openai.upstream import Upstream, UpstreamConfig
@@ -39,7 +39,6 @@ from worker_runtime.service import WorkerService
 log = structlog.get_logger(__name__)
 
 KEY_ENV = ("TRELLIS_UPSTREAM_API_KEY", "OPENAI_API_KEY")
-REFUSED_KEY = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -118,73 +117,6 @@ def load_tokenizer(path: str):
         file = Path(path)
         return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
     return AutoTokenizer.from_pretrained(path)
-
-
-class UpstreamHealth:
-    """Follows the upstream through its health URL: trellis.v1.Worker is SERVING while it answers, NOT_SERVING
-    while it does not (routers and readiness probes ask that service); "" stays SERVING, so a liveness probe
-    does not restart a worker that is fine while its upstream restarts."""
-
-    def __init__(self, upstream: Upstream, served: Served, interval_s: float, url: str) -> None:
-        self.upstream = upstream
-        self.served = served
-        self.interval_s = interval_s
-        self.url = url
-        self.up: bool | None = None
-        self.stopping = False
-
-    async def models(self) -> list[str]:
-        """The model ids the upstream lists, [] when it lists none it can say; raises a refused key. This is
-        where a bad key shows at start: /health needs no key on the servers that have one."""
-        try:
-            listing = await self.upstream.get_json("models")
-        except StatusError as err:
-            if err.code in REFUSED_KEY:
-                raise
-            log.warning("the upstream's /models did not answer", error=err.message)
-            return []
-        return [m.get("id", "") for m in listing.get("data") or [] if isinstance(m, dict)]
-
-    async def check(self) -> None:
-        """StatusError unless the upstream answers. A server without /health (llama-cpp-python's) is followed
-        through <base-url>/models instead, from its first 404 on."""
-        try:
-            await self.upstream.get(self.url)
-        except StatusError as err:
-            if "HTTP 404" not in err.message or self.url.endswith("/models"):
-                raise
-            self.url = self.upstream.config.base_url.rstrip("/") + "/models"
-            log.info("the upstream has no /health: following /models", health_url=self.url)
-            await self.upstream.get(self.url)
-
-    async def wait_until_up(self) -> None:
-        while True:
-            try:
-                await self.check()
-                return
-            except StatusError as err:
-                if err.code in REFUSED_KEY:
-                    raise
-                log.warning("upstream not answering yet", health_url=self.url, error=err.message)
-            await asyncio.sleep(self.interval_s)
-
-    async def follow(self) -> None:
-        while not self.stopping:
-            await asyncio.sleep(self.interval_s)
-            try:
-                await self.check()
-                up, reason = True, ""
-            except StatusError as err:
-                if err.code in REFUSED_KEY:
-                    raise
-                up, reason = False, err.message
-            if up != self.up and not self.stopping:
-                self.up = up
-                await self.served.set_serving(up, services_only=True)
-                if up:
-                    log.info("upstream back: serving")
-                else:
-                    log.warning("upstream down: not serving", error=reason)
 
 
 async def serve(args: argparse.Namespace, worker_id: str) -> None:
