@@ -198,7 +198,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--concurrency", type=int, default=8, help="runs in flight")
     p.add_argument("--model", default="default", help="worker model when starting one here")
-    p.add_argument("--dtype", default="bfloat16", help="worker dtype when starting one here")
+    p.add_argument("--dtype", default="auto", help="worker dtype when starting one here (auto: what the CPU runs)")
     p.add_argument("--markdown", type=Path, help="write the table here")
     p.add_argument("--json", type=Path, help="write per-cell results here")
     p.set_defaults(func=cmd_eval)

@@ -2,7 +2,7 @@
 
     trellis up --cpu-workers 2                      # router on 127.0.0.1:50051 plus two CPU workers
     trellis up --cpu-workers 2 --metrics 9464       # Prometheus endpoints on 9464 (router), 9465, 9466
-    trellis up --model ./my-hf-model --worker-arg=--dtype=bfloat16 --router-arg=--routing=round_robin
+    trellis up --model ./my-hf-model --worker-arg=--dtype=float32 --router-arg=--routing=round_robin
 
 Discovery works as in Kubernetes (deploy/k8s): the router is given `--workers file:PATH` and re-reads
 that file every `--discovery-interval` seconds; a worker's address is written there once the worker
@@ -71,7 +71,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--discovery-interval", type=float, default=1.0,
                    help="seconds between the router's re-reads of the discovery file")
     p.add_argument("--worker-arg", action="append", default=[], metavar="ARG",
-                   help="extra argument for every worker, repeatable; write it with '=': --worker-arg=--dtype=bfloat16")
+                   help="extra argument for every worker, repeatable; write it with '=': --worker-arg=--dtype=float32")
     p.add_argument("--router-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for the router, repeatable: --router-arg=--routing=round_robin")
     p.add_argument("--log-dir", type=Path, help="where the processes' logs go (default: a new temporary directory)")

@@ -11,6 +11,7 @@ import uuid
 
 import structlog
 
+from torch_engine.cpu_dtype import DTYPES, choose_dtype
 from torch_engine.model_loader import add_model_args
 from trellis_rpc import tls
 from trellis_rpc.logs import configure_logging
@@ -28,7 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Hugging Face model directory, a .gguf file, or 'default' (bundled SmolLM2-135M-Instruct)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50061, help="0 picks a free port (printed in the 'serving' log line)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="auto: bfloat16 where the CPU runs it natively (avx512_bf16, amx_bf16), float32 elsewhere")
     p.add_argument("--max-batch-size", type=int, default=64, help="cap on running sequences")
     p.add_argument("--kv-cache-tokens", type=int, default=65536,
                    help="KV cache capacity in tokens, preallocated in blocks (SmolLM2-135M fp32: 46 KB per token)")
@@ -66,6 +68,11 @@ def main(argv: list[str] | None = None) -> None:
 
         hf_logging.disable_progress_bar()
     worker_id = args.worker_id or f"worker-{uuid.uuid4().hex[:8]}"
+    dtype = choose_dtype(args.dtype)
+    if dtype.warning:
+        log.warning("slow dtype for this CPU", dtype=dtype.dtype, warning=dtype.warning)
+    else:
+        log.info("dtype", dtype=dtype.dtype, requested=args.dtype, reason=dtype.reason)
     configure_tracing("worker", instance=worker_id)
     metrics_port = configure_metrics("worker", args.metrics_port, args.metrics_host, instance=worker_id)
     if metrics_port:
@@ -112,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
                          threads=args.threads or None, max_context=args.max_context_tokens)
     try:
         try:
-            loaded = load_any(args.model, args.dtype, args.trust_remote_code)
+            loaded = load_any(args.model, dtype.dtype, args.trust_remote_code)
         except ValueError as err:   # a model this worker will not or cannot load: say why, exit 2
             log.error("cannot load the model", model=args.model, error=str(err))
             raise SystemExit(2) from err
