@@ -82,7 +82,8 @@ def prm_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reward_workers(orm_dir, prm_dir, logs):
-    procs = [start_worker(str(path), logs, name=name, extra=["--threads", "1"])
+    # float32: the scores are checked against the HF model's own in float32 (--dtype auto may pick bfloat16)
+    procs = [start_worker(str(path), logs, name=name, extra=["--threads", "1", "--dtype", "float32"])
              for path, name in ((orm_dir, "orm-worker"), (prm_dir, "prm-worker"))]
     try:
         for p in procs:
