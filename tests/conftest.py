@@ -70,7 +70,9 @@ def logs(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_worker(tiny_model, logs) -> Process:
-    proc = start_worker(str(tiny_model), logs, name="tiny-worker", extra=["--threads", "1"])
+    # float32: tests check its verifier and logprobs against the HF model's own in float32 (--dtype auto, the
+    # default, picks bfloat16 on CPUs with bf16 instructions; test_smollm2 runs the default)
+    proc = start_worker(str(tiny_model), logs, name="tiny-worker", extra=["--threads", "1", "--dtype", "float32"])
     try:
         proc.wait_serving(timeout=120)
         yield proc
