@@ -369,7 +369,7 @@ def test_an_outcome_reward_model_served_by_the_upstream_scores_like_the_cpu_work
         reward = start_openai_worker(server.base_url, logs, name="worker-openai-reward",
                                      extra=["--model", "tiny-orm", "--upstream-kind", "vllm", "--reward-api",
                                             "classify", "--tokenizer", str(orm)])
-        cpu = start_worker(str(orm), logs, name="cpu-orm", extra=["--threads", "1"])
+        cpu = start_worker(str(orm), logs, name="cpu-orm", extra=["--threads", "1", "--dtype", "float32"])
         reward.wait_serving(timeout=60)
         cpu.wait_serving(timeout=120)
         request = common_pb2.ScoreRequest(prompt=chat("What is 3 + 4?"), candidates=["7", "It is 8.", "seven"],
