@@ -20,6 +20,7 @@ from transformers import (
 
 from tests.helpers import eventually
 from torch_engine.engine import TorchEngine
+from torch_engine.model.quant import Int8Weight, linear, quantize_int8
 from torch_engine.model_loader import LoadedModel
 from trellis_rpc.sampling import SamplingConfig
 from worker_runtime.engine_api import Delta, Finished, PromptInput
@@ -204,6 +205,36 @@ def test_bf16_agrees_with_fp32(tokenizer):
                 assert abs(torch.tensor(alt.logprob).exp() - probs[alt.token_id]) < 0.02
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_int8_weights_agree_with_fp32(arch, tokenizer):
+    """--quantize int8: every linear (the lm_head too) int8 per output channel; next-token probabilities within
+    0.02 of the float32 model's, and the greedy token the same or as likely within 0.02."""
+    engine, model = make_engine(arch, tokenizer, quantize="int8")
+    ps = prompts(3, 24, seed=2)
+    with torch.inference_mode():
+        ref = [model(torch.tensor([p])).logits[0, -1].softmax(-1) for p in ps]
+    try:
+        assert isinstance(engine.decoder.w.lm_head, Int8Weight)
+        assert all(isinstance(layer.up, Int8Weight) for layer in engine.decoder.w.layers)
+        done = run(engine, [(p, SamplingConfig(temperature=0.0, max_tokens=1, logprobs=5)) for p in ps])
+        for probs, f in zip(ref, done, strict=True):
+            lp = f.completions[0].logprobs[0]
+            assert lp.token_id == int(probs.argmax()) or probs[lp.token_id] > probs.max() - 0.02
+            for alt in lp.top:
+                assert abs(torch.tensor(alt.logprob).exp() - probs[alt.token_id]) < 0.02
+    finally:
+        engine.close()
+
+
+def test_int8_quantization_is_within_half_a_step_per_channel():
+    w = torch.randn(32, 48) * torch.linspace(0.01, 3, 32)[:, None]    # channels of very different ranges
+    q = quantize_int8(w)
+    assert q.q.dtype == torch.int8 and q.scales.shape == (32,)
+    assert ((q.q.float() * q.scales[:, None] - w).abs() <= q.scales[:, None] / 2 + 1e-6).all()
+    x = torch.randn(5, 48)
+    assert torch.allclose(linear(x, q), x @ (q.q.float() * q.scales[:, None]).T, atol=1e-4)
 
 
 def _generate(engine, task_id, ids, cfg, source=None, keep=None):

@@ -26,6 +26,7 @@ from torch_engine.block_manager import BlockManager
 from torch_engine.detokenizer import IncrementalDetokenizer
 from torch_engine.kept import KeptSequences
 from torch_engine.model import KVCache, PagedDecoder, decoder_from_hf
+from torch_engine.model.quant import quantize_decoder
 from torch_engine.model_loader import LoadedModel
 from torch_engine.model_runner import ModelRunner
 from torch_engine.sampler import Row, sample
@@ -61,8 +62,9 @@ class EngineStats:
 class TorchEngine:
     def __init__(self, loaded: LoadedModel, max_batch_size: int = 64, kv_cache_tokens: int = 65536,
                  threads: int | None = None, max_num_tokens: int = 512, block_size: int = 16,
-                 start_thread: bool = True, max_context: int = 0) -> None:
-        """max_context: tokens per sequence (prompt and generated), below the model's own limit; 0: the model's."""
+                 start_thread: bool = True, max_context: int = 0, quantize: str = "none") -> None:
+        """max_context: tokens per sequence (prompt and generated), below the model's own limit; 0: the model's.
+        quantize: the linears' weights, "none" (the model's dtype) or "int8" (torch_engine/model/quant.py)."""
         self.tokenizer = loaded.tokenizer
         model = loaded.model
         self.dtype = next(model.parameters()).dtype
@@ -73,7 +75,7 @@ class TorchEngine:
         self._on_device = contextlib.nullcontext() if self.device.type == "cpu" else self.device
         with self._on_device:
             self._build(model, max_batch_size, kv_cache_tokens, max_num_tokens, block_size, loaded.model_id,
-                        max_context)
+                        max_context, quantize)
         self._threads = threads
         self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._requests: dict[str, Request] = {}
@@ -85,8 +87,8 @@ class TorchEngine:
             self._thread.start()
 
     def _build(self, model, max_batch_size: int, kv_cache_tokens: int, max_num_tokens: int, block_size: int,
-               model_id: str, max_context: int) -> None:
-        self.decoder = PagedDecoder(decoder_from_hf(model, self.dtype), self.dtype)
+               model_id: str, max_context: int, quantize: str) -> None:
+        self.decoder = PagedDecoder(quantize_decoder(decoder_from_hf(model, self.dtype), quantize), self.dtype)
         spec = self.decoder.spec
         self.max_context = min(spec.max_positions, max_context or spec.max_positions)
         self.vocab = spec.vocab

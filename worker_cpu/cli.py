@@ -12,6 +12,7 @@ import uuid
 import structlog
 
 from torch_engine.cpu_dtype import DTYPES, choose_dtype
+from torch_engine.model.quant import QUANTIZE_MODES
 from torch_engine.model_loader import add_model_args
 from trellis_rpc import tls
 from trellis_rpc.logs import configure_logging
@@ -31,6 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=50061, help="0 picks a free port (printed in the 'serving' log line)")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="auto: bfloat16 where the CPU runs it natively (avx512_bf16, amx_bf16), float32 elsewhere")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
+                   help="int8: every linear's weights int8 per output channel (a quarter of float32's bytes per "
+                        "step); none: the dtype's")
     p.add_argument("--max-batch-size", type=int, default=64, help="cap on running sequences")
     p.add_argument("--kv-cache-tokens", type=int, default=65536,
                    help="KV cache capacity in tokens, preallocated in blocks (SmolLM2-135M fp32: 46 KB per token)")
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
             engine = TorchEngine(loaded, max_batch_size=args.max_batch_size, kv_cache_tokens=kv_tokens,
                                  threads=args.threads or None, max_num_tokens=args.max_num_tokens,
                                  block_size=args.block_size, start_thread=False,
-                                 max_context=args.max_context_tokens)
+                                 max_context=args.max_context_tokens, quantize=args.quantize)
             if not args.no_verifier:
                 try:  # the verifier runs the Hugging Face model on a thread of its own
                     scorer = scorer_for(loaded, **score_options)

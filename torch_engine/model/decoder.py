@@ -13,21 +13,22 @@ import torch
 import torch.nn.functional as F
 
 from torch_engine.model.kv_cache import KVCache
+from torch_engine.model.quant import Int8Weight, linear
 
 
 @dataclass
 class LayerWeights:
     norm1: torch.Tensor
     norm1_bias: torch.Tensor | None
-    qkv: torch.Tensor                   # [(H + 2 * Hkv) * D, hidden]
+    qkv: torch.Tensor | Int8Weight      # [(H + 2 * Hkv) * D, hidden]
     qkv_bias: torch.Tensor | None
-    out: torch.Tensor                   # [hidden, H * D]
+    out: torch.Tensor | Int8Weight      # [hidden, H * D]
     out_bias: torch.Tensor | None
     norm2: torch.Tensor
     norm2_bias: torch.Tensor | None
-    up: torch.Tensor                    # gated: [2 * I, hidden] (gate then up); plain: [I, hidden]
+    up: torch.Tensor | Int8Weight       # gated: [2 * I, hidden] (gate then up); plain: [I, hidden]
     up_bias: torch.Tensor | None
-    down: torch.Tensor                  # [hidden, I]
+    down: torch.Tensor | Int8Weight     # [hidden, I]
     down_bias: torch.Tensor | None
 
 
@@ -56,7 +57,7 @@ class DecoderWeights:
     layers: list[LayerWeights]
     final_norm: torch.Tensor
     final_norm_bias: torch.Tensor | None
-    lm_head: torch.Tensor               # [vocab, hidden]
+    lm_head: torch.Tensor | Int8Weight  # [vocab, hidden]
     lm_head_bias: torch.Tensor | None = None
     rope_cos: torch.Tensor | None = None  # [max_positions, head_dim], float32
     rope_sin: torch.Tensor | None = None
@@ -190,7 +191,7 @@ class PagedDecoder:
         only_decodes = nd == T
         for i, layer in enumerate(w.layers):
             h = self._norm(x, layer.norm1, layer.norm1_bias)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            qkv = linear(h, layer.qkv, layer.qkv_bias)
             if cos is not None:
                 # q and k rotate together: one set of elementwise ops instead of two.
                 qk = qkv[:, :(H + Hkv) * D].view(T, H + Hkv, D)
@@ -211,15 +212,15 @@ class PagedDecoder:
                 for chunk, context in zip(step.prefills, prefill_contexts, strict=True):
                     a, b = chunk.start, chunk.start + chunk.length
                     attn[a:b] = self._prefill_attention(q[a:b], k[a:b], v[a:b], kv, i, chunk, context)
-            x = x + F.linear(attn.reshape(T, H * D), layer.out, layer.out_bias)
+            x = x + linear(attn.reshape(T, H * D), layer.out, layer.out_bias)
             h = self._norm(x, layer.norm2, layer.norm2_bias)
             if s.gated_mlp:
-                gate, up = F.linear(h, layer.up, layer.up_bias).chunk(2, dim=-1)
+                gate, up = linear(h, layer.up, layer.up_bias).chunk(2, dim=-1)
                 h = self._act(gate) * up
             else:
-                h = self._act(F.linear(h, layer.up, layer.up_bias))
-            x = x + F.linear(h, layer.down, layer.down_bias)
+                h = self._act(linear(h, layer.up, layer.up_bias))
+            x = x + linear(h, layer.down, layer.down_bias)
         if step.logits_rows is not None:
             x = x[step.logits_rows]
         x = self._norm(x, w.final_norm, w.final_norm_bias)
-        return F.linear(x, w.lm_head, w.lm_head_bias).float()
+        return linear(x, w.lm_head, w.lm_head_bias).float()
