@@ -231,7 +231,7 @@ class RemoteRunner:
                         samples[indexes[j]].handle = handle
                     return result
         except StatusError as err:
-            if used and err.code == grpc.StatusCode.UNAVAILABLE:
+            if used and used[-1].info is not None and err.code == grpc.StatusCode.UNAVAILABLE:
                 failed.add(used[-1].info.worker_id)
             raise
         raise StatusError(grpc.StatusCode.INTERNAL, "worker ended the task without a result")
