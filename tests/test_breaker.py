@@ -74,3 +74,27 @@ def test_a_failing_worker_is_ejected_then_readmitted_when_healthy():
             await pool.close()
 
     asyncio.run(main())
+
+
+def test_a_migration_passes_over_the_worker_that_just_failed_the_task():
+    """pick(avoid=...) skips the workers that failed this task while another can take it (a worker whose backend
+    died keeps its link, and prefix affinity would send the resumed task straight back); with no other, it
+    still picks one rather than failing the task."""
+    async def main():
+        services = []
+        for wid in ("a", "b"):
+            service = WorkerService(worker_id=wid)
+            service.attach(ConstantSpeedEngine())
+            services.append(service)
+        pool = WorkerPool([], services=services, routing=RoutingPolicy("kv"))
+        pool.start()
+        try:
+            picks = {(await pool.pick(prompt_key="same prompt" * 20, avoid={"a"}, wait_s=5)).info.worker_id
+                     for _ in range(6)}
+            assert picks == {"b"}
+            last_resort = await pool.pick(prompt_key="same prompt" * 20, avoid={"a", "b"}, wait_s=5)
+            assert last_resort.info.worker_id in {"a", "b"}
+        finally:
+            await pool.close()
+
+    asyncio.run(main())
