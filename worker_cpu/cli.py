@@ -7,7 +7,6 @@ import asyncio
 import os
 import signal
 import threading
-import uuid
 
 import structlog
 
@@ -17,9 +16,10 @@ from torch_engine.model_loader import add_model_args
 from trellis_rpc import tls
 from trellis_rpc.logs import configure_logging
 from trellis_rpc.server import start_server
-from trellis_rpc.telemetry import add_metrics_args, configure_metrics, configure_tracing, shutdown_telemetry
+from trellis_rpc.telemetry import add_metrics_args, shutdown_telemetry
 from trellis_rpc.v1 import worker_pb2, worker_pb2_grpc
 from worker_runtime.service import WorkerService
+from worker_runtime.telemetry import start_worker_telemetry
 
 log = structlog.get_logger(__name__)
 
@@ -71,16 +71,12 @@ def main(argv: list[str] | None = None) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    worker_id = args.worker_id or f"worker-{uuid.uuid4().hex[:8]}"
     dtype = choose_dtype(args.dtype)
     if dtype.warning:
         log.warning("slow dtype for this CPU", dtype=dtype.dtype, warning=dtype.warning)
     else:
         log.info("dtype", dtype=dtype.dtype, requested=args.dtype, reason=dtype.reason)
-    configure_tracing("worker", instance=worker_id)
-    metrics_port = configure_metrics("worker", args.metrics_port, args.metrics_host, instance=worker_id)
-    if metrics_port:
-        log.info("metrics", url=f"http://{args.metrics_host}:{metrics_port}/metrics")
+    worker_id = start_worker_telemetry(args.worker_id, args.metrics_port, args.metrics_host)
     loop = asyncio.new_event_loop()
     rpc = threading.Thread(target=loop.run_forever, name="grpc", daemon=True)
     rpc.start()

@@ -12,16 +12,16 @@ import argparse
 import asyncio
 import os
 import sys
-import uuid
 
 import structlog
 
 from trellis_rpc import tls
 from trellis_rpc.logs import configure_logging
 from trellis_rpc.server import run_until_signalled, start_server
-from trellis_rpc.telemetry import add_metrics_args, configure_metrics, configure_tracing, shutdown_telemetry
+from trellis_rpc.telemetry import add_metrics_args, shutdown_telemetry
 from trellis_rpc.v1 import worker_pb2, worker_pb2_grpc
 from worker_runtime.service import WorkerService
+from worker_runtime.telemetry import start_worker_telemetry
 
 log = structlog.get_logger(__name__)
 
@@ -120,11 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.engine == "tensorrt-llm" and not trtllm_available():
         print(MISSING_TRTLLM.format(image=TRTLLM_IMAGE), file=sys.stderr)
         raise SystemExit(2)
-    worker_id = args.worker_id or f"worker-{uuid.uuid4().hex[:8]}"
-    configure_tracing("worker", instance=worker_id)
-    metrics_port = configure_metrics("worker", args.metrics_port, args.metrics_host, instance=worker_id)
-    if metrics_port:
-        log.info("metrics", url=f"http://{args.metrics_host}:{metrics_port}/metrics")
+    worker_id = start_worker_telemetry(args.worker_id, args.metrics_port, args.metrics_host)
     try:
         asyncio.run(serve(args, worker_id))
     finally:

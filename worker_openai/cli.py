@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import sys
-import uuid
 from pathlib import Path
 
 import httpx
@@ -27,7 +26,7 @@ from trellis_rpc import tls
 from trellis_rpc.errors import StatusError
 from trellis_rpc.logs import configure_logging
 from trellis_rpc.server import start_server
-from trellis_rpc.telemetry import add_metrics_args, configure_metrics, configure_tracing, shutdown_telemetry
+from trellis_rpc.telemetry import add_metrics_args, shutdown_telemetry
 from trellis_rpc.v1 import worker_pb2, worker_pb2_grpc
 from worker_openai.engine import OpenAIEngine
 from worker_openai.health import REFUSED_KEY, UpstreamHealth
@@ -35,6 +34,7 @@ from worker_openai.sampling_fields import KINDS
 from worker_openai.scoring import ClassifyScorer, VerifierScorer
 from worker_openai.upstream import Upstream, UpstreamConfig
 from worker_runtime.service import WorkerService
+from worker_runtime.telemetry import start_worker_telemetry
 
 log = structlog.get_logger(__name__)
 
@@ -200,11 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging("worker_openai")
     logging.getLogger("httpx").setLevel(logging.WARNING)   # a line per request otherwise, outside structlog
-    worker_id = args.worker_id or f"worker-{uuid.uuid4().hex[:8]}"
-    configure_tracing("worker", instance=worker_id)
-    metrics_port = configure_metrics("worker", args.metrics_port, args.metrics_host, instance=worker_id)
-    if metrics_port:
-        log.info("metrics", url=f"http://{args.metrics_host}:{metrics_port}/metrics")
+    worker_id = start_worker_telemetry(args.worker_id, args.metrics_port, args.metrics_host)
     try:
         asyncio.run(serve(args, worker_id))
     except KeyboardInterrupt:

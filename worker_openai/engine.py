@@ -44,7 +44,6 @@ class _Sample:
     stop_reason: str = ""
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
-    completion_tokens: int | None = None    # the upstream's own count, when it reports usage
 
     def add(self, piece: Piece) -> None:
         self.text += piece.text
@@ -213,7 +212,6 @@ class OpenAIEngine:
         if not usage:
             return
         sample.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        sample.completion_tokens = usage.get("completion_tokens")
         details = usage.get("prompt_tokens_details") or {}
         sample.cached_prompt_tokens = int(details.get("cached_tokens") or 0)
 

@@ -15,17 +15,41 @@ from __future__ import annotations
 
 import contextlib
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
+import structlog
 from opentelemetry import trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span, Status, StatusCode
 
-from trellis_rpc.telemetry import LATENCY_BUCKETS_S, TOKEN_BUCKETS_S, ObservedCounter, meter, traced_parent, tracer
+from trellis_rpc.telemetry import (
+    LATENCY_BUCKETS_S,
+    TOKEN_BUCKETS_S,
+    ObservedCounter,
+    configure_metrics,
+    configure_tracing,
+    meter,
+    traced_parent,
+    tracer,
+)
 from worker_runtime.engine_api import Finished, LoadStats, ScoreOut
+
+log = structlog.get_logger(__name__)
+
+
+def start_worker_telemetry(worker_id: str, metrics_port: int, metrics_host: str) -> str:
+    """Every worker process's start: its id (worker_id, else a random one), tracing under it, and its Prometheus
+    endpoint when metrics_port asks for one (logged). Returns the id."""
+    worker_id = worker_id or f"worker-{uuid.uuid4().hex[:8]}"
+    configure_tracing("worker", instance=worker_id)
+    served = configure_metrics("worker", metrics_port, metrics_host, instance=worker_id)
+    if served:
+        log.info("metrics", url=f"http://{metrics_host}:{served}/metrics")
+    return worker_id
 
 _tracer = tracer("trellis.worker")
 _meter = meter("trellis.worker")
