@@ -3,6 +3,9 @@ also verifies) and reward-model workers (tiny outcome and process models), throu
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import grpc
 import pytest
 from google.protobuf import json_format
@@ -31,17 +34,19 @@ PARAMS: dict[str, dict] = {
 }
 
 
-@pytest.fixture(scope="module")
-def full_router(tiny_worker, logs, tmp_path_factory):
-    orm = build_tiny_reward_model(tmp_path_factory.mktemp("e2e-orm"), head="sequence", num_labels=1)
-    prm = build_tiny_reward_model(tmp_path_factory.mktemp("e2e-prm"), head="token", num_labels=2, arch="qwen2")
+@contextlib.contextmanager
+def router_with_reward_models(generator: str, logs, tmp_path_factory, prefix: str) -> Iterator:
+    """A router over the generating worker at `generator` plus workers serving a tiny outcome and a tiny process
+    reward model (the controllers that score need them): its stub, every process stopped after."""
+    orm = build_tiny_reward_model(tmp_path_factory.mktemp(f"{prefix}-orm"), head="sequence", num_labels=1)
+    prm = build_tiny_reward_model(tmp_path_factory.mktemp(f"{prefix}-prm"), head="token", num_labels=2, arch="qwen2")
     workers = [start_worker(str(path), logs, name=name, extra=["--threads", "1"])
-               for path, name in ((orm, "e2e-orm"), (prm, "e2e-prm"))]
+               for path, name in ((orm, f"{prefix}-orm"), (prm, f"{prefix}-prm"))]
     router = None
     try:
         for w in workers:
             w.wait_serving(timeout=120)
-        router = start_router([tiny_worker.address] + [w.address for w in workers], logs, name="e2e-router",
+        router = start_router([generator] + [w.address for w in workers], logs, name=f"{prefix}-router",
                               extra=["--max-n", "16"])
         router.wait_serving(timeout=60)
         with grpc.insecure_channel(router.address) as channel:
@@ -50,6 +55,12 @@ def full_router(tiny_worker, logs, tmp_path_factory):
         for proc in [router, *workers]:
             if proc is not None:
                 proc.stop()
+
+
+@pytest.fixture(scope="module")
+def full_router(tiny_worker, logs, tmp_path_factory):
+    with router_with_reward_models(tiny_worker.address, logs, tmp_path_factory, "e2e") as stub:
+        yield stub
 
 
 def test_every_registered_controller_has_an_end_to_end_case():

@@ -5,11 +5,13 @@ both processes; JSON log lines that carry the run's trace id."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
@@ -62,33 +64,41 @@ def names(spans) -> list[str]:
     return sorted(s.name for s in spans)
 
 
-@pytest.fixture(scope="module")
-def stack(tiny_model, logs):
-    """A collector, then a worker and a router that export to it, serve metrics and log JSON."""
+@contextlib.contextmanager
+def collector() -> Iterator[tuple[Collector, dict[str, str]]]:
+    """An OTLP trace collector on a free port, and the environment that makes a process export to it."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     sink = Collector()
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(sink, server)
     port = free_port()
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
-    env = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
-           "OTEL_EXPORTER_OTLP_INSECURE": "true", "OTEL_BSP_SCHEDULE_DELAY": "100"}
-    worker_metrics, router_metrics = free_port(), free_port()
-    worker = start_worker(str(tiny_model), logs, name="observed-worker", env=env, extra=[
-        "--threads", "1", "--metrics-port", str(worker_metrics), "--metrics-host", "127.0.0.1"])
-    router = None
     try:
-        worker.wait_serving(timeout=120)
-        router = start_router([worker.address], logs, name="observed-router", env=env,
-                              extra=["--metrics-port", str(router_metrics), "--metrics-host", "127.0.0.1"])
-        router.wait_serving(timeout=60)
-        yield {"sink": sink, "router": router, "worker": worker,
-               "metrics": {"router": router_metrics, "worker": worker_metrics}}
+        yield sink, {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+                     "OTEL_EXPORTER_OTLP_INSECURE": "true", "OTEL_BSP_SCHEDULE_DELAY": "100"}
     finally:
-        for proc in (router, worker):
-            if proc is not None:
-                proc.stop()
         server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_model, logs):
+    """A collector, then a worker and a router that export to it, serve metrics and log JSON."""
+    with collector() as (sink, env):
+        worker_metrics, router_metrics = free_port(), free_port()
+        worker = start_worker(str(tiny_model), logs, name="observed-worker", env=env, extra=[
+            "--threads", "1", "--metrics-port", str(worker_metrics), "--metrics-host", "127.0.0.1"])
+        router = None
+        try:
+            worker.wait_serving(timeout=120)
+            router = start_router([worker.address], logs, name="observed-router", env=env,
+                                  extra=["--metrics-port", str(router_metrics), "--metrics-host", "127.0.0.1"])
+            router.wait_serving(timeout=60)
+            yield {"sink": sink, "router": router, "worker": worker,
+                   "metrics": {"router": router_metrics, "worker": worker_metrics}}
+        finally:
+            for proc in (router, worker):
+                if proc is not None:
+                    proc.stop()
 
 
 def traced(trace_id: str, span_id: str) -> tuple[tuple[str, str]]:

@@ -16,7 +16,7 @@ import pytest
 from client.launcher import free_port, start_openai_worker, start_router, start_worker
 from tests.helpers import chat, eventually, run_request
 from tests.openai_servers import HttpServer, control, start_proxy, start_transformers_serve, start_vllm_classify
-from tests.test_controllers_e2e import PARAMS
+from tests.test_controllers_e2e import PARAMS, router_with_reward_models
 from tests.test_observability import scrape, total
 from tests.test_worker_stream import Stream, ends, generate
 from tests.tiny_model import build_tiny_reward_model
@@ -88,23 +88,8 @@ def openai_stub(openai_worker, clean_proxy):
 @pytest.fixture(scope="module")
 def openai_router(openai_worker, logs, tmp_path_factory):
     """The worker_openai pool plus reward-model workers (the controllers that score need them)."""
-    orm = build_tiny_reward_model(tmp_path_factory.mktemp("oa-orm"), head="sequence", num_labels=1)
-    prm = build_tiny_reward_model(tmp_path_factory.mktemp("oa-prm"), head="token", num_labels=2, arch="qwen2")
-    scorers = [start_worker(str(path), logs, name=name, extra=["--threads", "1"])
-               for path, name in ((orm, "oa-orm"), (prm, "oa-prm"))]
-    router = None
-    try:
-        for w in scorers:
-            w.wait_serving(timeout=120)
-        router = start_router([openai_worker.address] + [w.address for w in scorers], logs, name="oa-router",
-                              extra=["--max-n", "16"])
-        router.wait_serving(timeout=60)
-        with grpc.insecure_channel(router.address) as channel:
-            yield router_pb2_grpc.RouterStub(channel)
-    finally:
-        for proc in [router, *scorers]:
-            if proc is not None:
-                proc.stop()
+    with router_with_reward_models(openai_worker.address, logs, tmp_path_factory, "oa") as stub:
+        yield stub
 
 
 # ---- every controller, end to end ----------------------------------------------------------------------
@@ -458,33 +443,23 @@ def test_the_workers_spans_time_the_upstream_and_its_trace_continues_upstream(cl
     """With tracing on, worker.generate names the upstream and has the upstream's TTFT (worker.prefill) and its
     streaming (worker.decode) as phases; the traceparent the upstream gets is worker.generate's own."""
     import secrets
-    from concurrent import futures
 
-    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+    from tests.test_observability import attrs, collector
 
-    from tests.test_observability import Collector, attrs
-
-    sink, server = Collector(), grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(sink, server)
-    port = free_port()
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
-    env = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
-           "OTEL_EXPORTER_OTLP_INSECURE": "true", "OTEL_BSP_SCHEDULE_DELAY": "100"}
-    worker = start_openai_worker(clean_proxy.base_url, logs, extra=worker_args(tiny_model), env=env,
-                                 name="worker-openai-traced")
-    try:
-        worker.wait_serving(timeout=60)
-        trace_id = secrets.token_hex(16)
-        task = generate("tr1", stream=False, prompt=common_pb2.Prompt(text="hi"), max_tokens=6, temperature=0.0)
-        task.trace_context["traceparent"] = f"00-{trace_id}-{secrets.token_hex(8)}-01"
-        with grpc.insecure_channel(worker.address) as channel:
-            _result(worker_pb2_grpc.WorkerStub(channel), task)
-        spans = {s.name: s for _, s in sink.trace(trace_id, lambda got: {"worker.generate", "worker.decode"}
-                                                  <= {s.name for s in got})}
-    finally:
-        worker.stop()
-        server.stop(0)
+    with collector() as (sink, env):
+        worker = start_openai_worker(clean_proxy.base_url, logs, extra=worker_args(tiny_model), env=env,
+                                     name="worker-openai-traced")
+        try:
+            worker.wait_serving(timeout=60)
+            trace_id = secrets.token_hex(16)
+            task = generate("tr1", stream=False, prompt=common_pb2.Prompt(text="hi"), max_tokens=6, temperature=0.0)
+            task.trace_context["traceparent"] = f"00-{trace_id}-{secrets.token_hex(8)}-01"
+            with grpc.insecure_channel(worker.address) as channel:
+                _result(worker_pb2_grpc.WorkerStub(channel), task)
+            spans = {s.name: s for _, s in sink.trace(trace_id, lambda got: {"worker.generate", "worker.decode"}
+                                                      <= {s.name for s in got})}
+        finally:
+            worker.stop()
     generate_span = spans["worker.generate"]
     assert attrs(generate_span)["trellis.upstream"] == f"transformers {clean_proxy.base_url}"
     for phase in ("worker.prefill", "worker.decode"):

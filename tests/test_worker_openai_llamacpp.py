@@ -16,13 +16,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from client.launcher import start_openai_worker, start_router, start_worker
+from client.launcher import start_openai_worker
 from tests.helpers import chat, run_request
 from tests.openai_servers import llamacpp_available, start_llamacpp_server
-from tests.test_controllers_e2e import PARAMS
+from tests.test_controllers_e2e import PARAMS, router_with_reward_models
 from tests.test_worker_stream import Stream, ends, generate
-from tests.tiny_model import build_tiny_reward_model
-from trellis_rpc.v1 import common_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+from trellis_rpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 pytestmark = [pytest.mark.processes,
               pytest.mark.skipif(not llamacpp_available(), reason="llama-cpp-python's server is not built "
@@ -55,23 +54,8 @@ def llama_worker(gguf, logs):
 
 @pytest.fixture(scope="module")
 def llama_router(llama_worker, logs, tmp_path_factory):
-    orm = build_tiny_reward_model(tmp_path_factory.mktemp("ll-orm"), head="sequence", num_labels=1)
-    prm = build_tiny_reward_model(tmp_path_factory.mktemp("ll-prm"), head="token", num_labels=2, arch="qwen2")
-    scorers = [start_worker(str(path), logs, name=name, extra=["--threads", "1"])
-               for path, name in ((orm, "ll-orm"), (prm, "ll-prm"))]
-    router = None
-    try:
-        for w in scorers:
-            w.wait_serving(timeout=120)
-        router = start_router([llama_worker.address] + [w.address for w in scorers], logs, name="ll-router",
-                              extra=["--max-n", "16"])
-        router.wait_serving(timeout=60)
-        with grpc.insecure_channel(router.address) as channel:
-            yield router_pb2_grpc.RouterStub(channel)
-    finally:
-        for proc in [router, *scorers]:
-            if proc is not None:
-                proc.stop()
+    with router_with_reward_models(llama_worker.address, logs, tmp_path_factory, "ll") as stub:
+        yield stub
 
 
 @pytest.mark.parametrize("name", sorted(PARAMS))
