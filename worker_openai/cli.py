@@ -136,7 +136,7 @@ async def serve(args: argparse.Namespace, worker_id: str) -> None:
     follower = None
     try:
         tokenizer = await asyncio.to_thread(load_tokenizer, args.tokenizer)
-        if await _until(stop, health.wait_until_up()) is None:
+        if not await _finished_first(stop, health.wait_until_up()):
             return
         models = await health.models()
         model = args.model or (models[0] if models else "")
@@ -184,16 +184,17 @@ async def serve(args: argparse.Namespace, worker_id: str) -> None:
         await upstream.close()
 
 
-async def _until(stop: asyncio.Event, work):
-    """work's result (True for None), or None when a signal came first."""
+async def _finished_first(stop: asyncio.Event, work) -> bool:
+    """Run work until it finishes (True; its exception raised) or a signal comes first (False, work cancelled)."""
     job = asyncio.ensure_future(work)
     stopper = asyncio.ensure_future(stop.wait())
     await asyncio.wait({job, stopper}, return_when=asyncio.FIRST_COMPLETED)
     stopper.cancel()
     if not job.done():
         job.cancel()
-        return None
-    return job.result() or True
+        return False
+    job.result()
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -108,20 +108,11 @@ class Upstream:
             raise unavailable(f"upstream's {path} is not JSON") from exc
 
     async def post_json(self, path: str, body: dict, headers: dict[str, str] | None = None) -> dict:
-        for attempt in range(self.config.retries + 1):
-            try:
-                response = await self.client.post(path, json=body, headers=headers)
-            except httpx.HTTPError as exc:
-                err = transport_error(exc)
-            else:
-                if response.status_code == 200:
-                    return response.json()
-                err = status_error(response.status_code, response.text, response.headers.get("retry-after"))
-                if response.status_code not in RETRYABLE:
-                    raise err
-            if attempt < self.config.retries:
-                await asyncio.sleep(self.config.retry_backoff_s * 2**attempt)
-        raise err
+        response = await self._send(path, body, headers, stream=False)
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise unavailable(f"upstream's {path} answered with something other than JSON") from exc
 
     @contextlib.asynccontextmanager
     async def stream(self, path: str, body: dict, headers: dict[str, str] | None = None
@@ -129,18 +120,20 @@ class Upstream:
         """POST with stream=true and yield the SSE events as dicts. Leaving the block closes the response, which
         makes the upstream abort the request (vLLM, SGLang, llama.cpp and transformers serve all watch for the
         client going away)."""
-        response = await self._open(path, body, headers)
+        response = await self._send(path, body, headers, stream=True)
         try:
             yield self._events(response)
         finally:
             await response.aclose()
 
-    async def _open(self, path: str, body: dict, headers: dict[str, str] | None) -> httpx.Response:
+    async def _send(self, path: str, body: dict, headers: dict[str, str] | None, stream: bool) -> httpx.Response:
+        """POST until the upstream answers 200; retried only on a failed connection or 502/503/504, before any
+        of the answer was read. A streamed response is returned unread (the caller closes it)."""
         err: StatusError | None = None
         for attempt in range(self.config.retries + 1):
             request = self.client.build_request("POST", path, json=body, headers=headers)
             try:
-                response = await self.client.send(request, stream=True)
+                response = await self.client.send(request, stream=stream)
             except httpx.HTTPError as exc:
                 err = transport_error(exc)
             else:
