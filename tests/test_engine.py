@@ -151,9 +151,12 @@ def test_out_of_blocks_queues_and_preempts_instead_of_failing(tokenizer):
         engine.close()
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8"])
-def test_seed_reproduces_whatever_else_is_in_the_batch(tokenizer, quantize):
-    engine, _ = make_engine("qwen2", tokenizer, quantize=quantize)
+@pytest.mark.parametrize("quantize,compile", [
+    ("none", "off"), ("int8", "off"),
+    pytest.param("int8", "on", marks=pytest.mark.processes),  # inductor runs g++
+])
+def test_seed_reproduces_whatever_else_is_in_the_batch(tokenizer, quantize, compile):
+    engine, _ = make_engine("qwen2", tokenizer, quantize=quantize, compile=compile)
     try:
         p, other = prompts(2, 16, seed=4)
         cfg = SamplingConfig(n=2, max_tokens=12, seed=42, ignore_eos=True, top_k=50, top_p=0.9)
@@ -212,7 +215,7 @@ def test_bf16_agrees_with_fp32(tokenizer):
 def test_int8_weights_agree_with_fp32(arch, tokenizer):
     """--quantize int8: every linear (the lm_head too) on int8 weights and activations; next-token probabilities
     within 0.02 of the float32 model's, and the greedy token the same or as likely within 0.02."""
-    engine, model = make_engine(arch, tokenizer, quantize="int8")
+    engine, model = make_engine(arch, tokenizer, quantize="int8", compile="off")
     ps = prompts(3, 24, seed=2)
     with torch.inference_mode():
         ref = [model(torch.tensor([p])).logits[0, -1].softmax(-1) for p in ps]
@@ -227,6 +230,37 @@ def test_int8_weights_agree_with_fp32(arch, tokenizer):
                 assert abs(torch.tensor(alt.logprob).exp() - probs[alt.token_id]) < 0.02
     finally:
         engine.close()
+
+
+@pytest.mark.processes  # inductor runs g++
+@pytest.mark.parametrize("arch,quantize", [("llama", "none"), ("qwen2", "int8"), ("gpt2", "int8")])
+def test_compiled_decode_step_gives_the_eager_step_s_output(arch, tokenizer, quantize):
+    """--compile on: decode rows through the compiled graph, alone, batched, beside prefill chunks (a short
+    token budget makes steps mix them) and after preemption, give the eager engine's greedy tokens and
+    logprobs within float tolerance; without quantization, HF generate's tokens."""
+    compiled, model = make_engine(arch, tokenizer, quantize=quantize, compile="on", max_num_tokens=24,
+                                  block_size=4, kv_cache_tokens=160)
+    eager, _ = make_engine(arch, tokenizer, quantize=quantize, compile="off", max_num_tokens=24,
+                           block_size=4, kv_cache_tokens=160)
+    try:
+        assert compiled.compiled and compiled.decoder.compiled is not None and not eager.compiled
+        ps = prompts(4, 20, seed=5)
+        cfg = SamplingConfig(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=3)
+        alone = run(compiled, [(ps[0], cfg)])[0].completions[0]
+        together = [f.completions[0] for f in run(compiled, [(p, cfg) for p in ps])]
+        reference = [f.completions[0] for f in run(eager, [(p, cfg) for p in ps])]
+        assert alone.token_ids == together[0].token_ids
+        assert [c.token_ids for c in together] == [c.token_ids for c in reference]
+        for got, want in zip(together, reference, strict=True):
+            for a, b in zip(got.logprobs, want.logprobs, strict=True):
+                assert abs(a.logprob - b.logprob) < 1e-2
+        if quantize == "none":
+            assert [c.token_ids for c in together] == [hf_greedy(model, p, 16) for p in ps]
+        assert compiled.stats.preemptions > 0, "160 KV slots for 4 x 36 tokens of blocks of 4 must preempt"
+        assert compiled.blocks.num_used == 0
+    finally:
+        compiled.close()
+        eager.close()
 
 
 def test_int8_quantization_is_within_half_a_step_per_channel():

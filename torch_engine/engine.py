@@ -26,7 +26,8 @@ from torch_engine.block_manager import BlockManager
 from torch_engine.detokenizer import IncrementalDetokenizer
 from torch_engine.kept import KeptSequences
 from torch_engine.model import KVCache, PagedDecoder, decoder_from_hf
-from torch_engine.model.quant import quantize_decoder
+from torch_engine.model.compiled_decode import CompiledDecode, should_compile
+from torch_engine.model.quant import choose_quantize, quantize_decoder
 from torch_engine.model_loader import LoadedModel
 from torch_engine.model_runner import ModelRunner
 from torch_engine.sampler import Row, sample
@@ -62,9 +63,13 @@ class EngineStats:
 class TorchEngine:
     def __init__(self, loaded: LoadedModel, max_batch_size: int = 64, kv_cache_tokens: int = 65536,
                  threads: int | None = None, max_num_tokens: int = 512, block_size: int = 16,
-                 start_thread: bool = True, max_context: int = 0, quantize: str = "none") -> None:
+                 start_thread: bool = True, max_context: int = 0, quantize: str = "auto",
+                 compile: str = "auto") -> None:
         """max_context: tokens per sequence (prompt and generated), below the model's own limit; 0: the model's.
-        quantize: the linears' weights, "none" (the model's dtype) or "int8" (torch_engine/model/quant.py)."""
+        quantize: the linears' weights, "none" (the model's dtype), "int8" (torch_engine/model/quant.py), or
+        "auto": int8 for an already quantized checkpoint (a Q4_1 .gguf), none otherwise.
+        compile: the decode step through torch.compile, "on", "off", or "auto": when quantized, where it pays
+        (torch_engine/model/compiled_decode.py); compiling happens here, before the engine serves."""
         self.tokenizer = loaded.tokenizer
         model = loaded.model
         self.dtype = next(model.parameters()).dtype
@@ -73,9 +78,10 @@ class TorchEngine:
         # the CPU that context would put a Python hook on every torch call.
         self.device = next(model.parameters()).device
         self._on_device = contextlib.nullcontext() if self.device.type == "cpu" else self.device
+        self.quantize = quantize = choose_quantize(quantize, loaded.quantized_checkpoint)
         with self._on_device:
             self._build(model, max_batch_size, kv_cache_tokens, max_num_tokens, block_size, loaded.model_id,
-                        max_context, quantize)
+                        max_context, quantize, compile)
         self._threads = threads
         self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._requests: dict[str, Request] = {}
@@ -87,8 +93,9 @@ class TorchEngine:
             self._thread.start()
 
     def _build(self, model, max_batch_size: int, kv_cache_tokens: int, max_num_tokens: int, block_size: int,
-               model_id: str, max_context: int, quantize: str) -> None:
-        self.decoder = PagedDecoder(quantize_decoder(decoder_from_hf(model, self.dtype), quantize), self.dtype)
+               model_id: str, max_context: int, quantize: str, compile: str) -> None:
+        weights = quantize_decoder(decoder_from_hf(model, self.dtype), quantize)
+        self.decoder = PagedDecoder(weights, self.dtype)
         spec = self.decoder.spec
         self.max_context = min(spec.max_positions, max_context or spec.max_positions)
         self.vocab = spec.vocab
@@ -96,7 +103,12 @@ class TorchEngine:
         self.eos_ids = self._eos_ids(model)
         num_blocks = max(1, kv_cache_tokens // block_size)
         self.blocks = BlockManager(num_blocks, block_size)
-        self.kv = KVCache(spec.num_layers, num_blocks, block_size, spec.num_kv_heads, spec.head_dim, self.dtype)
+        # One block beyond the block manager's: scratch slots for the compiled step's padding row.
+        self.kv = KVCache(spec.num_layers, num_blocks + 1, block_size, spec.num_kv_heads, spec.head_dim, self.dtype)
+        self.compiled = should_compile(compile, quantize)
+        if self.compiled:
+            self.decoder.compiled = CompiledDecode(weights, self.dtype, scratch_slot=num_blocks * block_size)
+            self.decoder.compiled.warm_up(self.kv, max_batch_size)
         self.runner = ModelRunner(self.decoder, self.kv)
         self.kept = KeptSequences(self.blocks)
         self.scheduler = Scheduler(self.blocks, max_num_tokens, max_batch_size, reclaim=self.kept.evict_oldest)

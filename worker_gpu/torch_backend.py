@@ -30,7 +30,9 @@ def build_torch(args: argparse.Namespace):
     if loaded.kind != "causal":
         return None, scorer_for(loaded, **score_options)
     engine = TorchEngine(loaded, max_batch_size=args.max_batch_size, kv_cache_tokens=args.kv_cache_tokens,
-                         max_num_tokens=args.max_num_tokens, max_context=args.max_context_tokens)
+                         max_num_tokens=args.max_num_tokens, max_context=args.max_context_tokens,
+                         # the CPU engine's int8 and compiled paths are measured on CPUs only
+                         quantize="none", compile="off")
     scorer = None
     if not args.no_verifier:
         try:

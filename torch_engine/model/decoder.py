@@ -7,13 +7,17 @@ blocks, each prefill chunk in its own causal SDPA call over its context.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from torch_engine.model.kv_cache import KVCache
 from torch_engine.model.quant import Int8Weight, linear
+
+if TYPE_CHECKING:
+    from torch_engine.model.compiled_decode import CompiledDecode
 
 
 @dataclass
@@ -79,6 +83,7 @@ class StepInput:
     num_decode: int                     # the first num_decode tokens are single-token decodes
     decode_blocks: torch.Tensor | None  # [num_decode, max_blocks] block tables, padded with block 0
     decode_mask: torch.Tensor | None    # [num_decode, 1, 1, max_blocks * block_size] bool
+    decode_lengths: torch.Tensor | None  # [num_decode] context length of each decode, its new token included
     prefills: list[PrefillChunk] = field(default_factory=list)
     logits_rows: torch.Tensor | None = None  # rows of the flat batch whose next-token logits are needed
 
@@ -119,6 +124,7 @@ class PagedDecoder:
         self.dtype = dtype
         self.scale = self.spec.head_dim ** -0.5
         self.group = self.spec.num_heads // self.spec.num_kv_heads
+        self.compiled: CompiledDecode | None = None  # set by the engine when it compiles the decode step
 
     def _softmax_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         mask: torch.Tensor | None) -> torch.Tensor:
@@ -161,6 +167,13 @@ class PagedDecoder:
         out = self._softmax_attend(qg, keys.unsqueeze(1), values.unsqueeze(1), mask)  # [Hkv, G, n, D]
         return out.permute(2, 0, 1, 3).reshape(n, H, D)
 
+    def _linear(self, x: torch.Tensor, w: torch.Tensor | Int8Weight, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.compiled is not None and isinstance(w, Int8Weight):
+            # Compiled, the activation quantization fuses into a pass or two instead of a dozen (prefill:
+            # 2.6x faster at 512 rows of SmolLM2's MLP).
+            return self.compiled.int8_linear(x, w.q, w.scales, bias)
+        return linear(x, w, bias)
+
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.spec.norm == "layer":
             return F.layer_norm(x, (x.shape[-1],), weight, bias, self.spec.eps)
@@ -174,6 +187,21 @@ class PagedDecoder:
 
     def forward(self, step: StepInput, kv: KVCache) -> torch.Tensor:
         """Run the step's tokens through the model, writing their K/V; return float32 logits of logits_rows."""
+        if self.compiled is None or not step.num_decode:
+            return self._forward_eager(step, kv)
+        # Decode rows always take the compiled graph, even beside prefill chunks, so that a sequence's
+        # logits do not depend on what else its step holds; the chunks run eagerly after them.
+        nd = step.num_decode
+        logits = self.compiled.forward(step.input_ids[:nd], step.positions[:nd], step.slot_mapping[:nd],
+                                       step.decode_blocks, step.decode_lengths, kv)
+        if not step.prefills:
+            return logits
+        rest = StepInput(step.input_ids[nd:], step.positions[nd:], step.slot_mapping[nd:], 0, None, None, None,
+                         [replace(chunk, start=chunk.start - nd) for chunk in step.prefills],
+                         logits_rows=step.logits_rows[nd:] - nd)
+        return torch.cat([logits, self._forward_eager(rest, kv)])
+
+    def _forward_eager(self, step: StepInput, kv: KVCache) -> torch.Tensor:
         s, w = self.spec, self.w
         H, Hkv, D = s.num_heads, s.num_kv_heads, s.head_dim
         T = step.input_ids.shape[0]
@@ -191,7 +219,7 @@ class PagedDecoder:
         only_decodes = nd == T
         for i, layer in enumerate(w.layers):
             h = self._norm(x, layer.norm1, layer.norm1_bias)
-            qkv = linear(h, layer.qkv, layer.qkv_bias)
+            qkv = self._linear(h, layer.qkv, layer.qkv_bias)
             if cos is not None:
                 # q and k rotate together: one set of elementwise ops instead of two.
                 qk = qkv[:, :(H + Hkv) * D].view(T, H + Hkv, D)
@@ -212,15 +240,15 @@ class PagedDecoder:
                 for chunk, context in zip(step.prefills, prefill_contexts, strict=True):
                     a, b = chunk.start, chunk.start + chunk.length
                     attn[a:b] = self._prefill_attention(q[a:b], k[a:b], v[a:b], kv, i, chunk, context)
-            x = x + linear(attn.reshape(T, H * D), layer.out, layer.out_bias)
+            x = x + self._linear(attn.reshape(T, H * D), layer.out, layer.out_bias)
             h = self._norm(x, layer.norm2, layer.norm2_bias)
             if s.gated_mlp:
-                gate, up = linear(h, layer.up, layer.up_bias).chunk(2, dim=-1)
+                gate, up = self._linear(h, layer.up, layer.up_bias).chunk(2, dim=-1)
                 h = self._act(gate) * up
             else:
-                h = self._act(linear(h, layer.up, layer.up_bias))
-            x = x + linear(h, layer.down, layer.down_bias)
+                h = self._act(self._linear(h, layer.up, layer.up_bias))
+            x = x + self._linear(h, layer.down, layer.down_bias)
         if step.logits_rows is not None:
             x = x[step.logits_rows]
         x = self._norm(x, w.final_norm, w.final_norm_bias)
-        return linear(x, w.lm_head, w.lm_head_bias).float()
+        return self._linear(x, w.lm_head, w.lm_head_bias).float()

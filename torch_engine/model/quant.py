@@ -23,6 +23,18 @@ if TYPE_CHECKING:
     from torch_engine.model.decoder import DecoderWeights
 
 QUANTIZE_MODES = ("none", "int8")
+QUANTIZE_CHOICES = ("auto", *QUANTIZE_MODES)
+
+
+def choose_quantize(requested: str, quantized_checkpoint: bool) -> str:
+    """auto: int8 for a checkpoint that was quantized already (a Q4/Q5/Q8 .gguf such as the bundled model: int8
+    is the nearest class the engine runs fast, rather than inflating it to floats), none for float checkpoints,
+    whose float32 greedy output the engine reproduces exactly."""
+    if requested not in QUANTIZE_CHOICES:
+        raise ValueError(f"--quantize: one of {', '.join(QUANTIZE_CHOICES)}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    return "int8" if quantized_checkpoint else "none"
 
 
 @dataclass
@@ -45,6 +57,12 @@ def quantize_int8(w: torch.Tensor) -> Int8Weight:
 def linear(x: torch.Tensor, w: torch.Tensor | Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     if not isinstance(w, Int8Weight):
         return F.linear(x, w, bias)
+    return int8_linear(x, w.q, w.scales, bias)
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., in] (any float dtype) times int8 weights q [out, in] with per-channel scales -> [..., out] in x's
+    dtype. Tensors only, so torch.compile traces it (compiled_decode.py)."""
     x2 = x.reshape(-1, x.shape[-1]).float()
     rows = x2.shape[0]
     # Two int8 passes per row: the row, then what its int8 rounding left over, each at its own scale. One
@@ -55,8 +73,8 @@ def linear(x: torch.Tensor, w: torch.Tensor | Int8Weight, bias: torch.Tensor | N
     q1 = torch.round(x2 / s1)
     rest = x2 - q1 * s1
     s2 = rest.abs().amax(dim=1, keepdim=True).clamp(min=1e-30) / 127.0
-    y = torch._int_mm(torch.cat([q1, torch.round(rest / s2)]).to(torch.int8), w.q.t())
-    y = ((y[:rows] * s1 + y[rows:] * s2) * w.scales).to(x.dtype).reshape(*x.shape[:-1], w.q.shape[0])
+    y = torch._int_mm(torch.cat([q1, torch.round(rest / s2)]).to(torch.int8), q.t())
+    y = ((y[:rows] * s1 + y[rows:] * s2) * scales).to(x.dtype).reshape(*x.shape[:-1], q.shape[0])
     return y if bias is None else y + bias
 
 
