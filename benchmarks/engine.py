@@ -1,6 +1,8 @@
 """The CPU engine against what a user would otherwise run: same model, same requests, one run.
 
-    .venv/bin/python -m benchmarks.engine                       # defaults below, about 5 minutes on 2 cores
+    make llamacpp                                               # once: builds llama.cpp (minutes) for its systems
+    .venv/bin/python -m benchmarks.engine                       # every system, each --quantize mode; ~15 min, 2 cores
+    .venv/bin/python -m benchmarks.engine --quantize int8 --only trellis,trellis_single,llamacpp,llamacpp_single
     .venv/bin/python -m benchmarks.engine --dtype bfloat16 --repeats 3 --only trellis,hf_static
     .venv/bin/python -m benchmarks.engine --engine-arg max_num_tokens=1024 --engine-arg block_size=32
 
@@ -11,7 +13,9 @@ top-p) exactly --new-tokens tokens: EOS is ignored (`ignore_eos` for Trellis, `m
 `generate`, EOS id -1 for continuous batching).
 
 Systems (--only), each measured in a child process of its own (`--child SYSTEM`, one JSON line back),
-so peak RSS is the system's own; with --repeats the systems are interleaved and medians reported:
+so peak RSS is the system's own; with --repeats the systems are interleaved and medians reported. The Trellis
+systems (trellis, trellis_single, n16, worker_start) run once per --quantize mode (default: none and int8; the
+engine compiles the decode step of quantized modes, compile=auto):
 - trellis:        torch_engine's TorchEngine, all requests submitted at once from asyncio (the engine loop on
                   the main thread, as in the worker process, when the engine can run there);
 - hf_static:      HF `generate`, one static batch of all requests (left padding, attention mask);
@@ -20,7 +24,12 @@ so peak RSS is the system's own; with --repeats the systems are interleaved and 
 - trellis_single: TorchEngine, one request at a time (the first --single requests): decode at batch 1;
 - hf_single:      HF `generate`, one request at a time (the first --single requests; timing all of
                   them would take ~10 minutes on 2 cores);
+- llamacpp:       llama.cpp through llama-cpp-python's C API on the bundled Q4_1 .gguf itself, all requests at once
+                  as parallel sequences of one context (benchmarks/llamacpp_batch.py; needs `make llamacpp`);
+- llamacpp_single: the same, one request at a time;
 - n16:            TorchEngine, n=16 samples of one --n16-prompt-tokens prompt against n=1 of it;
+- worker_start:   `python -m worker_cpu` on the bundled model until it serves, with empty caches (the .gguf
+                  converted, the decode step compiled) and again with what that start cached;
 - roofline:       this machine's memory bandwidth (sum of a 256 MiB tensor) and fp32 / bf16 matmul
                   peak (2048^3), giving a lower bound on a decode step:
                   max(weight bytes / bandwidth, 2 * params * batch / matmul peak).
@@ -30,7 +39,8 @@ token), TTFT p50 / p99 (from submission; static `generate` gives every row the t
 step, taken by a streamer), time per output token p50 (per request: (latency - TTFT) / (tokens - 1)),
 peak RSS, and the decode step (median gap between a request's consecutive tokens) at batch 1 and at
 batch --requests next to the roofline. Every system is warmed up first (same shapes, other prompts,
-2 tokens), and engine / manager construction is not timed.
+2 tokens), and engine / manager construction is not timed. The CPU's model and its relevant flags are printed
+first, and the issue 17 targets are checked from the run's ratios last.
 """
 
 from __future__ import annotations
@@ -52,7 +62,9 @@ import threading
 import time
 from pathlib import Path
 
-SYSTEMS = ("trellis", "hf_static", "hf_cb", "trellis_single", "hf_single", "n16", "roofline")
+SYSTEMS = ("trellis", "hf_static", "hf_cb", "llamacpp", "trellis_single", "hf_single", "llamacpp_single", "n16",
+           "worker_start", "roofline")
+TRELLIS_SYSTEMS = ("trellis", "trellis_single", "n16", "worker_start")  # run once per --quantize mode
 REPO = Path(__file__).resolve().parent.parent
 
 # Varied text for the prompts; every prompt starts with its own numbered header, so no two share a KV block.
@@ -405,6 +417,63 @@ def roofline_step(roof: dict, dtype: str, batch: int) -> float:
     return max(weight_bytes / roof["bandwidth"], 2 * roof["params"] * batch / roof["matmul_peak"][dtype])
 
 
+# ---- llama.cpp ----------------------------------------------------------------------------------
+
+
+def child_llamacpp(args, prompts: list[list[int]], warm: list[list[int]], one_at_a_time: bool = False) -> dict:
+    """llama.cpp on the bundled .gguf itself (benchmarks/llamacpp_batch.py), same prompts and sampling."""
+    import torch
+
+    from benchmarks.llamacpp_batch import LlamaCppBatch, gguf_path
+
+    ctx = sum(len(p) + args.new_tokens for p in prompts) + 256
+    threads = args.threads or torch.get_num_threads()
+    runner = LlamaCppBatch(gguf_path(), threads, max(1, len(prompts)), ctx, seed=args.seed)
+    try:
+        runner.run(warm, 2)
+        batches = [[p] for p in prompts] if one_at_a_time else [prompts]
+        ttft, latency, tokens, gaps = [], [], [], []
+        start_all = time.perf_counter()
+        for batch in batches:
+            for start, times in runner.run(batch, args.new_tokens):
+                ttft.append(times[0] - start)
+                latency.append(times[-1] - start)
+                tokens.append(len(times))
+                gaps += [b - a for a, b in zip(times, times[1:], strict=False)]
+        out = summarize(ttft, latency, tokens, gaps, time.perf_counter() - start_all)
+        out["threads"] = threads
+        return out
+    finally:
+        runner.close()
+
+
+# ---- worker start -------------------------------------------------------------------------------
+
+
+def child_worker_start(args) -> dict:
+    """Seconds from launching `python -m worker_cpu` on the bundled model to SERVING: first with empty caches
+    (the .gguf converted, the decode step compiled), then again with the caches that start left."""
+    import tempfile
+
+    from client.launcher import start_worker
+
+    quantize = parse_engine_args(args.engine_arg).get("quantize", "auto")
+    extra = ["--quantize", quantize, "--threads", str(args.threads or 2), "--no-verifier"]
+    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as logs:
+        env = {**os.environ, "TRELLIS_CACHE": cache}
+        env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        seconds = []
+        for attempt in range(2):
+            t0 = time.perf_counter()
+            worker = start_worker("default", Path(logs), extra=extra, env=env, name=f"start{attempt}")
+            try:
+                worker.wait_serving(timeout=600)
+                seconds.append(time.perf_counter() - t0)
+            finally:
+                worker.stop()
+    return {"first_s": seconds[0], "later_s": seconds[1]}
+
+
 # ---- child entry ------------------------------------------------------------------------------
 
 
@@ -421,6 +490,8 @@ def run_child(args) -> None:
     prompts = make_prompts(tok, args.requests, args.prompt_tokens)
     warm = make_prompts(tok, args.requests, args.prompt_tokens, offset=1000)
     system = args.child
+    if args.mode:
+        args.engine_arg = [f"quantize={args.mode!r}", *args.engine_arg]
     if system == "trellis":
         result = child_trellis(loaded, args, prompts, warm)
     elif system == "trellis_single":
@@ -431,6 +502,12 @@ def run_child(args) -> None:
         result = child_hf(loaded, args, prompts[:args.single], warm, one_at_a_time=True)
     elif system == "hf_cb":
         result = child_hf_cb(loaded, args, prompts, warm)
+    elif system == "llamacpp":
+        result = child_llamacpp(args, prompts, warm)
+    elif system == "llamacpp_single":
+        result = child_llamacpp(args, prompts[:args.single], warm[:1], one_at_a_time=True)
+    elif system == "worker_start":
+        result = child_worker_start(args)
     elif system == "n16":
         prompt = make_prompts(tok, 1, args.n16_prompt_tokens, offset=2000)
         warm_prompt = make_prompts(tok, 1, args.n16_prompt_tokens, offset=3000)
@@ -450,7 +527,10 @@ def run_child(args) -> None:
 
 
 def child_command(args, system: str, repeat: int) -> list[str]:
+    system, _, mode = system.partition(":")
     cmd = [sys.executable, "-m", "benchmarks.engine", "--child", system, "--seed", str(args.seed + repeat)]
+    if mode:
+        cmd += ["--mode", mode]
     for flag in ("dtype", "requests", "prompt_tokens", "new_tokens", "temperature", "single", "threads",
                  "n16_prompt_tokens", "n16_samples", "cb_page_size", "cb_max_batch_tokens"):
         cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
@@ -492,45 +572,70 @@ def fmt_ratio(r: float | None) -> str:
     return f"{r:.1f}x" if r >= 0.95 else f"{r:.2f}x"
 
 
+MODE_NAMES = {"none": "float32 weights", "int8": "int8 weights, compiled step"}
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_line() -> str:
+    from torch_engine.cpu_dtype import cpu_flags
+
+    flags = cpu_flags()
+    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
+    have = [f for f in CPU_FLAGS if f in flags]
+    return (f"CPU: {model}, {os.cpu_count()} cores; flags: {' '.join(have) or 'none of ' + ' '.join(CPU_FLAGS)}"
+            f" (no {' '.join(f for f in CPU_FLAGS if f not in flags) or '-'})\n")
+
+
 def report(args, results: dict[str, list[dict]]) -> None:
     R, S = args.requests, args.single
-    names = {
-        "trellis": f"Trellis engine, {R} concurrent requests",
-        "hf_static": f"HF `generate`, static batch of {R}",
-        "hf_cb": f"transformers continuous batching, {R} requests",
-        "trellis_single": f"Trellis engine, one request at a time (first {S})",
-        "hf_single": f"HF `generate`, one request at a time (first {S})",
-    }
 
-    def ok(system: str) -> list[dict]:
-        return [r for r in results.get(system, []) if "error" not in r]
+    def label(key: str) -> str:
+        system, _, mode = key.partition(":")
+        base = {
+            "trellis": f"Trellis engine, {R} concurrent requests",
+            "hf_static": f"HF `generate`, static batch of {R}",
+            "hf_cb": f"transformers continuous batching, {R} requests",
+            "llamacpp": f"llama.cpp (the Q4_1 .gguf), {R} parallel sequences",
+            "trellis_single": f"Trellis engine, one request at a time (first {S})",
+            "hf_single": f"HF `generate`, one request at a time (first {S})",
+            "llamacpp_single": f"llama.cpp (the Q4_1 .gguf), one request at a time (first {S})",
+        }[system]
+        return f"{base} ({MODE_NAMES.get(mode, mode)})" if mode else base
 
-    def tps(system: str) -> float | None:
-        return median_of(ok(system), lambda r: r["tokens"] / r["wall_s"])
+    def ok(key: str) -> list[dict]:
+        return [r for r in results.get(key, []) if "error" not in r]
 
-    print(f"SmolLM2-135M-Instruct, {args.dtype}, {torch_threads(results)} torch threads; {R} requests of "
+    def tps(key: str) -> float | None:
+        return median_of(ok(key), lambda r: r["tokens"] / r["wall_s"])
+
+    def step(key: str) -> float | None:
+        return median_of(ok(key), lambda r: r.get("step_s"))
+
+    modes = [m.strip() for m in args.quantize.split(",") if m.strip()]
+    print(f"SmolLM2-135M-Instruct, {args.dtype} activations, {torch_threads(results)} threads; {R} requests of "
           f"~{args.prompt_tokens} prompt tokens (+-12.5%), {args.new_tokens} sampled new tokens each (temperature "
           f"{args.temperature:g}, EOS ignored); {args.repeats} repeat(s), medians.\n")
     base = tps("hf_static")
     print(f"| system | output tokens/s | vs HF generate batch {R} | TTFT p50 | TTFT p99 | time/output token p50 "
           f"| peak RSS |")
     print("|---|---|---|---|---|---|---|")
-    for system, name in names.items():
-        if system not in results:
-            continue
-        runs = ok(system)
+    order = ["trellis", "hf_static", "hf_cb", "llamacpp", "trellis_single", "hf_single", "llamacpp_single"]
+    shown = [k for system in order for k in results if k.partition(":")[0] == system]
+    for key in shown:
+        runs = ok(key)
         if not runs:
-            print(f"| {name} | failed: {results[system][0]['error'][:300]} | | | | | |")
+            print(f"| {label(key)} | failed: {results[key][0]['error'][:300]} | | | | | |")
             continue
-        rate = tps(system)
-        print(f"| {name} | {rate:.1f} | {fmt_ratio(rate / base if base else None)} "
+        rate = tps(key)
+        print(f"| {label(key)} | {rate:.1f} | {fmt_ratio(rate / base if base else None)} "
               f"| {fmt_ms(median_of(runs, lambda r: pct(r['ttft'], .5)))} "
               f"| {fmt_ms(median_of(runs, lambda r: pct(r['ttft'], .99)))} "
               f"| {fmt_ms(median_of(runs, lambda r: pct(r['tpot'], .5)))} "
               f"| {max(r['peak_rss_mib'] for r in runs):.0f} MiB |")
-    notes = [f"{names[s].split(',')[0]}: {results[s][0]['error']}" for s in names if s in results and not ok(s)]
-    for note in notes:
-        print(f"\nFailed: {note}")
+    for key in shown:
+        if not ok(key):
+            print(f"\nFailed: {label(key)}: {results[key][0]['error']}")
     cb = ok("hf_cb")
     if cb:
         print(f"\ntransformers continuous batching ran with attention `{cb[0].get('attn_implementation')}`, "
@@ -539,35 +644,76 @@ def report(args, results: dict[str, list[dict]]) -> None:
 
     roof = ok("roofline")
     roof = roof[0] if roof else None
-    step = {s: median_of(ok(s), lambda r: r.get("step_s")) for s in names}
-    print(f"\nDecode step (median gap between a request's consecutive tokens), {args.dtype}:\n")
-    print(f"| batch | Trellis engine | HF `generate` | transformers CB | roofline ({args.dtype}) |")
-    print("|---|---|---|---|---|")
-    for batch, ours, hf, cbs in ((1, "trellis_single", "hf_single", None), (R, "trellis", "hf_static", "hf_cb")):
-        line = f"| {batch} | {fmt_ms(step[ours])} | {fmt_ms(step[hf])} | {fmt_ms(step[cbs]) if cbs else '-'} "
-        print(line + f"| {fmt_ms(roofline_step(roof, args.dtype, batch)) if roof else 'n/a'} |")
+    ours = [f"{m}" for m in modes]
+    print(f"\nDecode step (median gap between a request's consecutive tokens), {args.dtype} activations:\n")
+    print("| batch | " + " | ".join(f"Trellis, {MODE_NAMES.get(m, m)}" for m in ours)
+          + f" | HF `generate` | transformers CB | llama.cpp (Q4_1) | roofline ({args.dtype} weights) |")
+    print("|---|" + "---|" * (len(ours) + 4))
+    for batch, mine, hf, cbs, ll in ((1, "trellis_single", "hf_single", None, "llamacpp_single"),
+                                     (R, "trellis", "hf_static", "hf_cb", "llamacpp")):
+        cells = [fmt_ms(step(f"{mine}:{m}")) for m in ours]
+        cells += [fmt_ms(step(hf)), fmt_ms(step(cbs)) if cbs else "-", fmt_ms(step(ll)),
+                  fmt_ms(roofline_step(roof, args.dtype, batch)) if roof else "n/a"]
+        print(f"| {batch} | " + " | ".join(cells) + " |")
     if roof:
         print(f"\nRoofline measured here: memory bandwidth {roof['bandwidth'] / 1e9:.1f} GB/s (sum of a 256 MiB "
               f"tensor), matmul peak fp32 {roof['matmul_peak']['float32'] / 1e9:.0f} GFLOP/s, bf16 "
               f"{roof['matmul_peak']['bfloat16'] / 1e9:.0f} GFLOP/s (2048^3); {roof['params'] / 1e6:.1f} M params; "
               f"step >= max(weight bytes / bandwidth, 2 * params * batch / matmul peak).")
 
-    n16 = ok("n16")
+    n16 = {m: ok(f"n16:{m}") for m in modes if ok(f"n16:{m}")}
     if n16:
-        n, p = n16[0]["n"], n16[0]["prompt_tokens"]
-        n1, nN = median_of(n16, lambda r: r["n1_s"]), median_of(n16, lambda r: r["nN_s"])
-
-        def prefilled(key: str) -> str:
-            value = n16[0][key]
-            return "n/a (the engine exposes no prefill counter)" if value is None else str(value)
-
-        print(f"\nn={n} samples of one {p}-token prompt through the Trellis engine, "
+        first = next(iter(n16.values()))[0]
+        print(f"\nn={first['n']} samples of one {first['prompt_tokens']}-token prompt through the Trellis engine, "
               f"{args.new_tokens} new tokens each:\n")
-        print("| request | wall | output tokens | prompt tokens prefilled |\n|---|---|---|---|")
-        print(f"| n=1 | {n1:.2f} s | {n16[0]['n1_tokens']} | {prefilled('n1_prefill')} |")
-        print(f"| n={n} | {nN:.2f} s ({nN / n1:.2f}x of n=1) | {n16[0]['nN_tokens']} | {prefilled('nN_prefill')} |")
-    elif "n16" in results:
-        print(f"\nn16 failed: {results['n16'][0]['error']}")
+        print("| weights | n=1 wall | n=N wall | ratio | prompt tokens prefilled (n=1 / n=N) |\n|---|---|---|---|---|")
+        for m, runs in n16.items():
+            n1, nN = median_of(runs, lambda r: r["n1_s"]), median_of(runs, lambda r: r["nN_s"])
+            print(f"| {MODE_NAMES.get(m, m)} | {n1:.2f} s | {nN:.2f} s | {nN / n1:.2f}x "
+                  f"| {runs[0]['n1_prefill']} / {runs[0]['nN_prefill']} |")
+    starts = {m: ok(f"worker_start:{m}") for m in modes if ok(f"worker_start:{m}")}
+    if starts:
+        print("\nWorker start, `python -m worker_cpu` on the bundled model until SERVING (the verifier off):\n")
+        print("| weights | first start (empty caches: convert, compile) | later start |\n|---|---|---|")
+        for m, runs in starts.items():
+            print(f"| {MODE_NAMES.get(m, m)} | {runs[0]['first_s']:.1f} s | {runs[0]['later_s']:.1f} s |")
+    for key in results:
+        if key.partition(":")[0] in ("n16", "worker_start") and not ok(key):
+            print(f"\n{key} failed: {results[key][0]['error']}")
+    targets(args, modes, tps, step, ok)
+
+
+def targets(args, modes: list[str], tps, step, ok) -> None:
+    """The issue 17 targets, as ratios from this run (best quantized mode where the target allows it)."""
+    rows = []
+    hf1, hfR, ll1, llR = step("hf_single"), tps("hf_static"), step("llamacpp_single"), tps("llamacpp")
+    for m in modes:
+        name = MODE_NAMES.get(m, m)
+        s1, tR = step(f"trellis_single:{m}"), tps(f"trellis:{m}")
+        if s1 and hf1:
+            rows.append((f"batch-1 decode step <= 1/3 of HF generate's ({name})", f"{s1 / hf1:.2f}x",
+                         s1 / hf1 <= 1 / 3))
+        if tR and hfR:
+            rows.append((f"tokens/s at {args.requests} concurrent >= 3x HF static batch ({name})",
+                         f"{tR / hfR:.2f}x", tR / hfR >= 3))
+        if s1 and ll1:
+            rows.append((f"batch-1 step within 1.5x of llama.cpp's ({name})", f"{s1 / ll1:.2f}x", s1 / ll1 <= 1.5))
+        if tR and llR:
+            rows.append((f"tokens/s at {args.requests} concurrent >= llama.cpp's ({name})", f"{tR / llR:.2f}x",
+                         tR >= llR))
+        runs = ok(f"n16:{m}")
+        if runs:
+            ratio = median_of(runs, lambda r: r["nN_s"]) / median_of(runs, lambda r: r["n1_s"])
+            rows.append((f"n=16 of one 512-token prompt <= 2x one sample ({name})", f"{ratio:.2f}x", ratio <= 2))
+        runs = ok(f"worker_start:{m}")
+        if runs:
+            r = runs[0]
+            rows.append((f"worker start < 60 s first, < 15 s later ({name})",
+                         f"{r['first_s']:.0f} s / {r['later_s']:.0f} s", r["first_s"] < 60 and r["later_s"] < 15))
+    if rows:
+        print("\nAgainst the targets (ratios from this run):\n\n| target | measured | met |\n|---|---|---|")
+        for target, value, met in rows:
+            print(f"| {target} | {value} | {'yes' if met else 'no'} |")
 
 
 def torch_threads(results: dict[str, list[dict]]) -> str:
@@ -593,8 +739,12 @@ def main() -> None:
                    help="transformers CB token budget per step (the Trellis engine's default max_num_tokens)")
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra TorchEngine constructor argument (repeatable; value parsed as a Python literal)")
+    p.add_argument("--quantize", default="none,int8",
+                   help="comma-separated --quantize modes; each Trellis system runs once per mode (the decode step "
+                        "compiled where the engine's compile=auto does it: quantized modes)")
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -609,10 +759,14 @@ def main() -> None:
     parse_engine_args(args.engine_arg)  # fail early on a malformed one
     command = shlex.join([".venv/bin/python", "-m", "benchmarks.engine", *sys.argv[1:]])
     print(f"$ {command}\n", flush=True)
+    modes = [m.strip() for m in args.quantize.split(",") if m.strip()]
+    systems = [f"{s}:{m}" if s in TRELLIS_SYSTEMS else s for s in systems for m in (modes if s in TRELLIS_SYSTEMS
+                                                                                        else [""])]
+    print(cpu_line(), flush=True)
     results: dict[str, list[dict]] = {s: [] for s in systems}
     for repeat in range(args.repeats):
         for system in systems:
-            if system == "roofline" and repeat:
+            if repeat and (system == "roofline" or system.startswith("worker_start")):
                 continue
             results[system].append(run_system(args, system, repeat))
     report(args, results)

@@ -4,7 +4,9 @@
     .venv/bin/python -m benchmarks.quant_quality --prompts 96 --tokens 64
 
 The eval prompts (benchmarks/data/arith.jsonl, "<question> Answer with the final number." through the chat
-template), greedy, --tokens new tokens each, EOS ignored, through TorchEngine in float32 and in int8. Reported:
+template), greedy, --tokens new tokens each, EOS ignored, through TorchEngine in float32 and in int8 (each as the
+worker runs it: int8 with its decode step compiled; the teacher-forced prefixes hit the prefix cache, so their last
+token runs as a decode row). Reported:
 - greedy agreement, teacher-forced: at each position of float32's continuation, whether int8's greedy token
   given the same prefix (prompt + float32's tokens before it) is float32's token;
 - prefix agreement: the share of positions before int8's own continuation first differs from float32's
@@ -60,9 +62,11 @@ def main() -> None:
     args = p.parse_args()
     rows = [json.loads(line) for line in DATA.read_text().splitlines()[:args.prompts]]
     prompts = [f"{r['question']} Answer with the final number." for r in rows]
-    results, prefixes, forced_out = {}, [], {}
+    results, prefixes, forced_out, compiled = {}, [], {}, False
     for mode in ("none", "int8"):
+        # compile="auto", as the worker runs: the int8 engine's decode step compiled, float32's eager.
         engine = TorchEngine(load_model("default", "float32"), quantize=mode)
+        compiled = compiled or engine.compiled
         try:
             results[mode] = [f.completions[0] for f in asyncio.run(greedy(engine, prompts, args.tokens))]
             if not prefixes:
@@ -84,7 +88,8 @@ def main() -> None:
     for ref, q in zip(results["none"], results["int8"], strict=True):
         prefix += next((i for i, (a, b) in enumerate(zip(ref.token_ids, q.token_ids, strict=False)) if a != b),
                        len(ref.token_ids))
-    print(f"SmolLM2-135M-Instruct, {len(prompts)} eval prompts, {args.tokens} greedy tokens: int8 against float32")
+    print(f"SmolLM2-135M-Instruct, {len(prompts)} eval prompts, {args.tokens} greedy tokens: int8"
+          f"{' (compiled decode step)' if compiled else ''} against float32")
     print(f"  greedy agreement, teacher-forced: {forced_agree / len(targets):.1%} of {len(targets)} tokens")
     print(f"  prefix agreement (own continuation, up to the first difference): {prefix / len(targets):.1%}")
     print(f"  |log p(int8) - log p(float32)| of float32's token: mean {statistics.mean(dlp):.4f}")

@@ -16,8 +16,9 @@ QUESTION = "What is 9 times 3?"
 
 def main() -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="trellis-demo-"))
-    print(f"starting worker_cpu (SmolLM2-135M-Instruct; the first start converts the bundled .gguf, ~25 s) "
-          f"and router; logs in {log_dir}", flush=True)
+    print(f"starting worker_cpu (SmolLM2-135M-Instruct, int8 weights, compiled decode step; the first start "
+          f"converts the bundled .gguf and compiles, ~1 minute on 2 cores, later starts reuse both) and router; "
+          f"logs in {log_dir}", flush=True)
     started = time.monotonic()
     worker = start_worker("default", log_dir)
     router = None

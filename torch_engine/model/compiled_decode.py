@@ -126,9 +126,15 @@ def _head_fn(spec: DecoderSpec, dtype: torch.dtype) -> Callable:
 
 
 def _use_trellis_inductor_cache() -> None:
+    """Inductor's on-disk cache under the Trellis cache (it persists where /tmp does not), unless the user chose
+    a directory: torch sets the variable to its /tmp default the first time it looks, so that value is ours to
+    replace."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     from torch_engine.model_loader import cache_root
 
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "inductor")
 
 
 class CompiledDecode:
@@ -136,6 +142,10 @@ class CompiledDecode:
 
     def __init__(self, weights: DecoderWeights, dtype: torch.dtype, scratch_slot: int) -> None:
         _use_trellis_inductor_cache()
+        # Duck sizing assumes dimensions equal at trace time stay equal (batch rows 2 and the cache's K/V axis
+        # of 2, or 3 rows and 3 KV heads), which recompiled the graph for the next batch size; off, one graph
+        # serves every size. (A compile-time setting; nothing else in the worker compiles.)
+        torch.fx.experimental._config.use_duck_shape = False
         self.w = weights
         self.spec = weights.spec
         self.dtype = dtype
@@ -143,8 +153,8 @@ class CompiledDecode:
         self.layer_args = [_LayerArgs.of(layer).tensors for layer in weights.layers]
         self.head_args = (weights.final_norm, weights.final_norm_bias, *_weight_args(weights.lm_head),
                           weights.lm_head_bias)
-        self.layer = torch.compile(_decode_layer_fn(self.spec, dtype), dynamic=True, fullgraph=True)
-        self.head = torch.compile(_head_fn(self.spec, dtype), dynamic=True, fullgraph=True)
+        self.layer = torch.compile(_decode_layer_fn(self.spec, dtype), fullgraph=True)
+        self.head = torch.compile(_head_fn(self.spec, dtype), fullgraph=True)
         self.int8_linear = torch.compile(int8_linear, dynamic=True, fullgraph=True)  # for the eager prefill
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
@@ -152,12 +162,17 @@ class CompiledDecode:
         """One token per row: input_ids, positions, slots, lengths [B]; blocks [B, nb] block tables (padded).
         Returns float32 logits [B, vocab]."""
         rows = input_ids.shape[0]
-        if rows == 1:  # see the module docstring: every step runs the same (dynamic) kernels
+        # A size of 1 would get a graph of its own (torch.compile specializes 0 and 1): pad one row (see the module
+        # docstring) and one block column (masked) so every step runs the same kernels and nothing compiles
+        # while serving.
+        if rows == 1:
             input_ids = torch.cat([input_ids, input_ids.new_zeros(1)])
             positions = torch.cat([positions, positions.new_zeros(1)])
             slots = torch.cat([slots, slots.new_full((1,), self.scratch_slot)])
             blocks = torch.cat([blocks, blocks.new_zeros(1, blocks.shape[1])])
             lengths = torch.cat([lengths, lengths.new_ones(1)])
+        if blocks.shape[1] == 1:
+            blocks = torch.cat([blocks, blocks.new_zeros(blocks.shape[0], 1)], dim=1)
         w, s = self.w, self.spec
         x = F.embedding(input_ids, w.embed)
         if w.pos_embed is not None:
@@ -168,8 +183,15 @@ class CompiledDecode:
             sin = w.rope_sin[positions].to(self.dtype).unsqueeze(1)
         bs = kv.block_size
         context_slots = (blocks.unsqueeze(-1) * bs + torch.arange(bs)).view(blocks.shape[0], -1)
+        # Only the batch rows and the context are dynamic: with every dimension symbolic (dynamic=True) tracing
+        # took 15 s even from inductor's cache, against 3 s with the weights' shapes static.
+        for t in (x, cos, sin, slots, context_slots, lengths):
+            if t is not None:
+                torch._dynamo.mark_dynamic(t, 0)
+        torch._dynamo.mark_dynamic(context_slots, 1)
         for i, args in enumerate(self.layer_args):
             x = self.layer(x, cos, sin, kv.k[i], kv.v[i], slots, context_slots, lengths, *args)
+        torch._dynamo.mark_dynamic(x, 0)
         return self.head(x, *self.head_args)[:rows]
 
     def warm_up(self, kv: KVCache, max_rows: int) -> float:
@@ -177,7 +199,7 @@ class CompiledDecode:
         t0 = time.perf_counter()
         log.info("compiling the decode step", note="first start takes a while; later starts reuse inductor's cache")
         with torch.inference_mode():
-            for rows, nblocks in ((1, 1), (min(max_rows, 3), 2)):
+            for rows, nblocks in ((1, 1), (min(max_rows, 3), 3)):
                 ids = torch.zeros(rows, dtype=torch.long)
                 self.forward(ids, ids.clone(), torch.full((rows,), self.scratch_slot), torch.zeros(rows, nblocks,
                              dtype=torch.long), torch.ones(rows, dtype=torch.long), kv)
