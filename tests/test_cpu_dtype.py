@@ -42,8 +42,8 @@ def test_an_unknown_dtype_is_refused():
 
 def test_with_int8_weights_auto_keeps_float32_activations_even_with_bf16():
     for cpuinfo in (AVX2_EPYC, BF16_EPYC, SAPPHIRE_RAPIDS):
-        assert choose_dtype("auto", cpu_flags(cpuinfo), int8_weights=True).dtype == "float32"
-    assert choose_dtype("bfloat16", cpu_flags(BF16_EPYC), int8_weights=True).dtype == "bfloat16"
+        assert choose_dtype("auto", cpu_flags(cpuinfo), quantized_weights=True).dtype == "float32"
+    assert choose_dtype("bfloat16", cpu_flags(BF16_EPYC), quantized_weights=True).dtype == "bfloat16"
 
 
 def test_quantize_auto_keeps_a_quantized_gguf_quantized_and_float_checkpoints_exact():

@@ -20,7 +20,7 @@ from transformers import (
 
 from tests.helpers import eventually
 from torch_engine.engine import TorchEngine
-from torch_engine.model.quant import Int8Weight, linear, quantize_int8
+from torch_engine.model.quant import Int4Weight, Int8Weight, linear, quantize_int4, quantize_int8
 from torch_engine.model_loader import LoadedModel
 from trellis_rpc.sampling import SamplingConfig
 from worker_runtime.engine_api import Delta, Finished, PromptInput
@@ -152,7 +152,7 @@ def test_out_of_blocks_queues_and_preempts_instead_of_failing(tokenizer):
 
 
 @pytest.mark.parametrize("quantize,compile", [
-    ("none", "off"), ("int8", "off"),
+    ("none", "off"), ("int8", "off"), ("int4", "off"),
     pytest.param("int8", "on", marks=pytest.mark.processes),  # inductor runs g++
 ])
 def test_seed_reproduces_whatever_else_is_in_the_batch(tokenizer, quantize, compile):
@@ -212,16 +212,19 @@ def test_bf16_agrees_with_fp32(tokenizer):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
-def test_int8_weights_agree_with_fp32(arch, tokenizer):
-    """--quantize int8: every linear (the lm_head too) on int8 weights and activations; next-token probabilities
-    within 0.02 of the float32 model's, and the greedy token the same or as likely within 0.02."""
-    engine, model = make_engine(arch, tokenizer, quantize="int8", compile="off")
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_weights_agree_with_fp32(arch, tokenizer, quantize):
+    """--quantize int8 (weights and activations) and int4 (weights in groups of 32; the lm_head int8): every
+    linear; next-token probabilities within 0.02 of the float32 model's, the greedy token the same or as likely
+    within 0.02."""
+    engine, model = make_engine(arch, tokenizer, quantize=quantize, compile="off")
+    kind = Int8Weight if quantize == "int8" else Int4Weight
     ps = prompts(3, 24, seed=2)
     with torch.inference_mode():
         ref = [model(torch.tensor([p])).logits[0, -1].softmax(-1) for p in ps]
     try:
         assert isinstance(engine.decoder.w.lm_head, Int8Weight)
-        assert all(isinstance(layer.up, Int8Weight) for layer in engine.decoder.w.layers)
+        assert all(isinstance(layer.up, kind) for layer in engine.decoder.w.layers)
         done = run(engine, [(p, SamplingConfig(temperature=0.0, max_tokens=1, logprobs=5)) for p in ps])
         for probs, f in zip(ref, done, strict=True):
             lp = f.completions[0].logprobs[0]
@@ -233,7 +236,7 @@ def test_int8_weights_agree_with_fp32(arch, tokenizer):
 
 
 @pytest.mark.processes  # inductor runs g++
-@pytest.mark.parametrize("arch,quantize", [("llama", "none"), ("qwen2", "int8"), ("gpt2", "int8")])
+@pytest.mark.parametrize("arch,quantize", [("llama", "none"), ("qwen2", "int8"), ("gpt2", "int8"), ("llama", "int4")])
 def test_compiled_decode_step_gives_the_eager_step_s_output(arch, tokenizer, quantize):
     """--compile on: decode rows through the compiled graph, alone, batched, beside prefill chunks (a short
     token budget makes steps mix them) and after preemption, give the eager engine's greedy tokens and
@@ -261,6 +264,22 @@ def test_compiled_decode_step_gives_the_eager_step_s_output(arch, tokenizer, qua
     finally:
         compiled.close()
         eager.close()
+
+
+def test_int4_groups_find_a_q4_grid_again_and_rows_do_not_depend_on_their_company():
+    """Weights already on a 4-bit grid per group of 32 (as a dequantized Q4_1 .gguf's are) come back exactly (up to
+    the bfloat16 scales); a row's output is the same alone as in a batch of 32."""
+    g = torch.Generator().manual_seed(0)
+    scale, low = torch.rand(48, 2, 1, generator=g) + 0.1, torch.randn(48, 2, 1, generator=g)
+    w = (low + scale * torch.randint(0, 16, (48, 2, 32), generator=g)).view(48, 64)
+    w[:, 0::32], w[:, 1::32] = low[:, :, 0], (low + 15 * scale)[:, :, 0]   # every group spans its whole grid
+    q = quantize_int4(w)
+    assert isinstance(q, Int4Weight)
+    eye = torch.eye(64)
+    assert torch.allclose(linear(eye, q).t(), w, atol=0.02 * w.abs().max())
+    x = torch.randn(32, 64, generator=g)
+    assert torch.equal(linear(x[:1], q)[0], linear(x, q)[0])
+    assert isinstance(quantize_int4(torch.randn(8, 40)), Int8Weight), "rows not a multiple of 32 fall back to int8"
 
 
 def test_int8_quantization_is_within_half_a_step_per_channel():

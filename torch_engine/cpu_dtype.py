@@ -36,17 +36,18 @@ class DtypeChoice:
     warning: str = ""   # set when the choice will be slow on this CPU
 
 
-def choose_dtype(requested: str, flags: set[str] | None = None, int8_weights: bool = False) -> DtypeChoice:
-    """requested: one of DTYPES. flags: the CPU's (read from /proc/cpuinfo when None). int8_weights: the linears
-    will run on int8 weights (--quantize), so the dtype is only the activations'."""
+def choose_dtype(requested: str, flags: set[str] | None = None, quantized_weights: bool = False) -> DtypeChoice:
+    """requested: one of DTYPES. flags: the CPU's (read from /proc/cpuinfo when None). quantized_weights: the
+    linears will run on int8 or int4 weights (--quantize), so the dtype is only the activations'."""
     if requested not in DTYPES:
         raise ValueError(f"--dtype: one of {', '.join(DTYPES)}, got {requested!r}")
     flags = cpu_flags() if flags is None else flags
     native = sorted(f for f in NATIVE_BF16_FLAGS if f in flags)
-    if requested == "auto" and int8_weights:
+    if requested == "auto" and quantized_weights:
         # Measured with int8 weights on an avx512_bf16 EPYC: bf16 activations made the batch-1 step slower
         # (25.9 against 20.7 ms) and batch 32 only a little faster; int8's quality was measured in float32.
-        return DtypeChoice("float32", "int8 weights: the matmuls run in int8, activations in float32")
+        return DtypeChoice("float32", "quantized weights: the matmuls run on int8 / int4 weights, activations in "
+                                      "float32")
     if requested == "auto":
         if native:
             return DtypeChoice("bfloat16", f"the CPU runs bf16 natively ({', '.join(native)})")

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from torch_engine.model.decoder import DecoderSpec, DecoderWeights, LayerWeights
 from torch_engine.model.kv_cache import KVCache
-from torch_engine.model.quant import Int8Weight, int8_linear
+from torch_engine.model.quant import Int4Weight, Int8Weight, QuantWeight, int4_linear, int8_linear
 
 log = structlog.get_logger(__name__)
 
@@ -44,12 +44,21 @@ def should_compile(mode: str, quantize: str) -> bool:
 
 
 def _mm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-    """quant.linear over flat tensors: float weights, or int8 weights with their per-channel scales."""
-    return F.linear(x, w, bias) if scales is None else int8_linear(x, w, scales, bias)
+    """quant.linear over flat tensors: float weights (no scales), int8 weights with their per-channel scales, or
+    packed int4 weights (uint8) with their group scales and zeros. The dtypes are static to the trace."""
+    if scales is None:
+        return F.linear(x, w, bias)
+    if w.dtype == torch.int8:
+        return int8_linear(x, w, scales, bias)
+    return int4_linear(x, w, scales, bias)
 
 
-def _weight_args(w: torch.Tensor | Int8Weight) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return (w.q, w.scales) if isinstance(w, Int8Weight) else (w, None)
+def _weight_args(w: torch.Tensor | QuantWeight) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(w, Int8Weight):
+        return w.q, w.scales
+    if isinstance(w, Int4Weight):
+        return w.packed, w.scales_zeros
+    return w, None
 
 
 @dataclass

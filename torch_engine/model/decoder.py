@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from torch_engine.model.kv_cache import KVCache
-from torch_engine.model.quant import Int8Weight, linear
+from torch_engine.model.quant import Int8Weight, QuantWeight, linear
 
 if TYPE_CHECKING:
     from torch_engine.model.compiled_decode import CompiledDecode
@@ -24,15 +24,15 @@ if TYPE_CHECKING:
 class LayerWeights:
     norm1: torch.Tensor
     norm1_bias: torch.Tensor | None
-    qkv: torch.Tensor | Int8Weight      # [(H + 2 * Hkv) * D, hidden]
+    qkv: torch.Tensor | QuantWeight  # [(H + 2 * Hkv) * D, hidden]
     qkv_bias: torch.Tensor | None
-    out: torch.Tensor | Int8Weight      # [hidden, H * D]
+    out: torch.Tensor | QuantWeight  # [hidden, H * D]
     out_bias: torch.Tensor | None
     norm2: torch.Tensor
     norm2_bias: torch.Tensor | None
-    up: torch.Tensor | Int8Weight       # gated: [2 * I, hidden] (gate then up); plain: [I, hidden]
+    up: torch.Tensor | QuantWeight  # gated: [2 * I, hidden] (gate then up); plain: [I, hidden]
     up_bias: torch.Tensor | None
-    down: torch.Tensor | Int8Weight     # [hidden, I]
+    down: torch.Tensor | QuantWeight  # [hidden, I]
     down_bias: torch.Tensor | None
 
 
@@ -61,7 +61,7 @@ class DecoderWeights:
     layers: list[LayerWeights]
     final_norm: torch.Tensor
     final_norm_bias: torch.Tensor | None
-    lm_head: torch.Tensor | Int8Weight  # [vocab, hidden]
+    lm_head: torch.Tensor | QuantWeight  # [vocab, hidden]
     lm_head_bias: torch.Tensor | None = None
     rope_cos: torch.Tensor | None = None  # [max_positions, head_dim], float32
     rope_sin: torch.Tensor | None = None
@@ -167,7 +167,7 @@ class PagedDecoder:
         out = self._softmax_attend(qg, keys.unsqueeze(1), values.unsqueeze(1), mask)  # [Hkv, G, n, D]
         return out.permute(2, 0, 1, 3).reshape(n, H, D)
 
-    def _linear(self, x: torch.Tensor, w: torch.Tensor | Int8Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | None) -> torch.Tensor:
         if self.compiled is not None and isinstance(w, Int8Weight):
             # Compiled, the activation quantization fuses into a pass or two instead of a dozen (prefill:
             # 2.6x faster at 512 rows of SmolLM2's MLP).

@@ -9,6 +9,11 @@ lm_head 3.4x float32 F.linear at 1 row and at 32. PyTorch's weight-only kernel (
 1.2-26x slower than float32 with float32 activations there, so it is not used. Every linear is quantized, the
 lm_head included (for SmolLM2-135M a fifth of the weights); the embedding table stays, since a step reads only its
 own rows of it.
+
+int4 (--quantize int4): weight-only, groups of 32 with a scale and a zero point (Q4_1's grid), through PyTorch's
+aten._weight_int4pack_mm_for_cpu with bfloat16 activations: an eighth of float32's bytes, so the batch-1 step is
+faster than int8's; at 32 rows and in prefill it is slower than int8 (about fp32's speed), which is why int8 stays
+the default. With float32 activations that kernel was 10-30x slower, so activations go in as bfloat16.
 """
 
 from __future__ import annotations
@@ -22,14 +27,16 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from torch_engine.model.decoder import DecoderWeights
 
-QUANTIZE_MODES = ("none", "int8")
+QUANTIZE_MODES = ("none", "int8", "int4")
+INT4_GROUP = 32  # a scale and a zero point per 32 weights of a row, the grid of GGUF's Q4_1
 QUANTIZE_CHOICES = ("auto", *QUANTIZE_MODES)
 
 
 def choose_quantize(requested: str, quantized_checkpoint: bool) -> str:
-    """auto: int8 for a checkpoint that was quantized already (a Q4/Q5/Q8 .gguf such as the bundled model: int8
-    is the nearest class the engine runs fast, rather than inflating it to floats), none for float checkpoints,
-    whose float32 greedy output the engine reproduces exactly."""
+    """auto: int8 for a checkpoint that was quantized already (a Q4/Q5/Q8 .gguf such as the bundled model), rather
+    than inflating it to floats; none for float checkpoints, whose float32 greedy output the engine reproduces
+    exactly. Not int4, though it keeps a Q4 file's own grid: its kernel is the faster one at batch 1 only, and
+    inference-time compute runs many samples at once (docs/BENCHMARKS.md)."""
     if requested not in QUANTIZE_CHOICES:
         raise ValueError(f"--quantize: one of {', '.join(QUANTIZE_CHOICES)}, got {requested!r}")
     if requested != "auto":
@@ -47,6 +54,46 @@ class Int8Weight:
         return self.q.shape
 
 
+@dataclass
+class Int4Weight:
+    """Weights in groups of INT4_GROUP along a row: w ~= (q - 8) * scale + zero, q in [0, 15], packed for
+    aten._weight_int4pack_mm_for_cpu (which takes bfloat16 activations)."""
+    packed: torch.Tensor        # uint8, the kernel's layout
+    scales_zeros: torch.Tensor  # [in / group, out, 2] bfloat16
+    out_features: int
+    in_features: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
+
+
+def quantize_int4(w: torch.Tensor) -> Int4Weight | Int8Weight:
+    """Asymmetric 4-bit groups (min and max of each group of 32 on a 16-step grid): applied to weights that were
+    a Q4_1 .gguf, it finds that file's own grid again. A row length that is not a multiple of the group falls
+    back to int8."""
+    out_features, in_features = w.shape
+    if in_features % INT4_GROUP:
+        return quantize_int8(w)
+    groups = w.float().view(out_features, in_features // INT4_GROUP, INT4_GROUP)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scale = ((high - low) / 15).clamp(min=1e-12)
+    q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(out_features, in_features), 1)
+    scales_zeros = torch.stack([scale, low + 8 * scale], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return Int4Weight(packed, scales_zeros, out_features, in_features)
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, bias: torch.Tensor | None
+                ) -> torch.Tensor:
+    """x [..., in] times int4 weights -> [..., out] in x's dtype; each row's result depends on that row alone
+    (checked in tests)."""
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, INT4_GROUP, scales_zeros)
+    y = y.to(x.dtype).reshape(*x.shape[:-1], scales_zeros.shape[1])
+    return y if bias is None else y + bias
+
+
 def quantize_int8(w: torch.Tensor) -> Int8Weight:
     w32 = w.float()
     scales = (w32.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
@@ -54,10 +101,15 @@ def quantize_int8(w: torch.Tensor) -> Int8Weight:
     return Int8Weight(q.contiguous(), scales)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor | Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    if not isinstance(w, Int8Weight):
-        return F.linear(x, w, bias)
-    return int8_linear(x, w.q, w.scales, bias)
+QuantWeight = Int8Weight | Int4Weight
+
+
+def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if isinstance(w, Int8Weight):
+        return int8_linear(x, w.q, w.scales, bias)
+    if isinstance(w, Int4Weight):
+        return int4_linear(x, w.packed, w.scales_zeros, bias)
+    return F.linear(x, w, bias)
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -87,6 +139,8 @@ def quantize_decoder(weights: DecoderWeights, mode: str) -> DecoderWeights:
         raise ValueError(f"--quantize: one of {', '.join(QUANTIZE_MODES)}, got {mode!r}")
     if mode == "none":
         return weights
-    layers = [replace(layer, **{name: quantize_int8(getattr(layer, name)) for name in _LAYER_LINEARS})
+    quantize = quantize_int8 if mode == "int8" else quantize_int4
+    layers = [replace(layer, **{name: quantize(getattr(layer, name)) for name in _LAYER_LINEARS})
               for layer in weights.layers]
+    # The lm_head stays int8 under int4, as 4-bit GGUF files keep theirs at 6 or 8 bits (the bundled one: Q8_0).
     return replace(weights, layers=layers, lm_head=quantize_int8(weights.lm_head))
