@@ -272,6 +272,7 @@ def child_trellis(loaded, args, prompts: list[list[int]], warm: list[list[int]],
         out = summarize([r[0] for r in results], [r[1] for r in results], [r[2] // n for r in results],
                         [g for r in results for g in r[3]], wall)
         out["tokens"] = sum(r[2] for r in results)
+        out["compiled"] = bool(getattr(engine, "compiled", False))
         out["prefill_tokens"] = after - before if before is not None and after is not None else None
         return out
 
@@ -572,7 +573,7 @@ def fmt_ratio(r: float | None) -> str:
     return f"{r:.1f}x" if r >= 0.95 else f"{r:.2f}x"
 
 
-MODE_NAMES = {"none": "float32 weights", "int8": "int8 weights, compiled step"}
+MODE_NAMES = {"none": "float32 weights", "int8": "int8 weights", "int4": "int4 weights"}
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
@@ -583,12 +584,19 @@ def cpu_line() -> str:
     model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                   if ln.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
     have = [f for f in CPU_FLAGS if f in flags]
+    capped = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if os.environ.get(k)]
     return (f"CPU: {model}, {os.cpu_count()} cores; flags: {' '.join(have) or 'none of ' + ' '.join(CPU_FLAGS)}"
-            f" (no {' '.join(f for f in CPU_FLAGS if f not in flags) or '-'})\n")
+            f" (no {' '.join(f for f in CPU_FLAGS if f not in flags) or '-'})"
+            + (f"; kernels capped by {' '.join(capped)}" if capped else "") + "\n")
 
 
 def report(args, results: dict[str, list[dict]]) -> None:
     R, S = args.requests, args.single
+
+    def mode_name(mode: str) -> str:
+        """The weights, and whether the engine compiled its decode step (compile=auto, or an --engine-arg)."""
+        compiled = any(r.get("compiled") for key, runs in results.items() if key.endswith(f":{mode}") for r in runs)
+        return MODE_NAMES.get(mode, mode) + (", compiled step" if compiled else "")
 
     def label(key: str) -> str:
         system, _, mode = key.partition(":")
@@ -601,7 +609,7 @@ def report(args, results: dict[str, list[dict]]) -> None:
             "hf_single": f"HF `generate`, one request at a time (first {S})",
             "llamacpp_single": f"llama.cpp (the Q4_1 .gguf), one request at a time (first {S})",
         }[system]
-        return f"{base} ({MODE_NAMES.get(mode, mode)})" if mode else base
+        return f"{base} ({mode_name(mode)})" if mode else base
 
     def ok(key: str) -> list[dict]:
         return [r for r in results.get(key, []) if "error" not in r]
@@ -646,7 +654,7 @@ def report(args, results: dict[str, list[dict]]) -> None:
     roof = roof[0] if roof else None
     ours = [f"{m}" for m in modes]
     print(f"\nDecode step (median gap between a request's consecutive tokens), {args.dtype} activations:\n")
-    print("| batch | " + " | ".join(f"Trellis, {MODE_NAMES.get(m, m)}" for m in ours)
+    print("| batch | " + " | ".join(f"Trellis, {mode_name(m)}" for m in ours)
           + f" | HF `generate` | transformers CB | llama.cpp (Q4_1) | roofline ({args.dtype} weights) |")
     print("|---|" + "---|" * (len(ours) + 4))
     for batch, mine, hf, cbs, ll in ((1, "trellis_single", "hf_single", None, "llamacpp_single"),
@@ -669,26 +677,26 @@ def report(args, results: dict[str, list[dict]]) -> None:
         print("| weights | n=1 wall | n=N wall | ratio | prompt tokens prefilled (n=1 / n=N) |\n|---|---|---|---|---|")
         for m, runs in n16.items():
             n1, nN = median_of(runs, lambda r: r["n1_s"]), median_of(runs, lambda r: r["nN_s"])
-            print(f"| {MODE_NAMES.get(m, m)} | {n1:.2f} s | {nN:.2f} s | {nN / n1:.2f}x "
+            print(f"| {mode_name(m)} | {n1:.2f} s | {nN:.2f} s | {nN / n1:.2f}x "
                   f"| {runs[0]['n1_prefill']} / {runs[0]['nN_prefill']} |")
     starts = {m: ok(f"worker_start:{m}") for m in modes if ok(f"worker_start:{m}")}
     if starts:
         print("\nWorker start, `python -m worker_cpu` on the bundled model until SERVING (the verifier off):\n")
         print("| weights | first start (empty caches: convert, compile) | later start |\n|---|---|---|")
         for m, runs in starts.items():
-            print(f"| {MODE_NAMES.get(m, m)} | {runs[0]['first_s']:.1f} s | {runs[0]['later_s']:.1f} s |")
+            print(f"| {mode_name(m)} | {runs[0]['first_s']:.1f} s | {runs[0]['later_s']:.1f} s |")
     for key in results:
         if key.partition(":")[0] in ("n16", "worker_start") and not ok(key):
             print(f"\n{key} failed: {results[key][0]['error']}")
-    targets(args, modes, tps, step, ok)
+    targets(args, modes, tps, step, ok, mode_name)
 
 
-def targets(args, modes: list[str], tps, step, ok) -> None:
+def targets(args, modes: list[str], tps, step, ok, mode_name) -> None:
     """The issue 17 targets, as ratios from this run (best quantized mode where the target allows it)."""
     rows = []
     hf1, hfR, ll1, llR = step("hf_single"), tps("hf_static"), step("llamacpp_single"), tps("llamacpp")
     for m in modes:
-        name = MODE_NAMES.get(m, m)
+        name = mode_name(m)
         s1, tR = step(f"trellis_single:{m}"), tps(f"trellis:{m}")
         if s1 and hf1:
             rows.append((f"batch-1 decode step <= 1/3 of HF generate's ({name})", f"{s1 / hf1:.2f}x",

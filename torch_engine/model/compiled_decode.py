@@ -3,14 +3,15 @@
 A decode step of a small model at small batch is mostly the overhead between kernels: each layer's
 dozen elementwise ops (norms, rotary, activation quantization, residuals) are separate passes over
 memory with a Python dispatch each. Compiled, they fuse into a few C++ loops around the matmuls.
-Measured on SmolLM2-135M (2-core EPYC, int8 weights): batch 1 25.8 -> 17.4 ms, batch 32 112 -> 95 ms;
-with float32 weights the step is bound by the weight GEMVs and compiling does not pay (54 -> 57 ms at
-batch 1), so the engine compiles only quantized decoders by default (`compile="auto"`).
+Measured on SmolLM2-135M (2-core EPYC, int8 weights, through the engine): batch-1 step 26.3 -> 23.3 ms,
+batch 32 143 -> 94 ms (docs/BENCHMARKS.md); with float32 weights the step is bound by the weight GEMVs and
+compiling does not pay (54 -> 57 ms at batch 1), so the engine compiles only quantized decoders by default
+(`compile="auto"`).
 
 What is compiled is one layer, called once per layer with that layer's weights as arguments, so there
 is one graph for all layers (compiling the whole 30-layer forward took minutes), and the final norm
-with the lm_head. The shapes that vary, batch rows and context length, are dynamic, so steps never
-recompile; batch 1 is padded to 2 rows (the padding row writes its K/V into a scratch slot) so that
+with the lm_head. The shapes that vary, batch rows and context length, are dynamic (marked, the rest
+static), so steps never recompile; batch 1 is padded to 2 rows (the padding row writes its K/V into a scratch slot) so that
 every step runs the same kernels and a sequence's logits do not depend on how many others share its
 step. Decode rows of a step that also prefills go through the same compiled graph, the prefill
 chunks through the eager decoder, for the same reason. Inductor caches what it compiled on disk

@@ -24,15 +24,15 @@ if TYPE_CHECKING:
 class LayerWeights:
     norm1: torch.Tensor
     norm1_bias: torch.Tensor | None
-    qkv: torch.Tensor | QuantWeight  # [(H + 2 * Hkv) * D, hidden]
+    qkv: torch.Tensor | QuantWeight     # [(H + 2 * Hkv) * D, hidden]
     qkv_bias: torch.Tensor | None
-    out: torch.Tensor | QuantWeight  # [hidden, H * D]
+    out: torch.Tensor | QuantWeight     # [hidden, H * D]
     out_bias: torch.Tensor | None
     norm2: torch.Tensor
     norm2_bias: torch.Tensor | None
-    up: torch.Tensor | QuantWeight  # gated: [2 * I, hidden] (gate then up); plain: [I, hidden]
+    up: torch.Tensor | QuantWeight      # gated: [2 * I, hidden] (gate then up); plain: [I, hidden]
     up_bias: torch.Tensor | None
-    down: torch.Tensor | QuantWeight  # [hidden, I]
+    down: torch.Tensor | QuantWeight    # [hidden, I]
     down_bias: torch.Tensor | None
 
 
@@ -61,7 +61,7 @@ class DecoderWeights:
     layers: list[LayerWeights]
     final_norm: torch.Tensor
     final_norm_bias: torch.Tensor | None
-    lm_head: torch.Tensor | QuantWeight  # [vocab, hidden]
+    lm_head: torch.Tensor | QuantWeight # [vocab, hidden]
     lm_head_bias: torch.Tensor | None = None
     rope_cos: torch.Tensor | None = None  # [max_positions, head_dim], float32
     rope_sin: torch.Tensor | None = None
