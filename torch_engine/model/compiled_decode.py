@@ -11,9 +11,9 @@ compiling does not pay (54 -> 57 ms at batch 1), so the engine compiles only qua
 What is compiled is one layer, called once per layer with that layer's weights as arguments, so there
 is one graph for all layers (compiling the whole 30-layer forward took minutes), and the final norm
 with the lm_head. The shapes that vary, batch rows and context length, are dynamic (marked, the rest
-static), so steps never recompile; batch 1 is padded to 2 rows (the padding row writes its K/V into a scratch slot) so that
-every step runs the same kernels and a sequence's logits do not depend on how many others share its
-step. Decode rows of a step that also prefills go through the same compiled graph, the prefill
+static), so steps never recompile; batch 1 is padded to 2 rows (the padding row writes its K/V into a
+scratch slot) so that every step runs the same kernels and a sequence's logits do not depend on how
+many others share its step. Decode rows of a step that also prefills go through the same compiled graph, the prefill
 chunks through the eager decoder, for the same reason. Inductor caches what it compiled on disk
 (TORCHINDUCTOR_CACHE_DIR, under the Trellis cache), so later worker starts skip most of the work.
 """
