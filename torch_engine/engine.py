@@ -79,10 +79,12 @@ class TorchEngine:
         self.device = next(model.parameters()).device
         self._on_device = contextlib.nullcontext() if self.device.type == "cpu" else self.device
         self.quantize = quantize = choose_quantize(quantize, loaded.quantized_checkpoint)
+        # The loop's thread count, fixed now: compiled kernels are built for one (inductor bakes it into its
+        # OpenMP loops and guards on it), so the warm-up compiles with the count the loop will run with.
+        self._threads = threads or torch.get_num_threads()
         with self._on_device:
             self._build(model, max_batch_size, kv_cache_tokens, max_num_tokens, block_size, loaded.model_id,
                         max_context, quantize, compile)
-        self._threads = threads
         self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._requests: dict[str, Request] = {}
         self._active: list[Request] = []
@@ -108,7 +110,12 @@ class TorchEngine:
         self.compiled = should_compile(compile, quantize)
         if self.compiled:
             self.decoder.compiled = CompiledDecode(weights, self.dtype, scratch_slot=num_blocks * block_size)
-            self.decoder.compiled.warm_up(self.kv, max_batch_size)
+            caller_threads = torch.get_num_threads()
+            torch.set_num_threads(self._threads)
+            try:
+                self.decoder.compiled.warm_up(self.kv, max_batch_size)
+            finally:
+                torch.set_num_threads(caller_threads)
         self.runner = ModelRunner(self.decoder, self.kv)
         self.kept = KeptSequences(self.blocks)
         self.scheduler = Scheduler(self.blocks, max_num_tokens, max_batch_size, reclaim=self.kept.evict_oldest)
@@ -213,8 +220,7 @@ class TorchEngine:
 
     def run(self) -> None:
         """The engine loop; returns after close(). Started on its own thread unless start_thread=False."""
-        if self._threads:
-            torch.set_num_threads(self._threads)
+        torch.set_num_threads(self._threads)
         with torch.inference_mode(), self._on_device:
             while not self._stopped.is_set():
                 self._admit(block=not self.scheduler.running and not self.scheduler.waiting)

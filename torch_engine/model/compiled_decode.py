@@ -156,6 +156,11 @@ class CompiledDecode:
         # of 2, or 3 rows and 3 KV heads), which recompiled the graph for the next batch size; off, one graph
         # serves every size. (A compile-time setting; nothing else in the worker compiles.)
         torch.fx.experimental._config.use_duck_shape = False
+        # Every engine in a process compiles the same functions (the layer's code is shared by all of them), each
+        # with its own model's shapes: past dynamo's default of 8 graphs per function, a third engine's compile
+        # failed (tests and benchmarks build several; a worker builds one).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
         self.w = weights
         self.spec = weights.spec
         self.dtype = dtype
