@@ -32,7 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50061, help="0 picks a free port (printed in the 'serving' log line)")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="auto: bfloat16 where the CPU runs it natively (avx512_bf16, amx_bf16), float32 elsewhere")
+                   help="auto: float32 activations with quantized weights; otherwise bfloat16 where the CPU runs it "
+                        "natively (avx512_bf16, amx_bf16), float32 elsewhere")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto",
                    help="int8: every linear's weights int8 per output channel (a quarter of float32's bytes per "
                         "step); int4: groups of 32 weights (an eighth; the fastest at batch 1, slower than int8 with "
