@@ -266,6 +266,33 @@ def test_compiled_decode_step_gives_the_eager_step_s_output(arch, tokenizer, qua
         eager.close()
 
 
+def test_without_a_working_compiler_auto_serves_eagerly_and_on_refuses(tokenizer, monkeypatch):
+    """--compile auto on a machine with no C++ compiler, or whose compile fails, still gives a working engine;
+    --compile on says it failed."""
+    from torch_engine.model import compiled_decode
+
+    monkeypatch.setattr(compiled_decode.shutil, "which", lambda name: None)
+    engine, _ = make_engine("llama", tokenizer, quantize="int8", compile="auto")
+    try:
+        assert not engine.compiled and engine.decoder.compiled is None
+    finally:
+        engine.close()
+    monkeypatch.undo()
+
+    def broken(self, kv, max_rows):
+        raise RuntimeError("C++ compile failed")
+
+    monkeypatch.setattr(compiled_decode.CompiledDecode, "warm_up", broken)
+    engine, _ = make_engine("llama", tokenizer, quantize="int8", compile="auto")
+    try:
+        assert not engine.compiled and engine.decoder.compiled is None
+        assert len(run(engine, [(prompts(1, 10)[0], GREEDY)])[0].completions[0].token_ids) == 12
+    finally:
+        engine.close()
+    with pytest.raises(RuntimeError, match="C\\+\\+ compile failed"):
+        make_engine("llama", tokenizer, quantize="int8", compile="on")
+
+
 def test_int4_groups_find_a_q4_grid_again_and_rows_do_not_depend_on_their_company():
     """Weights already on a 4-bit grid per group of 32 (as a dequantized Q4_1 .gguf's are) come back exactly (up to
     the bfloat16 scales); a row's output is the same alone as in a batch of 32."""

@@ -114,6 +114,12 @@ class TorchEngine:
             torch.set_num_threads(self._threads)
             try:
                 self.decoder.compiled.warm_up(self.kv, max_batch_size)
+            except Exception as exc:
+                if compile == "on":
+                    raise
+                # auto: a worker that cannot compile (no working toolchain, an unsupported model) still serves.
+                log.warning("compiling the decode step failed: it runs eagerly", error=repr(exc)[:500])
+                self.decoder.compiled, self.compiled = None, False
             finally:
                 torch.set_num_threads(caller_threads)
         self.runner = ModelRunner(self.decoder, self.kv)

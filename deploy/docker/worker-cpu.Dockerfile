@@ -15,6 +15,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     TRANSFORMERS_OFFLINE=1 \
     HOME=/tmp
 
+# g++: torch.compile's CPU backend builds the worker's compiled decode step with it at start (--compile auto;
+# without a compiler the step runs eagerly, slower).
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
+
 # torch first, from the CPU wheel index: pyproject's torch==2.13.0 is then satisfied by 2.13.0+cpu and
 # pip never pulls the CUDA build and its ~4 GB of NVIDIA libraries.
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu

@@ -21,6 +21,7 @@ chunks through the eager decoder, for the same reason. Inductor caches what it c
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,9 +39,24 @@ log = structlog.get_logger(__name__)
 COMPILE_MODES = ("auto", "on", "off")
 
 
+def cxx_compiler() -> str | None:
+    """The C++ compiler inductor's CPU backend would run (its CXX setting, else g++ or clang++ on PATH)."""
+    from torch._inductor import config
+
+    for name in (config.cpp.cxx[1] if isinstance(config.cpp.cxx, tuple) else None, "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
 def should_compile(mode: str, quantize: str) -> bool:
+    """auto: for quantized weights where a C++ compiler is there to build the kernels (the engine also falls back
+    to eager if compiling fails); on: always, and a failure is an error."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"--compile: one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    if mode == "auto" and quantize != "none" and cxx_compiler() is None:
+        log.warning("no C++ compiler (g++ or clang++): the decode step runs eagerly; install one to compile it")
+        return False
     return mode == "on" or (mode == "auto" and quantize != "none")
 
 
