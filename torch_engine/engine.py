@@ -107,8 +107,7 @@ class TorchEngine:
         self.blocks = BlockManager(num_blocks, block_size)
         # One block beyond the block manager's: scratch slots for the compiled step's padding row.
         self.kv = KVCache(spec.num_layers, num_blocks + 1, block_size, spec.num_kv_heads, spec.head_dim, self.dtype)
-        self.compiled = should_compile(compile, quantize)
-        if self.compiled:
+        if should_compile(compile, quantize):
             self.decoder.compiled = CompiledDecode(weights, self.dtype, scratch_slot=num_blocks * block_size)
             caller_threads = torch.get_num_threads()
             torch.set_num_threads(self._threads)
@@ -119,7 +118,7 @@ class TorchEngine:
                     raise
                 # auto: a worker that cannot compile (no working toolchain, an unsupported model) still serves.
                 log.warning("compiling the decode step failed: it runs eagerly", error=repr(exc)[:500])
-                self.decoder.compiled, self.compiled = None, False
+                self.decoder.compiled = None
             finally:
                 torch.set_num_threads(caller_threads)
         self.runner = ModelRunner(self.decoder, self.kv)
@@ -131,6 +130,11 @@ class TorchEngine:
             max_batch_size=max_batch_size, kv_block_size=block_size, kv_blocks_total=num_blocks,
             eos_token=self.tokenizer.eos_token or "", keeps_sequences=True,
         )
+
+    @property
+    def compiled(self) -> bool:
+        """Whether decode steps run through the compiled graph (compiled_decode.py)."""
+        return self.decoder.compiled is not None
 
     @staticmethod
     def kv_bytes_per_token(model) -> int:

@@ -12,7 +12,7 @@ import structlog
 
 from torch_engine.cpu_dtype import DTYPES, choose_dtype
 from torch_engine.model.compiled_decode import COMPILE_MODES
-from torch_engine.model.quant import QUANTIZE_CHOICES
+from torch_engine.model.quant import QUANTIZE_CHOICES, choose_quantize
 from torch_engine.model_loader import add_model_args, is_quantized_gguf
 from trellis_rpc import tls
 from trellis_rpc.logs import configure_logging
@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    dtype = choose_dtype(args.dtype, quantized_weights=args.quantize in ("int8", "int4") or (
-        args.quantize == "auto" and is_quantized_gguf(args.model)))
+    quantize = choose_quantize(args.quantize, args.quantize == "auto" and is_quantized_gguf(args.model))
+    dtype = choose_dtype(args.dtype, quantized_weights=quantize != "none")
     if dtype.warning:
         log.warning("slow dtype for this CPU", dtype=dtype.dtype, warning=dtype.warning)
     else:

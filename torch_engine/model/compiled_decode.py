@@ -30,7 +30,7 @@ import structlog
 import torch
 import torch.nn.functional as F
 
-from torch_engine.model.decoder import DecoderSpec, DecoderWeights, LayerWeights
+from torch_engine.model.decoder import DecoderSpec, DecoderWeights, LayerWeights, activation, norm, rotate_half
 from torch_engine.model.kv_cache import KVCache
 from torch_engine.model.quant import Int4Weight, Int8Weight, QuantWeight, int4_linear, int8_linear
 
@@ -92,17 +92,7 @@ class _LayerArgs:
 
 def _decode_layer_fn(spec: DecoderSpec, dtype: torch.dtype) -> Callable:
     H, Hkv, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    group, scale, half = H // Hkv, D ** -0.5, D // 2
-
-    def norm(x, weight, bias):
-        if spec.norm == "layer":
-            return F.layer_norm(x, (x.shape[-1],), weight, bias, spec.eps)
-        return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=spec.eps).to(x.dtype)
-
-    def act(x):
-        if spec.act == "silu":
-            return F.silu(x)
-        return F.gelu(x, approximate="tanh" if spec.act == "gelu_tanh" else "none")
+    group, scale = H // Hkv, D ** -0.5
 
     def layer(x, cos, sin, k_cache, v_cache, slots, context_slots, lengths,
               norm1, norm1_b, qkv, qkv_s, qkv_b, out, out_s, out_b, norm2, norm2_b, up, up_s, up_b,
@@ -110,11 +100,11 @@ def _decode_layer_fn(spec: DecoderSpec, dtype: torch.dtype) -> Callable:
         """x [B, hidden]; k_cache, v_cache [Hkv, slots, D]; slots [B] where this token's K/V go;
         context_slots [B, L] the slots each row attends to, valid below lengths [B]."""
         B = x.shape[0]
-        h = norm(x, norm1, norm1_b)
+        h = norm(spec, x, norm1, norm1_b)
         qkv_out = _mm(h, qkv, qkv_s, qkv_b)
         if spec.rope:
             qk = qkv_out[:, :(H + Hkv) * D].view(B, H + Hkv, D)
-            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+            qk = qk * cos + rotate_half(qk) * sin
             q, k = qk[:, :H], qk[:, H:]
         else:
             q = qkv_out[:, :H * D].view(B, H, D)
@@ -129,24 +119,20 @@ def _decode_layer_fn(spec: DecoderSpec, dtype: torch.dtype) -> Callable:
         probs = torch.softmax((scores * scale).masked_fill(~valid, float("-inf")), dim=-1, dtype=torch.float32)
         attn = torch.matmul(probs.to(dtype), values).transpose(0, 1).reshape(B, H * D)
         x = x + _mm(attn, out, out_s, out_b)
-        h = norm(x, norm2, norm2_b)
+        h = norm(spec, x, norm2, norm2_b)
         if spec.gated_mlp:
             gate, up_out = _mm(h, up, up_s, up_b).chunk(2, dim=-1)
-            h = act(gate) * up_out
+            h = activation(spec, gate) * up_out
         else:
-            h = act(_mm(h, up, up_s, up_b))
+            h = activation(spec, _mm(h, up, up_s, up_b))
         return x + _mm(h, down, down_s, down_b)
 
     return layer
 
 
-def _head_fn(spec: DecoderSpec, dtype: torch.dtype) -> Callable:
-    def head(x, norm, norm_b, lm, lm_s, lm_b):
-        if spec.norm == "layer":
-            x = F.layer_norm(x, (x.shape[-1],), norm, norm_b, spec.eps)
-        else:
-            x = norm * F.rms_norm(x.float(), (x.shape[-1],), eps=spec.eps).to(dtype)
-        return _mm(x, lm, lm_s, lm_b).float()
+def _head_fn(spec: DecoderSpec) -> Callable:
+    def head(x, final_norm, final_norm_b, lm, lm_s, lm_b):
+        return _mm(norm(spec, x, final_norm, final_norm_b), lm, lm_s, lm_b).float()
 
     return head
 
@@ -185,7 +171,7 @@ class CompiledDecode:
         self.head_args = (weights.final_norm, weights.final_norm_bias, *_weight_args(weights.lm_head),
                           weights.lm_head_bias)
         self.layer = torch.compile(_decode_layer_fn(self.spec, dtype), fullgraph=True)
-        self.head = torch.compile(_head_fn(self.spec, dtype), fullgraph=True)
+        self.head = torch.compile(_head_fn(self.spec), fullgraph=True)
         self.int8_linear = torch.compile(int8_linear, dynamic=True, fullgraph=True)  # for the eager prefill
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,

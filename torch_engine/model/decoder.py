@@ -88,9 +88,23 @@ class StepInput:
     logits_rows: torch.Tensor | None = None  # rows of the flat batch whose next-token logits are needed
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def norm(spec: DecoderSpec, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The model's norm (eager here, traced by compiled_decode.py)."""
+    if spec.norm == "layer":
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, spec.eps)
+    # RMSNorm in float32, as the reference implementations do, then back to the compute dtype.
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=spec.eps).to(x.dtype)
+
+
+def activation(spec: DecoderSpec, x: torch.Tensor) -> torch.Tensor:
+    if spec.act == "silu":
+        return F.silu(x)
+    return F.gelu(x, approximate="tanh" if spec.act == "gelu_tanh" else "none")
 
 
 @dataclass
@@ -174,17 +188,6 @@ class PagedDecoder:
             return self.compiled.int8_linear(x, w.q, w.scales, bias)
         return linear(x, w, bias)
 
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.spec.norm == "layer":
-            return F.layer_norm(x, (x.shape[-1],), weight, bias, self.spec.eps)
-        # RMSNorm in float32, as the reference implementations do, then back to the compute dtype.
-        return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.spec.eps).to(x.dtype)
-
-    def _act(self, x: torch.Tensor) -> torch.Tensor:
-        if self.spec.act == "silu":
-            return F.silu(x)
-        return F.gelu(x, approximate="tanh" if self.spec.act == "gelu_tanh" else "none")
-
     def forward(self, step: StepInput, kv: KVCache) -> torch.Tensor:
         """Run the step's tokens through the model, writing their K/V; return float32 logits of logits_rows."""
         if self.compiled is None or not step.num_decode:
@@ -218,12 +221,12 @@ class PagedDecoder:
                             for c in step.prefills]
         only_decodes = nd == T
         for i, layer in enumerate(w.layers):
-            h = self._norm(x, layer.norm1, layer.norm1_bias)
+            h = norm(s, x, layer.norm1, layer.norm1_bias)
             qkv = self._linear(h, layer.qkv, layer.qkv_bias)
             if cos is not None:
                 # q and k rotate together: one set of elementwise ops instead of two.
                 qk = qkv[:, :(H + Hkv) * D].view(T, H + Hkv, D)
-                qk = qk * cos + _rotate_half(qk) * sin
+                qk = qk * cos + rotate_half(qk) * sin
                 q, k = qk[:, :H], qk[:, H:]
             else:
                 q = qkv[:, :H * D].view(T, H, D)
@@ -241,14 +244,14 @@ class PagedDecoder:
                     a, b = chunk.start, chunk.start + chunk.length
                     attn[a:b] = self._prefill_attention(q[a:b], k[a:b], v[a:b], kv, i, chunk, context)
             x = x + self._linear(attn.reshape(T, H * D), layer.out, layer.out_bias)
-            h = self._norm(x, layer.norm2, layer.norm2_bias)
+            h = norm(s, x, layer.norm2, layer.norm2_bias)
             if s.gated_mlp:
                 gate, up = self._linear(h, layer.up, layer.up_bias).chunk(2, dim=-1)
-                h = self._act(gate) * up
+                h = activation(s, gate) * up
             else:
-                h = self._act(self._linear(h, layer.up, layer.up_bias))
+                h = activation(s, self._linear(h, layer.up, layer.up_bias))
             x = x + self._linear(h, layer.down, layer.down_bias)
         if step.logits_rows is not None:
             x = x[step.logits_rows]
-        x = self._norm(x, w.final_norm, w.final_norm_bias)
+        x = norm(s, x, w.final_norm, w.final_norm_bias)
         return self._linear(x, w.lm_head, w.lm_head_bias).float()

@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from torch_engine.model.decoder import DecoderWeights
 
 QUANTIZE_MODES = ("none", "int8", "int4")
-INT4_GROUP = 32  # a scale and a zero point per 32 weights of a row, the grid of GGUF's Q4_1
 QUANTIZE_CHOICES = ("auto", *QUANTIZE_MODES)
+INT4_GROUP = 32  # a scale and a zero point per 32 weights of a row, the grid of GGUF's Q4_1
 
 
 def choose_quantize(requested: str, quantized_checkpoint: bool) -> str:
