@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 WORKER_SERVICE = "trellis.v1.Worker"
 ROUTER_SERVICE = "trellis.v1.Router"
+HTTP_HEALTH = "http:/health"    # the gateway: ready when GET /health answers 200 (its router serves)
 
 
 def free_port() -> int:
@@ -50,6 +51,8 @@ class Process:
     def wait_serving(self, timeout: float) -> None:
         """Poll the health service until SERVING; fail early (with the log) if the process dies."""
         deadline = time.monotonic() + timeout
+        if self.service == HTTP_HEALTH:
+            return self._wait_http(deadline, timeout)
         with grpc.insecure_channel(self.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
@@ -64,6 +67,21 @@ class Process:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{self.name} not serving after {timeout:.0f}s:\n{self.log_tail()}")
                 time.sleep(0.2)
+
+    def _wait_http(self, deadline: float, timeout: float) -> None:
+        import httpx
+
+        while True:
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"http://{self.address}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} not serving after {timeout:.0f}s:\n{self.log_tail()}")
+            time.sleep(0.2)
 
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM (graceful drain), then SIGKILL if it does not exit in time."""
@@ -111,3 +129,11 @@ def start_router(workers: list[str], log_dir: Path, port: int | None = None, ext
     port = port or free_port()
     return _spawn(name, "router", ["--workers", ",".join(workers), "--port", str(port), *(extra or [])], port,
                   ROUTER_SERVICE, log_dir, env)
+
+
+def start_gateway(router: str, log_dir: Path, port: int | None = None, extra: list[str] | None = None,
+                  env: dict[str, str] | None = None, name: str = "gateway") -> Process:
+    """python -m gateway, the OpenAI-compatible HTTP gateway in front of the router at `router`."""
+    port = port or free_port()
+    return _spawn(name, "gateway", ["--router", router, "--port", str(port), *(extra or [])], port,
+                  HTTP_HEALTH, log_dir, env)

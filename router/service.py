@@ -84,7 +84,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
             await abort(context, err)
         allowed = [cls for cls in REGISTRY.values() if client.controllers is None or cls.name in client.controllers]
         return router_pb2.ListControllersResponse(
-            controllers=[controller_spec_pb(cls, self.limits.max_n_for(client)) for cls in allowed])
+            controllers=[controller_spec_pb(cls, self.limits.max_n_for(client)) for cls in allowed],
+            models=self.pool.models())
 
     async def Generate(self, request: router_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> common_pb2.GenerateResult:

@@ -195,10 +195,12 @@ class ControllerSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ...) -> None: ...
 
 class ListControllersResponse(_message.Message):
-    __slots__ = ("controllers",)
+    __slots__ = ("controllers", "models")
     CONTROLLERS_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
     controllers: _containers.RepeatedCompositeFieldContainer[ControllerSpec]
-    def __init__(self, controllers: _Optional[_Iterable[_Union[ControllerSpec, _Mapping]]] = ...) -> None: ...
+    models: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, controllers: _Optional[_Iterable[_Union[ControllerSpec, _Mapping]]] = ..., models: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "sampling", "model")

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP gateway: python -m gateway --router HOST:PORT --port 8080."""

@@ -1,0 +1,191 @@
+"""The HTTP routes: OpenAI's /v1/chat/completions, /v1/completions and /v1/models, and health."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from opentelemetry import trace
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from gateway import openai_request, runs
+from gateway import openai_response as shape_of
+from gateway.errors import APIError, from_trellis
+from gateway.metrics import GatewayMetrics
+from gateway.run_plan import plan
+from trellis_client import AsyncClient, Catalog, TrellisError
+from trellis_rpc.telemetry import extract, tracer
+
+log = structlog.get_logger("gateway")
+CATALOG_TTL_S = 5.0     # workers come and go: the models listed are at most this old
+
+
+@dataclass
+class Gateway:
+    client: AsyncClient
+    max_choices: int = 16
+    deadline: float | None = None          # seconds a request's runs may take (None: no limit of the gateway's)
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+    _catalog: Catalog | None = None
+    _catalog_at: float = 0.0
+
+    async def catalog(self, token: str, fresh: bool = False) -> Catalog:
+        # The catalog a caller sees depends on its token (the controllers it may run); the router checks every
+        # run against that anyway, so one cached copy is only used to type parameters and list names.
+        if fresh or self._catalog is None or time.monotonic() - self._catalog_at > CATALOG_TTL_S:
+            try:
+                self._catalog = await self.client.catalog(token=token)
+            except TrellisError as err:
+                raise from_trellis(err) from None
+            self._catalog_at = time.monotonic()
+        return self._catalog
+
+
+def _token(request: Request) -> str:
+    """The caller's bearer token, passed through to the router's auth."""
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else ""
+
+
+def _error(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone away (after the body, the server's receive() waits for exactly that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise APIError(400, f"the body is not valid JSON: {err}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the body must be a JSON object")
+    return body
+
+
+async def _complete(gw: Gateway, request: Request, chat: bool) -> Response:
+    route = "chat.completions" if chat else "completions"
+    started = time.monotonic()
+    span = tracer("trellis.gateway").start_span(f"gateway {route}", context=extract(request.headers.items()),
+                                               kind=trace.SpanKind.SERVER)
+    status, n, controller, streaming = 500, 0, "", False
+    try:
+        with trace.use_span(span, end_on_exit=False):
+            body = await _body(request)
+            choices = (openai_request.chat if chat else openai_request.completions)(body, gw.max_choices)
+            token = _token(request)
+            catalog = await gw.catalog(token)
+            try:
+                run = plan(body.get("model"), body.get("trellis"), catalog)
+            except APIError as err:
+                if err.status != 404:
+                    raise
+                run = plan(body.get("model"), body.get("trellis"), await gw.catalog(token, fresh=True))
+            controller, n = run.controller, len(choices.prompts) * choices.n
+            span.set_attribute("trellis.controller", controller)
+            shape = shape_of.Shape(chat, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()),
+                                   body["model"])
+            if choices.stream:
+                opened = await _until_gone(request, runs.open_streams(gw.client, run, choices, token, gw.deadline))
+                status, streaming = 200, True
+                return StreamingResponse(
+                    _finishing(runs.sse(shape, opened, run, choices, lambda: _disconnected(request),
+                                        gw.metrics.chunks.add), span, gw, route, started),
+                    media_type="text/event-stream",
+                    headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+            results = await _until_gone(request, runs.run_all(gw.client, run, choices, token, gw.deadline))
+            status = 200
+            return JSONResponse(shape_of.response(shape, results))
+    except APIError as err:
+        status = err.status
+        span.set_status(trace.Status(trace.StatusCode.ERROR, err.message))
+        return _error(err)
+    except _Gone:
+        status = 499
+        return Response(status_code=499)
+    finally:
+        log.info("request", route=route, status=status, controller=controller, choices=n, stream=streaming,
+                 ms=round((time.monotonic() - started) * 1000, 1))
+        if not streaming:
+            span.end()
+            gw.metrics.request(route, status, time.monotonic() - started)
+
+
+class _Gone(Exception):
+    pass
+
+
+async def _until_gone(request: Request, work):
+    """Run work unless the client disconnects first; then cancel it (which cancels its runs on the router)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait([task, gone], return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            raise _Gone()
+        return task.result()
+    finally:
+        gone.cancel()
+
+
+async def _finishing(body, span, gw: Gateway, route: str, started: float):
+    try:
+        with trace.use_span(span, end_on_exit=False):
+            async for item in body:
+                yield item
+    finally:
+        span.end()
+        gw.metrics.request(route, 200, time.monotonic() - started)
+
+
+def build(gw: Gateway) -> Starlette:
+    async def chat_completions(request: Request) -> Response:
+        return await _complete(gw, request, chat=True)
+
+    async def completions(request: Request) -> Response:
+        return await _complete(gw, request, chat=False)
+
+    async def models(request: Request) -> Response:
+        try:
+            catalog = await gw.catalog(_token(request), fresh=True)
+        except APIError as err:
+            return _error(err)
+        data = [{"id": c.name, "object": "model", "created": 0, "owned_by": "trellis",
+                 "trellis": {"kind": "controller", "description": c.description,
+                             "params": [{"name": p.name, "type": p.type, "default": p.default,
+                                         "description": p.description} for p in c.params]}}
+                for c in catalog.controllers]
+        data += [{"id": m, "object": "model", "created": 0, "owned_by": "trellis",
+                  "trellis": {"kind": "worker_model", "controller": "native_generation"}} for m in catalog.models]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def health(request: Request) -> Response:
+        """Ready: the router answers SERVING. Kubernetes' readiness probe; /health/live is its liveness."""
+        if await gw.client.serving(timeout=1.0):
+            return JSONResponse({"status": "ok", "router": gw.client.address})
+        return JSONResponse({"status": "unavailable", "router": gw.client.address,
+                             "reason": "the router does not answer SERVING"}, status_code=503)
+
+    async def live(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    return Starlette(routes=[
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/health/live", live, methods=["GET"]),
+    ])
