@@ -29,11 +29,8 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-import grpc
-
 from client.launcher import free_port, start_router, start_worker
-from trellis_rpc.server import CHANNEL_OPTIONS
-from trellis_rpc.v1 import common_pb2, router_pb2, router_pb2_grpc
+from trellis_client import AsyncClient, Sampling, TrellisError
 
 LOGS = Path(tempfile.mkdtemp(prefix="trellis-bench-load-"))
 QUESTIONS = ("What is 7 + 5?", "Name a prime number above 20.", "What is 9 times 6?", "Spell 'tree' backwards.",
@@ -84,20 +81,18 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-async def one_run(stub, rng: random.Random, deadline_s: float) -> tuple[str, float]:
+async def one_run(client: AsyncClient, rng: random.Random, deadline_s: float) -> tuple[str, float]:
     controller, params, max_tokens = MIX[rng.randrange(len(MIX))]
-    request = router_pb2.RunRequest(
-        controller=controller, prompt=common_pb2.Prompt(chat=common_pb2.ChatMessages(messages=[
-            common_pb2.ChatMessage(role="user", content=rng.choice(QUESTIONS))])),
-        sampling=common_pb2.SamplingParams(max_tokens=max_tokens, seed=rng.randrange(1 << 30)))
-    request.params.update(params)
+    question = rng.choice(QUESTIONS)
+    sampling = Sampling(max_tokens=max_tokens, seed=rng.randrange(1 << 30))
     started = time.perf_counter()
     try:
         # The client's own bound: a run that outlives its deadline by the grace period is lost.
-        await asyncio.wait_for(stub.Run(request, timeout=deadline_s), deadline_s + 10)
+        await asyncio.wait_for(client.run(controller, question, params=params, sampling=sampling,
+                                          deadline=deadline_s), deadline_s + 10)
         return "OK", time.perf_counter() - started
-    except grpc.aio.AioRpcError as err:
-        return err.code().name, time.perf_counter() - started
+    except TrellisError as err:
+        return err.code.name, time.perf_counter() - started
     except TimeoutError:
         return "LOST", time.perf_counter() - started
 
@@ -117,14 +112,13 @@ async def drive(address: str, args: argparse.Namespace, pids: dict[str, int]) ->
                 memory[name].append((now, rss_mib(pid)))
             await asyncio.sleep(10)
 
-    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-        stub = router_pb2_grpc.RouterStub(channel)
+    async with AsyncClient(address) as trellis:
 
         async def client() -> None:
             nonlocal started
             while time.monotonic() - t0 < args.duration and started < args.max_runs:
                 started += 1
-                outcome, latency = await one_run(stub, rng, args.deadline)
+                outcome, latency = await one_run(trellis, rng, args.deadline)
                 outcomes[outcome] += 1
                 if outcome == "OK":
                     latencies.append(latency)

@@ -28,12 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
 import httpx
 
 from client.launcher import start_openai_worker, start_router
 from tests.openai_servers import llamacpp_available, start_llamacpp_server
-from trellis_rpc.v1 import common_pb2, router_pb2, router_pb2_grpc
+from trellis_client import AsyncClient, Delta, Final, Sampling
 
 LOGS = Path(tempfile.mkdtemp(prefix="trellis-bench-openai-"))
 PROMPT = "Here is a short story about a lighthouse keeper and a storm.\n\nThe"
@@ -70,16 +69,14 @@ async def direct_stream(client: httpx.AsyncClient, max_tokens: int) -> tuple[flo
     return ttft or 0.0, time.perf_counter() - start, tokens
 
 
-async def trellis_stream(stub: router_pb2_grpc.RouterStub, max_tokens: int) -> tuple[float, float, int]:
-    request = router_pb2.RunRequest(controller="native_generation", prompt=common_pb2.Prompt(text=PROMPT),
-                                    sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0),
-                                    stream_tokens=True)
+async def trellis_stream(trellis: AsyncClient, max_tokens: int) -> tuple[float, float, int]:
     start = time.perf_counter()
     ttft, tokens = None, 0
-    async for event in stub.RunStream(request, timeout=120):
-        if event.WhichOneof("event") == "delta" and ttft is None:
+    async for event in trellis.stream("native_generation", PROMPT, raw=True, deadline=120,
+                                      sampling=Sampling(max_tokens=max_tokens, temperature=0.0)):
+        if isinstance(event, Delta) and ttft is None:
             ttft = time.perf_counter() - start
-        elif event.WhichOneof("event") == "result":
+        elif isinstance(event, Final):
             tokens = event.result.usage.completion_tokens
     return ttft or 0.0, time.perf_counter() - start, tokens
 
@@ -90,12 +87,10 @@ async def direct_vote(client: httpx.AsyncClient, max_tokens: int, n: int) -> flo
     return time.perf_counter() - start
 
 
-async def trellis_vote(stub: router_pb2_grpc.RouterStub, max_tokens: int, n: int) -> float:
-    request = router_pb2.RunRequest(controller="majority_vote", prompt=common_pb2.Prompt(text=PROMPT),
-                                    sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0))
-    request.params.update({"n": n})
+async def trellis_vote(trellis: AsyncClient, max_tokens: int, n: int) -> float:
     start = time.perf_counter()
-    await stub.Run(request, timeout=300)
+    await trellis.run("majority_vote", PROMPT, raw=True, params={"n": n}, deadline=300,
+                      sampling=Sampling(max_tokens=max_tokens, temperature=0.0))
     return time.perf_counter() - start
 
 
@@ -111,14 +106,13 @@ def cpu_s(pids: tuple[int, ...]) -> float:
 async def measure(base_url: str, router_address: str, rounds: int, max_tokens: int, votes: int,
                   hop_pids: tuple[int, ...]) -> None:
     async with httpx.AsyncClient(base_url=base_url + "/", timeout=120) as client, \
-            grpc.aio.insecure_channel(router_address) as channel:
-        stub = router_pb2_grpc.RouterStub(channel)
+            AsyncClient(router_address) as router:
         for _ in range(3):   # warm both paths (connections, the server's first-request setup)
             await direct_stream(client, 8)
-            await trellis_stream(stub, 8)
+            await trellis_stream(router, 8)
         direct, trellis = [], []
         for i in range(rounds):   # alternated, each path first in turn, so drift hits both alike
-            pair = [direct_stream(client, max_tokens), trellis_stream(stub, max_tokens)]
+            pair = [direct_stream(client, max_tokens), trellis_stream(router, max_tokens)]
             first, second = (pair if i % 2 == 0 else pair[::-1])
             a, b = await first, await second
             d, t = (a, b) if i % 2 == 0 else (b, a)
@@ -131,7 +125,7 @@ async def measure(base_url: str, router_address: str, rounds: int, max_tokens: i
             if i % 2 == 0:
                 dv.append(await direct_vote(client, max_tokens, 8))
             before = cpu_s(hop_pids)
-            tv.append(await trellis_vote(stub, max_tokens, 8))
+            tv.append(await trellis_vote(router, max_tokens, 8))
             hop_cpu += cpu_s(hop_pids) - before
             if i % 2 == 1:
                 dv.append(await direct_vote(client, max_tokens, 8))

@@ -35,6 +35,7 @@ from pathlib import Path
 import grpc
 
 from client.launcher import _spawn, free_port, start_router, start_worker
+from trellis_client import AsyncClient, Sampling
 from trellis_rpc.server import CHANNEL_OPTIONS
 from trellis_rpc.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
@@ -51,10 +52,6 @@ def fake_worker(step_ms: float = 0.0, env: dict[str, str] | None = None, extra: 
     return _spawn(f"fake-worker-{port}", "benchmarks.fake_worker",
                   ["--port", str(port), "--step-ms", str(step_ms), *(extra or [])], port, "trellis.v1.Worker",
                   LOGS, env)
-
-
-def chat(text: str) -> common_pb2.Prompt:
-    return common_pb2.Prompt(chat=common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role="user", content=text)]))
 
 
 # ---- overhead -----------------------------------------------------------------------------------
@@ -85,6 +82,7 @@ async def direct_latencies(address: str, count: int) -> list[float]:
 
 
 async def router_latencies(address: str, count: int) -> list[float]:
+    # Raw stubs, not trellis_client: compared with the raw worker stream above, so only the router's hop differs.
     async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         request = router_pb2.GenerateRequest(prompt=common_pb2.Prompt(text="x"),
@@ -100,6 +98,7 @@ async def router_latencies(address: str, count: int) -> list[float]:
 # ---- throughput ---------------------------------------------------------------------------------
 
 async def tasks_per_s(address: str, total: int, concurrency: int) -> float:
+    # Raw stubs, not trellis_client: only the router and the transport are measured, the client shares the cores.
     async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         request = router_pb2.GenerateRequest(prompt=common_pb2.Prompt(text="x"),
@@ -118,6 +117,7 @@ async def tasks_per_s(address: str, total: int, concurrency: int) -> float:
 async def token_messages_per_s(address: str, runs: int, tokens: int, concurrency: int) -> tuple[float, float]:
     """(delta messages/s, tokens/s) streamed to clients; the router merges a branch's deltas that queue up
     behind a slow reader, so a message may carry several tokens."""
+    # Raw stubs, not trellis_client: only the router and the transport are measured, the client shares the cores.
     async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         request = router_pb2.RunRequest(controller="native_generation", prompt=common_pb2.Prompt(text="x"),
@@ -236,8 +236,7 @@ async def routing_run(address: str, seed: int, concurrency: int) -> tuple[float,
     docs = documents(seed, 8, 260)
     questions = [f"{doc}\n\nQuestion {q}: which word comes first?" for doc in docs for q in range(6)]
     random.Random(seed).shuffle(questions)
-    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-        stub = router_pb2_grpc.RouterStub(channel)
+    async with AsyncClient(address) as client:
         sem = asyncio.Semaphore(concurrency)
         prompt_tokens = cached = 0
         ttfts: list[float] = []
@@ -246,8 +245,7 @@ async def routing_run(address: str, seed: int, concurrency: int) -> tuple[float,
             nonlocal prompt_tokens, cached
             async with sem:
                 start = time.perf_counter()
-                result = await stub.Generate(router_pb2.GenerateRequest(
-                    prompt=chat(text), sampling=common_pb2.SamplingParams(max_tokens=1, temperature=0)), timeout=300)
+                result = await client.generate(text, sampling=Sampling(max_tokens=1, temperature=0), deadline=300)
                 ttfts.append(time.perf_counter() - start)
                 prompt_tokens += result.usage.prompt_tokens
                 cached += result.usage.cached_prompt_tokens

@@ -1,2 +1,2 @@
-"""The `trellis` command line client and the local process launcher. Talks to the router only
-through the generated stubs, as any other client would."""
+"""The `trellis` command line (run, controllers, eval, up), the demo and the local process launcher: a thin
+shell over the Python client library (trellis_client), as any other Python program would use it."""

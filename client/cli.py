@@ -14,63 +14,43 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
-
-import grpc
-from google.protobuf import json_format
+from typing import Any, TextIO
 
 from client import eval as eval_cmd
 from client import up as up_cmd
-from trellis_rpc.telemetry import configure_tracing, inject, shutdown_telemetry, trace_ids, tracer
+from trellis_client import Client, Delta, Event, Final, Intermediate, Progress, Result, Sampling, Started, TrellisError
+from trellis_rpc.telemetry import configure_tracing, shutdown_telemetry, trace_ids, tracer
 from trellis_rpc.tls import ClientTLS
-from trellis_rpc.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 DEFAULT_ROUTER = os.environ.get("TRELLIS_ROUTER", "127.0.0.1:50051")
 
 
-def open_channel(args: argparse.Namespace) -> grpc.Channel:
+def client_tls(args: argparse.Namespace) -> ClientTLS | None:
     """TLS when --tls-ca (or a client certificate) is given, else plaintext."""
-    client_tls = ClientTLS(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name) \
-        if args.tls_ca or args.tls_cert else None
-    if client_tls is None:
-        return grpc.insecure_channel(args.router)
-    return grpc.secure_channel(args.router, client_tls.credentials(), options=client_tls.options())
+    if not (args.tls_ca or args.tls_cert):
+        return None
+    return ClientTLS(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
 
 
-def call_metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
-    """The bearer token (--token or TRELLIS_TOKEN) and the trace context, for every call."""
-    token = args.token or os.environ.get("TRELLIS_TOKEN", "")
-    return ((("authorization", f"Bearer {token}"),) if token else ()) + tuple(inject().items())
+def open_client(args: argparse.Namespace) -> Client:
+    """A client of --router; the bearer token is --token, else TRELLIS_TOKEN (which Client reads itself)."""
+    return Client(args.router, tls=client_tls(args), token=args.token or None)
 
 
-def _plain(value):
-    """Struct carries every number as a double; show 8 rather than 8.0."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-def build_request(args: argparse.Namespace) -> router_pb2.RunRequest:
-    if args.raw:
-        prompt = common_pb2.Prompt(text=args.prompt)
-    else:
-        messages = [common_pb2.ChatMessage(role="system", content=args.system)] if args.system else []
-        messages.append(common_pb2.ChatMessage(role="user", content=args.prompt))
-        prompt = common_pb2.Prompt(chat=common_pb2.ChatMessages(messages=messages))
-    sampling = common_pb2.SamplingParams(max_tokens=args.max_tokens, stop=args.stop or [])
-    for name in ("temperature", "top_p", "top_k", "min_p", "seed"):
-        value = getattr(args, name)
-        if value is not None:
-            setattr(sampling, name, value)
-    request = router_pb2.RunRequest(controller=args.controller, prompt=prompt, sampling=sampling,
-                                    model=args.model, stream_tokens=True)
+def run_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """`trellis run`'s flags as Client.stream's arguments."""
     params = json.loads(args.params) if args.params else {}
     if args.n is not None:
         params["n"] = args.n
-    request.params.update(params)
-    return request
+    sampling = Sampling(max_tokens=args.max_tokens, stop=args.stop or [], temperature=args.temperature,
+                        top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed)
+    return {"controller": args.controller, "prompt": args.prompt, "params": params, "sampling": sampling,
+            "model": args.model, "raw": args.raw, "system": args.system}
+
+
+def error_line(err: TrellisError) -> str:
+    named = not err.field or err.message.startswith(err.field)
+    return f"error: {err.code.name}: {err.message}" + ("" if named else f" (field: {err.field})")
 
 
 class ProgressPrinter:
@@ -91,27 +71,24 @@ class ProgressPrinter:
         self.out.write(f"[{elapsed_ms / 1000:6.2f}s] {text}\n")
         self.out.flush()
 
-    def event(self, ev: router_pb2.RunEvent, controller: str) -> None:
-        kind = ev.WhichOneof("event")
-        if kind == "started":
-            params = _plain(json_format.MessageToDict(ev.started.params))
-            self._line(ev.elapsed_ms, f"run {ev.run_id[:8]} started: {ev.started.controller} {params}")
-        elif kind == "progress":
-            p = ev.progress
-            self._line(ev.elapsed_ms, f"{p.stage}: {p.message} ({p.tasks_done}/{p.tasks_total})")
-        elif kind == "intermediate":
-            i = ev.intermediate
-            tally = _plain(json_format.MessageToDict(i.details).get("votes"))
-            self._line(ev.elapsed_ms, f"{i.kind} {i.branch} -> {i.answer!r}" + (f"  tally {tally}" if tally else ""))
-        elif kind == "delta":
+    def event(self, ev: Event, controller: str) -> None:
+        if isinstance(ev, Started):
+            self._line(ev.elapsed_ms, f"run {ev.run_id[:8]} started: {ev.controller} {ev.params}")
+        elif isinstance(ev, Progress):
+            self._line(ev.elapsed_ms, f"{ev.stage}: {ev.message} ({ev.tasks_done}/{ev.tasks_total})")
+        elif isinstance(ev, Intermediate):
+            tally = ev.details.get("votes")
+            self._line(ev.elapsed_ms, f"{ev.kind} {ev.branch} -> {ev.answer!r}" + (f"  tally {tally}" if tally else ""))
+        elif isinstance(ev, Delta):
             self._delta(ev, controller)
+        elif isinstance(ev, Final):
+            self.result(ev.result)
 
-    def _delta(self, ev: router_pb2.RunEvent, controller: str) -> None:
-        d = ev.delta
-        self.tokens[d.branch] = self.tokens.get(d.branch, 0) + d.token_count
+    def _delta(self, ev: Delta, controller: str) -> None:
+        self.tokens[ev.branch] = self.tokens.get(ev.branch, 0) + ev.token_count
         if controller == "native_generation":
             self.single_branch_text = True
-            self.out.write(d.text)
+            self.out.write(ev.text)
             self.out.flush()
             return
         total = sum(self.tokens.values())
@@ -122,14 +99,14 @@ class ProgressPrinter:
             self.last_status = ev.elapsed_ms
             self._line(ev.elapsed_ms, f"streaming {len(self.tokens)} branches, {total} tokens")
 
-    def result(self, r: router_pb2.RunResult) -> None:
+    def result(self, r: Result) -> None:
         if self.tty and self.tokens:
             self.out.write("\n")
-        details = json_format.MessageToDict(r.details)
+        details = r.details
         out = self.out
         out.write("\n")
         if r.controller == "majority_vote":
-            votes = dict(sorted(_plain(details.get("votes", {})).items(), key=lambda kv: -kv[1]))
+            votes = dict(sorted(details.get("votes", {}).items(), key=lambda kv: -kv[1]))
             top = votes.get(r.answer, 0)
             share = details.get("share", 0.0)
             out.write(f"answer: {r.answer!r}  ({int(top)} of {len(r.candidates)} votes, {share:.0%})\n")
@@ -145,23 +122,21 @@ class ProgressPrinter:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """With OTEL_TRACES_EXPORTER set, the run is traced from here: the router's spans join this one's trace."""
-    request = build_request(args)
+    """With OTEL_TRACES_EXPORTER set, the run is traced from here: the client library carries this span's
+    context on the call, so the router's spans join its trace."""
+    run = run_arguments(args)
     printer = ProgressPrinter(sys.stdout)
     configure_tracing("client")
     try:
         with tracer("trellis.client").start_as_current_span("client.run", attributes={
-                "trellis.controller": args.controller}), open_channel(args) as channel:
+                "trellis.controller": args.controller}), open_client(args) as client:
             ids = trace_ids()
-            stub = router_pb2_grpc.RouterStub(channel)
             try:
-                for ev in stub.RunStream(request, timeout=args.timeout, metadata=call_metadata(args)):
-                    if ev.WhichOneof("event") == "result":
-                        printer.result(ev.result)
-                    else:
+                with client.stream(**run, deadline=args.timeout) as events:
+                    for ev in events:
                         printer.event(ev, args.controller)
-            except grpc.RpcError as err:
-                print(f"\nerror: {err.code().name}: {err.details()}", file=sys.stderr)
+            except TrellisError as err:
+                print(f"\n{error_line(err)}", file=sys.stderr)
                 return 1
             finally:
                 if ids is not None:
@@ -172,14 +147,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_controllers(args: argparse.Namespace) -> int:
-    with open_channel(args) as channel:
-        reply = router_pb2_grpc.RouterStub(channel).ListControllers(router_pb2.ListControllersRequest(),
-                                                                    timeout=args.timeout, metadata=call_metadata(args))
-    for c in reply.controllers:
+    try:
+        with open_client(args) as client:
+            controllers = client.controllers(deadline=args.timeout)
+    except TrellisError as err:
+        print(error_line(err), file=sys.stderr)
+        return 1
+    for c in controllers:
         print(f"{c.name}: {c.description}")
         for p in c.params:
-            default = json_format.MessageToDict(p.default)
-            print(f"    {p.name} ({p.type}, default {default!r}): {p.description}")
+            print(f"    {p.name} ({p.type}, default {p.default!r}): {p.description}")
     return 0
 
 

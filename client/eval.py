@@ -20,9 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-
-from trellis_rpc.v1 import common_pb2, router_pb2, router_pb2_grpc
+from trellis_client import Client, Sampling, TrellisError
 
 DATASET = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "arith.jsonl"
 INSTRUCTION = "Answer with the final number."
@@ -93,9 +91,8 @@ def load_problems(path: Path, limit: int | None) -> list[dict]:
     return rows[:limit] if limit else rows
 
 
-def controller_params(stub: router_pb2_grpc.RouterStub, timeout: float) -> dict[str, set[str]]:
-    reply = stub.ListControllers(router_pb2.ListControllersRequest(), timeout=timeout)
-    return {c.name: {p.name for p in c.params} for c in reply.controllers}
+def controller_params(client: Client, timeout: float) -> dict[str, set[str]]:
+    return {c.name: {p.name for p in c.params} for c in client.controllers(deadline=timeout)}
 
 
 def params_for(controller: str, budget: int, known: set[str]) -> dict | None:
@@ -106,18 +103,15 @@ def params_for(controller: str, budget: int, known: set[str]) -> dict | None:
     return {"n": budget} if "n" in known else (None if budget > 1 else {})
 
 
-def run_one(stub: router_pb2_grpc.RouterStub, controller: str, params: dict, problem: dict,
-            args: argparse.Namespace, seed: int) -> Outcome:
-    prompt = common_pb2.Prompt(chat=common_pb2.ChatMessages(messages=[
-        common_pb2.ChatMessage(role="user", content=f"{problem['question']} {INSTRUCTION}")]))
-    sampling = common_pb2.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=seed)
-    request = router_pb2.RunRequest(controller=controller, prompt=prompt, sampling=sampling)
-    request.params.update(params)
+def run_one(client: Client, controller: str, params: dict, problem: dict, args: argparse.Namespace,
+            seed: int) -> Outcome:
+    sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, seed=seed)
     started = time.monotonic()
     try:
-        result = stub.Run(request, timeout=args.timeout)
-    except grpc.RpcError as err:
-        return Outcome(False, 0, (time.monotonic() - started) * 1000, f"{err.code().name}: {err.details()}")
+        result = client.run(controller, f"{problem['question']} {INSTRUCTION}", params=params, sampling=sampling,
+                            deadline=args.timeout)
+    except TrellisError as err:
+        return Outcome(False, 0, (time.monotonic() - started) * 1000, f"{err.code.name}: {err.message}")
     return Outcome(answer_number(result.answer) == problem["answer"], result.usage.completion_tokens,
                    result.timings.total_ms)
 
@@ -125,9 +119,9 @@ def run_one(stub: router_pb2_grpc.RouterStub, controller: str, params: dict, pro
 def evaluate(router: str, args: argparse.Namespace) -> list[Cell]:
     problems = load_problems(args.dataset, args.limit)
     cells: list[Cell] = []
-    with grpc.insecure_channel(router) as channel:
-        stub = router_pb2_grpc.RouterStub(channel)
-        known = controller_params(stub, args.timeout)
+    # One client for all the threads (Client is thread-safe); the token is --token, else TRELLIS_TOKEN.
+    with Client(router, token=args.token or None) as client:
+        known = controller_params(client, args.timeout)
         for controller in args.controllers:
             if controller not in known:
                 raise SystemExit(f"unknown controller {controller!r} (router has: {', '.join(sorted(known))})")
@@ -139,7 +133,7 @@ def evaluate(router: str, args: argparse.Namespace) -> list[Cell]:
                 started = time.monotonic()
                 with ThreadPoolExecutor(args.concurrency) as pool:
                     cell.outcomes = list(pool.map(
-                        run_one, [stub] * len(problems), [controller] * len(problems), [params] * len(problems),
+                        run_one, [client] * len(problems), [controller] * len(problems), [params] * len(problems),
                         problems, [args] * len(problems), [args.seed + i for i in range(len(problems))]))
                 cell.wall_s = time.monotonic() - started
                 cells.append(cell)

@@ -20,12 +20,13 @@ from gateway import openai_request, runs
 from gateway import openai_response as shape_of
 from gateway.errors import APIError, from_trellis
 from gateway.metrics import GatewayMetrics
-from gateway.run_plan import plan
+from gateway.run_plan import names_known, plan
 from trellis_client import AsyncClient, Catalog, TrellisError
 from trellis_rpc.telemetry import extract, tracer
 
 log = structlog.get_logger("gateway")
 CATALOG_TTL_S = 5.0     # workers come and go: the models listed are at most this old
+CATALOGS_KEPT = 1024    # callers (tokens) whose catalog is cached
 
 
 @dataclass
@@ -34,19 +35,20 @@ class Gateway:
     max_choices: int = 16
     deadline: float | None = None          # seconds a request's runs may take (None: no limit of the gateway's)
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
-    _catalog: Catalog | None = None
-    _catalog_at: float = 0.0
+    _catalogs: dict[str, tuple[float, Catalog]] = field(default_factory=dict)
 
     async def catalog(self, token: str, fresh: bool = False) -> Catalog:
-        # The catalog a caller sees depends on its token (the controllers it may run); the router checks every
-        # run against that anyway, so one cached copy is only used to type parameters and list names.
-        if fresh or self._catalog is None or time.monotonic() - self._catalog_at > CATALOG_TTL_S:
+        """The router's catalog as this caller sees it (its token decides which controllers it may run)."""
+        cached = self._catalogs.get(token)
+        if fresh or cached is None or time.monotonic() - cached[0] > CATALOG_TTL_S:
             try:
-                self._catalog = await self.client.catalog(token=token)
+                catalog = await self.client.catalog(token=token)
             except TrellisError as err:
                 raise from_trellis(err) from None
-            self._catalog_at = time.monotonic()
-        return self._catalog
+            if len(self._catalogs) >= CATALOGS_KEPT:
+                self._catalogs.pop(next(iter(self._catalogs)))
+            cached = self._catalogs[token] = (time.monotonic(), catalog)
+        return cached[1]
 
 
 def _token(request: Request) -> str:
@@ -87,12 +89,9 @@ async def _complete(gw: Gateway, request: Request, chat: bool) -> Response:
             choices = (openai_request.chat if chat else openai_request.completions)(body, gw.max_choices)
             token = _token(request)
             catalog = await gw.catalog(token)
-            try:
-                run = plan(body.get("model"), body.get("trellis"), catalog)
-            except APIError as err:
-                if err.status != 404:
-                    raise
-                run = plan(body.get("model"), body.get("trellis"), await gw.catalog(token, fresh=True))
+            if not names_known(body.get("model"), catalog):    # a worker model that just joined, say
+                catalog = await gw.catalog(token, fresh=True)
+            run = plan(body.get("model"), body.get("trellis"), catalog)
             controller, n = run.controller, len(choices.prompts) * choices.n
             span.set_attribute("trellis.controller", controller)
             shape = shape_of.Shape(chat, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()),

@@ -66,7 +66,12 @@ def openai_param(field: str, prompt_param: str) -> str:
     return field
 
 
-def from_trellis(err: TrellisError, prompt_param: str = "messages") -> APIError:
+def from_trellis(err: TrellisError, prompt_param: str = "messages", model: str = "") -> APIError:
+    if err.code == grpc.StatusCode.INVALID_ARGUMENT and err.field == "controller":
+        # the `model` named no controller the router knows: what OpenAI answers for an unknown model
+        return APIError(404, f"model: {model!r} is neither a controller nor a served model (GET /v1/models lists "
+                             f"them); the router says: {err.message}", "invalid_request_error", "model",
+                        "model_not_found")
     status, kind = _STATUS.get(err.code, (500, "server_error"))
     param = openai_param(err.field, prompt_param) if err.field else None
     code = err.reason.lower() if err.reason else ("rate_limit_exceeded" if status == 429 else None)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
-from gateway.errors import APIError, bad_request
+from gateway.errors import bad_request
 from trellis_client import Catalog, ControllerInfo
 
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
@@ -31,11 +31,24 @@ class RunPlan:
     model: str = ""              # worker pool; "" = the router's default
     priority: int = 0
     events: bool = True          # stream controller events in each chunk's `trellis` field
+    requested: str = ""          # the model field as the caller wrote it
+
+
+def _guess(text: str) -> Any:
+    """A value for a controller this caller's catalog does not list (the router will refuse or type-check it)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.lower() in _TRUE if text.lower() in _TRUE | _FALSE else text
 
 
 def _typed(controller: ControllerInfo | None, name: str, text: str) -> Any:
     spec = next((p for p in controller.params if p.name == name), None) if controller else None
-    kind = spec.type if spec else ""
+    if spec is None:
+        return _guess(text)
+    kind = spec.type
     try:
         if kind == "int":
             return int(text)
@@ -69,16 +82,13 @@ def plan(model_field: object, extra: object, catalog: Catalog) -> RunPlan:
     if controller is None and name in catalog.models and not pool:
         pool, name = name, "native_generation"
         controller = catalog.controller(name)
-    if controller is None and "controller" not in extra:
-        known = [c.name for c in catalog.controllers] + list(catalog.models)
-        raise APIError(404, f"model: {model_field!r} is neither a controller nor a served model; known: "
-                            f"{', '.join(known)}", "invalid_request_error", "model", "model_not_found")
+    # A name this caller's catalog does not list goes to the router as a controller all the same: it answers
+    # "unknown controller" (404 here) or, for one the caller may not run, PERMISSION_DENIED (403).
     params = {k: _typed(controller, k, v) for k, v in parse_qsl(query, keep_blank_values=True)}
 
     if "controller" in extra:
-        if not isinstance(extra["controller"], str) or catalog.controller(extra["controller"]) is None:
-            raise bad_request("trellis.controller", f"unknown controller {extra['controller']!r}; known: "
-                                                    f"{', '.join(c.name for c in catalog.controllers)}")
+        if not isinstance(extra["controller"], str) or not extra["controller"]:
+            raise bad_request("trellis.controller", "must be a controller's name (GET /v1/models lists them)")
         if extra["controller"] != name:
             params = {}      # parameters from the model field belong to the controller named there
         name = extra["controller"]
@@ -96,4 +106,12 @@ def plan(model_field: object, extra: object, catalog: Catalog) -> RunPlan:
     events = extra.get("events", True)
     if not isinstance(events, bool):
         raise bad_request("trellis.events", f"must be true or false, got {events!r}")
-    return RunPlan(name, params, pool, priority, events)
+    return RunPlan(name, params, pool, priority, events, model_field)
+
+
+def names_known(model_field: object, catalog: Catalog) -> bool:
+    """Whether the catalog knows the controller or model the model field names (else it may be stale)."""
+    if not isinstance(model_field, str):
+        return True
+    name = model_field.strip().partition("?")[0].partition("@")[0]
+    return catalog.controller(name) is not None or name in catalog.models

@@ -58,7 +58,7 @@ async def run_all(client: AsyncClient, plan: RunPlan, choices: Choices, token: s
     try:
         return list(await asyncio.gather(*calls))
     except TrellisError as err:
-        raise from_trellis(err, choices.prompt_param) from None
+        raise from_trellis(err, choices.prompt_param, plan.requested) from None
 
 
 async def open_streams(client: AsyncClient, plan: RunPlan, choices: Choices, token: str,
@@ -75,7 +75,7 @@ async def open_streams(client: AsyncClient, plan: RunPlan, choices: Choices, tok
         for s in streams:
             s.cancel()
         if isinstance(err, TrellisError):
-            raise from_trellis(err, choices.prompt_param) from None
+            raise from_trellis(err, choices.prompt_param, plan.requested) from None
         raise
     return [Opened(i, s, f) for i, (s, f) in enumerate(zip(streams, firsts, strict=True))]
 
@@ -124,7 +124,7 @@ async def sse(shape: shape_of.Shape, opened: list[Opened], plan: RunPlan, choice
                     return
                 continue
             if isinstance(item, TrellisError):
-                yield encode(from_trellis(item, choices.prompt_param).body())
+                yield encode(from_trellis(item, choices.prompt_param, plan.requested).body())
                 return
             out = _chunks(shape, index, item, live, plan.events, streamed, results)
             for obj in out:

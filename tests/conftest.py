@@ -20,7 +20,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROUTER_MAX_N = 16
 
 # Fixtures that start worker and router processes: a test using any of them is marked `processes`.
-PROCESS_FIXTURES = {"tiny_worker", "tiny_router", "router", "worker_channel", "worker_stub"}
+PROCESS_FIXTURES = {"tiny_worker", "tiny_router", "router", "worker_channel", "worker_stub", "client_stack"}
 
 
 # ---- the `processes` marker: `pytest -m "not processes"` runs the in-process half in seconds ------------
@@ -105,3 +105,24 @@ def worker_channel(tiny_worker) -> grpc.Channel:
 @pytest.fixture
 def worker_stub(worker_channel) -> worker_pb2_grpc.WorkerStub:
     return worker_pb2_grpc.WorkerStub(worker_channel)
+
+
+@pytest.fixture(scope="session")
+def client_stack(tiny_model, logs) -> dict:
+    """A tiny worker whose metrics (KV blocks, running sequences) the tests read, and a router over it: what the
+    client library and the gateway are tested against. {"worker", "router", "worker_metrics"}"""
+    from client.launcher import free_port
+
+    metrics = free_port()
+    worker = start_worker(str(tiny_model), logs, name="client-worker",
+                          extra=["--threads", "1", "--dtype", "float32", "--metrics-port", str(metrics)])
+    router = None
+    try:
+        worker.wait_serving(timeout=120)
+        router = start_router([worker.address], logs, name="client-router", extra=["--max-n", str(ROUTER_MAX_N)])
+        router.wait_serving(timeout=60)
+        yield {"worker": worker, "router": router, "worker_metrics": metrics}
+    finally:
+        for proc in (router, worker):
+            if proc is not None:
+                proc.stop()

@@ -91,28 +91,36 @@ class AsyncEventStream:
 
 
 class AsyncRunHandle:
+    """One run of an AsyncSession: its events (readable any number of times), its result, its cancellation."""
+
     def __init__(self, session: AsyncSession, run_id: str) -> None:
         self.session = session
         self.run_id = run_id
-        self._events: asyncio.Queue = asyncio.Queue()
-        self._done = asyncio.Event()
+        self._history: list[t.Event] = []
+        self._changed = asyncio.Event()
         self.outcome: t.Final | t.Failed | None = None
 
     def _put(self, event: t.Event) -> None:
         if isinstance(event, t.Final | t.Failed):
             self.outcome = event
-            self._done.set()
-        self._events.put_nowait(event)
+        self._history.append(event)
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()           # wakes whoever waits for this event; later waiters wait on the new one
 
     async def events(self) -> AsyncIterator[t.Event]:
+        i = 0
         while True:
-            event = await self._events.get()
+            while len(self._history) <= i:
+                await self._changed.wait()
+            event = self._history[i]
+            i += 1
             yield event
             if isinstance(event, t.Final | t.Failed):
                 return
 
     async def result(self) -> t.Result:
-        await self._done.wait()
+        while self.outcome is None:
+            await self._changed.wait()
         if isinstance(self.outcome, t.Failed):
             raise self.outcome.error
         return self.outcome.result

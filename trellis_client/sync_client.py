@@ -99,35 +99,40 @@ class EventStream:
 
 
 class RunHandle:
-    """One run of a Session: its events, its result, and its cancellation."""
+    """One run of a Session: its events (each can be read any number of times), its result, its cancellation."""
 
     def __init__(self, session: Session, run_id: str) -> None:
         self.session = session
         self.run_id = run_id
-        self._events: queue.Queue = queue.Queue()
+        self._history: list[t.Event] = []
+        self._changed = threading.Condition()
         self.outcome: t.Final | t.Failed | None = None
 
     def _put(self, event: t.Event) -> None:
-        if isinstance(event, t.Final | t.Failed):
-            self.outcome = event
-        self._events.put(event)
+        with self._changed:
+            if isinstance(event, t.Final | t.Failed):
+                self.outcome = event
+            self._history.append(event)
+            self._changed.notify_all()
 
     def events(self) -> Iterator[t.Event]:
-        """Every event of this run, ending with Final or Failed."""
+        """Every event of this run from its start, ending with Final or Failed."""
+        i = 0
         while True:
-            event = self._events.get()
+            with self._changed:
+                while len(self._history) <= i:
+                    self._changed.wait()
+                event = self._history[i]
+            i += 1
             yield event
             if isinstance(event, t.Final | t.Failed):
                 return
 
     def result(self, timeout: float | None = None) -> t.Result:
         """Wait for the run's end; raises its TrellisError if it failed."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.outcome is None:
-            try:
-                self._events.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise TimeoutError(f"run {self.run_id} not done after {timeout} s") from None
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.outcome is not None, timeout):
+                raise TimeoutError(f"run {self.run_id} not done after {timeout} s")
         if isinstance(self.outcome, t.Failed):
             raise self.outcome.error
         return self.outcome.result
