@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--request-seconds", type=float, default=0.0,
                    help="deadline of a request's runs on the router (0: none of the gateway's own)")
     p.add_argument("--drain-seconds", type=float, default=30.0, help="grace period for open requests on SIGTERM")
+    p.add_argument("--keep-alive-seconds", type=float, default=75.0,
+                   help="how long an idle client connection stays open; keep it above the idle timeout of any load "
+                        "balancer in front (60 s on common ones), or a reused connection may be closed under it")
     add_metrics_args(p)
     tls.add_server_args(p)
     tls.add_client_args(p, "router-", "the router")
@@ -63,7 +66,8 @@ async def serve(args: argparse.Namespace) -> None:
     client = AsyncClient(args.router, tls=args.router_tls, token="")
     gateway = Gateway(client, max_choices=args.max_choices, deadline=args.request_seconds or None)
     config = uvicorn.Config(build(gateway), host=args.host, port=args.port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=int(args.drain_seconds), lifespan="off", **ssl_options(args))
+                            timeout_graceful_shutdown=int(args.drain_seconds), lifespan="off",
+                            timeout_keep_alive=args.keep_alive_seconds, **ssl_options(args))
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None      # ours below: drain on SIGTERM, as the other processes do
     loop = asyncio.get_running_loop()

@@ -87,6 +87,17 @@ def chunk(shape: Shape, index: int, text: str | None = None, *, role: bool = Fal
     return out
 
 
+def content_frame(shape: Shape, index: int) -> tuple[bytes, bytes]:
+    """The SSE frame of a content chunk split around its text: the hot path fills in json.dumps(text) only,
+    instead of building and serializing a whole chunk per token. Same bytes as chunk(shape, index, text)."""
+    import json
+
+    marker = "\u0000TEXT\u0000"
+    whole = json.dumps(chunk(shape, index, marker), separators=(",", ":"), ensure_ascii=False)
+    head, _, tail = whole.partition(json.dumps(marker, ensure_ascii=False))
+    return b"data: " + head.encode(), tail.encode() + b"\n\n"
+
+
 def usage_chunk(shape: Shape, results: list[Result]) -> dict[str, Any]:
     """stream_options.include_usage: one last chunk with no choices and the usage of the whole request."""
     return {"id": shape.id, "object": shape.chunk_object, "created": shape.created, "model": shape.model,

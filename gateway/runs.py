@@ -24,7 +24,7 @@ from trellis_client import AsyncClient, AsyncEventStream, Delta, Event, Final, R
 # and what happens before travels in the chunks' `trellis` field.
 LIVE_CONTENT = frozenset({"native_generation"})
 PING_SECONDS = 15.0        # an SSE comment on a quiet stream keeps proxies from closing it and finds dead clients
-_END, _GONE = object(), object()
+_END, _GONE, _PING = object(), object(), object()
 
 
 def encode(obj: dict[str, Any]) -> bytes:
@@ -83,69 +83,93 @@ async def open_streams(client: AsyncClient, plan: RunPlan, choices: Choices, tok
 async def sse(shape: shape_of.Shape, opened: list[Opened], plan: RunPlan, choices: Choices,
               disconnected: Callable[[], Awaitable[None]], on_chunk: Callable[[int], None]) -> AsyncIterator[bytes]:
     """The body of a streamed response, ending in `data: [DONE]`."""
-    queue: asyncio.Queue = asyncio.Queue()
     live = plan.controller in LIVE_CONTENT
+    frames = [shape_of.content_frame(shape, o.index) for o in opened]
+    streamed = [""] * len(opened)
+    results: list[Result | None] = [None] * len(opened)
+    chunks = 0
+    # One choice whose events flow (the common request): read its stream directly. Several choices, or a run
+    # that may stay quiet for long (events off), go through a queue that merges them and pings while quiet.
+    merged = len(opened) > 1 or not plan.events
+    items = _merged(opened, disconnected) if merged else _single(opened[0])
+    try:
+        if shape.chat:
+            for o in opened:
+                yield encode(shape_of.chunk(shape, o.index, "", role=True))
+        async for index, item in items:
+            if item is _PING:
+                yield b": ping\n\n"
+            elif item is _END:
+                if results[index] is None:
+                    yield encode(APIError(502, "the run's stream ended without a result", "server_error").body())
+                    return
+            elif isinstance(item, TrellisError):
+                yield encode(from_trellis(item, choices.prompt_param, plan.requested).body())
+                return
+            elif isinstance(item, Delta) and live:
+                if item.text:
+                    streamed[index] += item.text
+                    head, tail = frames[index]
+                    yield head + json.dumps(item.text, ensure_ascii=False).encode() + tail
+                    chunks += 1
+            else:
+                for obj in _chunks(shape, index, item, plan.events, streamed, results):
+                    yield encode(obj)
+                    chunks += 1
+        if choices.include_usage:
+            yield encode(shape_of.usage_chunk(shape, [r for r in results if r is not None]))
+        yield DONE
+    finally:
+        on_chunk(chunks)
+        await items.aclose()
+        for o in opened:
+            o.stream.cancel()
+
+
+async def _single(o: Opened) -> AsyncIterator[tuple[int, Any]]:
+    try:
+        if o.first is not None:
+            yield o.index, o.first
+        async for event in o.stream:
+            yield o.index, event
+    except TrellisError as err:
+        yield o.index, err
+    yield o.index, _END
+
+
+async def _merged(opened: list[Opened], disconnected: Callable[[], Awaitable[None]]) -> AsyncIterator[tuple[int, Any]]:
+    """Every choice's events as they come, a ping after PING_SECONDS of quiet; ends when all have ended or the
+    client has gone (a quiet stream writes nothing, so the server alone might not notice)."""
+    queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(o: Opened) -> None:
-        try:
-            if o.first is not None:
-                queue.put_nowait((o.index, o.first))
-            async for event in o.stream:
-                queue.put_nowait((o.index, event))
-        except TrellisError as err:
-            queue.put_nowait((o.index, err))
-        queue.put_nowait((o.index, _END))
+        async for item in _single(o):
+            queue.put_nowait(item)
 
     async def watch() -> None:
         await disconnected()
         queue.put_nowait((-1, _GONE))
 
     tasks = [asyncio.create_task(pump(o)) for o in opened] + [asyncio.create_task(watch())]
-    streamed = [""] * len(opened)
-    results: list[Result | None] = [None] * len(opened)
     pending = len(opened)
-    chunks = 0
     try:
-        if shape.chat:
-            for o in opened:
-                yield encode(shape_of.chunk(shape, o.index, "", role=True))
         while pending:
             try:
                 index, item = await asyncio.wait_for(queue.get(), PING_SECONDS)
             except TimeoutError:
-                yield b": ping\n\n"
+                yield -1, _PING
                 continue
             if item is _GONE:
                 return
-            if item is _END:
-                pending -= 1
-                if results[index] is None:
-                    yield encode(APIError(502, "the run's stream ended without a result", "server_error").body())
-                    return
-                continue
-            if isinstance(item, TrellisError):
-                yield encode(from_trellis(item, choices.prompt_param, plan.requested).body())
-                return
-            out = _chunks(shape, index, item, live, plan.events, streamed, results)
-            for obj in out:
-                yield encode(obj)
-            chunks += len(out)
-        if choices.include_usage:
-            yield encode(shape_of.usage_chunk(shape, [r for r in results if r is not None]))
-        yield DONE
+            pending -= item is _END
+            yield index, item
     finally:
-        on_chunk(chunks)
         for task in tasks:
             task.cancel()
-        for o in opened:
-            o.stream.cancel()
 
 
-def _chunks(shape: shape_of.Shape, index: int, event: Event, live: bool, events: bool, streamed: list[str],
+def _chunks(shape: shape_of.Shape, index: int, event: Event, events: bool, streamed: list[str],
             results: list[Result | None]) -> list[dict[str, Any]]:
-    if isinstance(event, Delta) and live:
-        streamed[index] += event.text
-        return [shape_of.chunk(shape, index, event.text)] if event.text else []
     if isinstance(event, Final):
         result = results[index] = event.result
         out = []

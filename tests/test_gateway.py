@@ -247,12 +247,13 @@ def test_client_disconnect_cancels_the_run(gateway, client_stack, stream):
             for line in response.iter_lines():
                 lines += line.startswith("data:")
                 if lines >= 10:
+                    busy_seen = worker_load(client_stack)
                     break
         assert lines >= 10
     else:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(url, json=body, timeout=httpx.Timeout(30, read=0.4))
-    busy_seen = worker_load(client_stack)
+        busy_seen = worker_load(client_stack)
     assert busy_seen[0] > 0, "the run should still have been going when the client left"
     eventually(lambda: idle(client_stack), timeout_s=5)
     assert idle(client_stack), f"the worker still holds the run's KV ({busy_seen} right after the disconnect)"
