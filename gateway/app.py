@@ -77,12 +77,34 @@ async def _body(request: Request) -> dict[str, Any]:
     return body
 
 
+@dataclass
+class _Record:
+    """One request's span, log line and metrics, finished once: when the response is sent, or for a stream when
+    its last byte is (or the client leaves)."""
+    gw: Gateway
+    route: str
+    span: trace.Span
+    started: float = field(default_factory=time.monotonic)
+    status: int = 500
+    controller: str = ""
+    choices: int = 0
+    stream: bool = False
+
+    def finish(self, status: int | None = None) -> None:
+        if status is not None:
+            self.status = status
+        seconds = time.monotonic() - self.started
+        with trace.use_span(self.span, end_on_exit=True):
+            log.info("request", route=self.route, status=self.status, controller=self.controller,
+                     choices=self.choices, stream=self.stream, ms=round(seconds * 1000, 1))
+        self.gw.metrics.request(self.route, self.status, seconds)
+
+
 async def _complete(gw: Gateway, request: Request, chat: bool) -> Response:
     route = "chat.completions" if chat else "completions"
-    started = time.monotonic()
     span = tracer("trellis.gateway").start_span(f"gateway {route}", context=extract(request.headers.items()),
                                                kind=trace.SpanKind.SERVER)
-    status, n, controller, streaming = 500, 0, "", False
+    record = _Record(gw, route, span)
     try:
         with trace.use_span(span, end_on_exit=False):
             body = await _body(request)
@@ -92,34 +114,29 @@ async def _complete(gw: Gateway, request: Request, chat: bool) -> Response:
             if not names_known(body.get("model"), catalog):    # a worker model that just joined, say
                 catalog = await gw.catalog(token, fresh=True)
             run = plan(body.get("model"), body.get("trellis"), catalog)
-            controller, n = run.controller, len(choices.prompts) * choices.n
-            span.set_attribute("trellis.controller", controller)
+            record.controller, record.choices = run.controller, len(choices.prompts) * choices.n
+            span.set_attribute("trellis.controller", run.controller)
             shape = shape_of.Shape(chat, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()),
                                    body["model"])
             if choices.stream:
                 opened = await _until_gone(request, runs.open_streams(gw.client, run, choices, token, gw.deadline))
-                status, streaming = 200, True
-                return StreamingResponse(
-                    _finishing(runs.sse(shape, opened, run, choices, lambda: _disconnected(request),
-                                        gw.metrics.chunks.add), span, gw, route, started),
-                    media_type="text/event-stream",
-                    headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+                record.status, record.stream = 200, True
+                body_ = runs.sse(shape, opened, run, choices, lambda: _disconnected(request), gw.metrics.chunks.add)
+                return StreamingResponse(_finishing(body_, record), media_type="text/event-stream",
+                                         headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
             results = await _until_gone(request, runs.run_all(gw.client, run, choices, token, gw.deadline))
-            status = 200
+            record.status = 200
             return JSONResponse(shape_of.response(shape, results))
     except APIError as err:
-        status = err.status
+        record.status = err.status
         span.set_status(trace.Status(trace.StatusCode.ERROR, err.message))
         return _error(err)
     except _Gone:
-        status = 499
+        record.status = 499     # nginx's "client closed request": nobody reads it, the log and metrics do
         return Response(status_code=499)
     finally:
-        log.info("request", route=route, status=status, controller=controller, choices=n, stream=streaming,
-                 ms=round((time.monotonic() - started) * 1000, 1))
-        if not streaming:
-            span.end()
-            gw.metrics.request(route, status, time.monotonic() - started)
+        if not record.stream:
+            record.finish()
 
 
 class _Gone(Exception):
@@ -140,14 +157,15 @@ async def _until_gone(request: Request, work):
         gone.cancel()
 
 
-async def _finishing(body, span, gw: Gateway, route: str, started: float):
+async def _finishing(body, record: _Record):
+    gone = True
     try:
-        with trace.use_span(span, end_on_exit=False):
+        with trace.use_span(record.span, end_on_exit=False):
             async for item in body:
                 yield item
+        gone = False
     finally:
-        span.end()
-        gw.metrics.request(route, 200, time.monotonic() - started)
+        record.finish(499 if gone else 200)
 
 
 def build(gw: Gateway) -> Starlette:

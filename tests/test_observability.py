@@ -19,7 +19,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from client.launcher import free_port, start_router, start_worker
+from client.launcher import free_port, start_gateway, start_router, start_worker
 from tests.helpers import run_request
 from trellis_rpc.v1 import router_pb2_grpc
 
@@ -93,7 +93,7 @@ def stack(tiny_model, logs):
             router = start_router([worker.address], logs, name="observed-router", env=env,
                                   extra=["--metrics-port", str(router_metrics), "--metrics-host", "127.0.0.1"])
             router.wait_serving(timeout=60)
-            yield {"sink": sink, "router": router, "worker": worker,
+            yield {"sink": sink, "router": router, "worker": worker, "env": env,
                    "metrics": {"router": router_metrics, "worker": worker_metrics}}
         finally:
             for proc in (router, worker):
@@ -242,3 +242,36 @@ def test_log_lines_are_json_and_carry_the_trace(stack):
     assert line["total_ms"] > 0 and line["completion_tokens"] == result.usage.completion_tokens
     for record in (json.loads(x) for x in stack["worker"].log_path.read_text().splitlines()):
         assert record["process"] == "worker_cpu" and "event" in record
+
+
+def test_gateway_joins_the_callers_trace_and_counts_its_requests(stack, logs):
+    """An HTTP caller's traceparent: the gateway's span is its child, the router's run the gateway's."""
+    import httpx
+
+    metrics = free_port()
+    gateway = start_gateway(stack["router"].address, logs, name="observed-gateway", env=stack["env"],
+                            extra=["--metrics-port", str(metrics), "--metrics-host", "127.0.0.1"])
+    try:
+        gateway.wait_serving(timeout=60)
+        trace_id, client_span = secrets.token_hex(16), secrets.token_hex(8)
+        for stream in (False, True):
+            reply = httpx.post(f"http://{gateway.address}/v1/chat/completions", timeout=60,
+                               headers=dict(traced(trace_id, client_span)),
+                               json={"model": "native_generation", "max_tokens": 3, "stream": stream,
+                                     "messages": [{"role": "user", "content": "hi"}]})
+            assert reply.status_code == 200
+        ours = stack["sink"].trace(trace_id, lambda spans: names(spans).count("router.run") == 2
+                                   and names(spans).count("gateway chat.completions") == 2)
+        gateway_spans = [s for svc, s in ours if s.name == "gateway chat.completions"]
+        assert len(gateway_spans) == 2 and all(s.parent_span_id.hex() == client_span for s in gateway_spans)
+        runs = [s for _, s in ours if s.name == "router.run"]
+        assert sorted(s.parent_span_id for s in runs) == sorted(s.span_id for s in gateway_spans)
+        assert {svc for svc, s in ours if s.name.startswith("gateway")} == {"trellis-gateway"}
+        samples = scrape(metrics)
+        assert total(samples, "trellis_gateway_requests_total", route="chat.completions", status="200") == 2
+        assert total(samples, "trellis_gateway_stream_chunks_total") >= 2
+        logged = [json.loads(line) for line in gateway.log_path.read_text().splitlines() if line.startswith("{")]
+        requests = [e for e in logged if e.get("event") == "request"]
+        assert len(requests) == 2 and all(e["trace_id"] == trace_id for e in requests)
+    finally:
+        gateway.stop()
