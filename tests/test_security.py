@@ -151,8 +151,67 @@ def test_tls_and_authorization_on_every_hop(secured, pki):
 
 
 @pytest.mark.processes
+def test_client_library_and_gateway_over_mutual_tls(secured, pki, logs):
+    """trellis_client dials the router over mutual TLS with a token or as a certificate's identity; the gateway
+    does the same for its callers, serves them HTTPS itself, and passes their bearer token through."""
+    import ssl
+
+    import httpx
+    import openai
+
+    from client.launcher import start_gateway
+    from trellis_client import Client, TrellisError
+    from trellis_rpc.tls import ClientTLS
+
+    worker, router = secured
+    with tls_channel(pki, router.address, "router-client") as channel:
+        wait_serving(channel, ROUTER_SERVICE, router)
+    tls = ClientTLS(pki / "ca.pem", pki / "router-client.pem", pki / "router-client.key")
+    with Client(router.address, tls=tls, token=TOKEN) as client:
+        assert client.run("native_generation", "hi", sampling={"max_tokens": 4}).usage.completion_tokens > 0
+        with pytest.raises(TrellisError) as err:
+            client.run("majority_vote", "hi", sampling={"max_tokens": 4})
+        assert err.value.code == grpc.StatusCode.PERMISSION_DENIED and err.value.field == "controller"
+    batch = ClientTLS(pki / "ca.pem", pki / "batch.pem", pki / "batch.key")
+    with Client(router.address, tls=batch, token="") as client:
+        assert len(client.run("majority_vote", "hi", params={"n": 2}, sampling={"max_tokens": 4}).candidates) == 2
+
+    gateway = start_gateway(router.address, logs, name="tls-gateway", extra=[
+        "--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"),
+        "--router-tls-ca", str(pki / "ca.pem"), "--router-tls-cert", str(pki / "router-client.pem"),
+        "--router-tls-key", str(pki / "router-client.key")])
+    try:
+        import time
+
+        ca = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        deadline = time.monotonic() + 60
+        while True:
+            assert gateway.popen.poll() is None, gateway.log_tail()
+            try:
+                if httpx.get(f"https://{gateway.address}/health", verify=ca, timeout=2).is_success:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, gateway.log_tail()
+            time.sleep(0.3)
+        base = f"https://{gateway.address}/v1"
+        verified = httpx.Client(verify=ca)
+        sdk = openai.OpenAI(base_url=base, api_key=TOKEN, max_retries=0, http_client=verified)
+        reply = sdk.chat.completions.create(model="native_generation", max_tokens=4,
+                                            messages=[{"role": "user", "content": "hi"}])
+        assert reply.usage.completion_tokens > 0
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=base, api_key="nope", max_retries=0, http_client=verified).chat.completions.create(
+                model="native_generation", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+        with pytest.raises((httpx.ConnectError, httpx.RemoteProtocolError)):     # plain HTTP is not served
+            httpx.get(f"http://{gateway.address}/health", timeout=5)
+    finally:
+        gateway.stop()
+
+
+@pytest.mark.processes
 def test_plaintext_off_loopback_must_be_asked_for(pki):
-    for module in ("router", "worker_cpu"):
+    for module in ("router", "worker_cpu", "gateway"):
         extra = ["--workers", "127.0.0.1:1"] if module == "router" else []
         proc = subprocess.run([sys.executable, "-m", module, "--host", "0.0.0.0", "--port", "0", *extra],
                               capture_output=True, text=True, timeout=60)
