@@ -175,11 +175,8 @@ def build(gw: Gateway) -> Starlette:
     async def completions(request: Request) -> Response:
         return await _complete(gw, request, chat=False)
 
-    async def models(request: Request) -> Response:
-        try:
-            catalog = await gw.catalog(_token(request), fresh=True)
-        except APIError as err:
-            return _error(err)
+    async def model_list(request: Request) -> list[dict[str, Any]]:
+        catalog = await gw.catalog(_token(request), fresh=True)
         data = [{"id": c.name, "object": "model", "created": 0, "owned_by": "trellis",
                  "trellis": {"kind": "controller", "description": c.description,
                              "params": [{"name": p.name, "type": p.type, "default": p.default,
@@ -187,7 +184,27 @@ def build(gw: Gateway) -> Starlette:
                 for c in catalog.controllers]
         data += [{"id": m, "object": "model", "created": 0, "owned_by": "trellis",
                   "trellis": {"kind": "worker_model", "controller": "native_generation"}} for m in catalog.models]
-        return JSONResponse({"object": "list", "data": data})
+        return data
+
+    async def models(request: Request) -> Response:
+        try:
+            return JSONResponse({"object": "list", "data": await model_list(request)})
+        except APIError as err:
+            return _error(err)
+
+    async def model(request: Request) -> Response:
+        """GET /v1/models/{id}: one entry; the id may carry parameters (majority_vote?n=8 is majority_vote)."""
+        wanted = request.path_params["model"]
+        try:
+            data = await model_list(request)
+        except APIError as err:
+            return _error(err)
+        name = wanted.partition("?")[0].partition("@")[0]
+        found = next((m for m in data if m["id"] == name), None)
+        if found is None:
+            return _error(APIError(404, f"model: {wanted!r} is neither a controller nor a served model",
+                                   "invalid_request_error", "model", "model_not_found"))
+        return JSONResponse({**found, "id": wanted})
 
     async def health(request: Request) -> Response:
         """Ready: the router answers SERVING. Kubernetes' readiness probe; /health/live is its liveness."""
@@ -203,6 +220,7 @@ def build(gw: Gateway) -> Starlette:
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{model:path}", model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/health/live", live, methods=["GET"]),
     ])

@@ -59,9 +59,11 @@ def test_models_lists_controllers_and_the_workers_model(sdk, client_stack):
     with Client(client_stack["router"].address) as client:
         assert set(client.catalog().models) <= set(ids)
     # a worker model's own id runs native generation on that pool
-    model = client.catalog().models[0] if False else ids[-1]
-    reply = sdk.chat.completions.create(model=model, messages=MESSAGES, max_tokens=3)
+    reply = sdk.chat.completions.create(model=ids[-1], messages=MESSAGES, max_tokens=3)
     assert reply.choices[0].model_extra["trellis"]["controller"] == "native_generation"
+    assert sdk.models.retrieve("majority_vote").model_extra["trellis"]["kind"] == "controller"
+    with pytest.raises(openai.NotFoundError):
+        sdk.models.retrieve("gpt-4o")
 
 
 def test_chat_completion_matches_the_library_run(sdk, client_stack):
