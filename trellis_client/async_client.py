@@ -86,8 +86,11 @@ class AsyncEventStream:
 
     def __del__(self) -> None:
         call = getattr(self, "_call", None)
-        if call is not None and not call.done():
-            call.cancel()
+        try:
+            if call is not None and not call.done():
+                call.cancel()
+        except Exception:   # a loop already closed at exit: nothing left to cancel on
+            pass
 
 
 class AsyncRunHandle:
