@@ -2,13 +2,21 @@
 
     trellis up --cpu-workers 2                      # router on 127.0.0.1:50051 plus two CPU workers
     trellis up --cpu-workers 2 --metrics 9464       # Prometheus endpoints on 9464 (router), 9465, 9466
+    trellis up --gateway-port 8080                  # also the OpenAI-compatible gateway: http://127.0.0.1:8080/v1
     trellis up --model ./my-hf-model --worker-arg=--dtype=float32 --router-arg=--routing=round_robin
 
 Discovery works as in Kubernetes (deploy/k8s): the router is given `--workers file:PATH` and re-reads
 that file every `--discovery-interval` seconds; a worker's address is written there once the worker
 answers SERVING on grpc.health.v1 (what a readiness probe does for a headless Service) and removed
-when its process exits. Ctrl-C (or SIGTERM) drains the router, then the workers, and waits for all
-of them to exit.
+when its process exits.
+
+--gateway-port PORT (0 or absent: none) also starts `python -m gateway`, the OpenAI-compatible HTTP
+gateway, on 127.0.0.1:PORT as a client of the router, once the router serves; it is up when its GET /health
+answers 200 (what its readiness probe asks in Kubernetes). With --metrics it serves Prometheus metrics on
+the port after the last worker's.
+
+Ctrl-C (or SIGTERM) stops the gateway first (it drains its open requests), then drains the router, then
+the workers, and waits for all of them to exit.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from client.launcher import Process, free_port, start_router, start_worker
+from client.launcher import Process, free_port, start_gateway, start_router, start_worker
 
 SAMPLE_PROMPT = "What is 15 + 27?"
 # What the stop waits beyond --drain-seconds for a process to flush and exit before SIGKILL.
@@ -40,12 +48,14 @@ class Stack:
     listing: Path
     workers: list[Process] = field(default_factory=list)
     router: Process | None = None
+    gateway: Process | None = None
     ready: list[Process] = field(default_factory=list)  # workers written to the listing
     metrics: dict[str, int] = field(default_factory=dict)  # process name -> metrics port
 
     @property
     def processes(self) -> list[Process]:
-        return [p for p in (self.router, *self.workers) if p is not None]
+        """In the order `stop` stops them."""
+        return [p for p in (self.gateway, self.router, *self.workers) if p is not None]
 
     def write_listing(self) -> None:
         """Rewrite atomically: the router may read the file at any moment."""
@@ -62,9 +72,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="default",
                    help="every worker's --model: a Hugging Face directory, a .gguf, or 'default' (bundled SmolLM2)")
     p.add_argument("--router-port", type=int, default=50051, help="the router's port (0: a free one)")
+    p.add_argument("--gateway-port", type=int, default=0, metavar="PORT",
+                   help="also start the OpenAI-compatible HTTP gateway on this port (0, the default: none)")
     p.add_argument("--metrics", type=int, nargs="?", const=0, default=None, metavar="FIRST_PORT",
-                   help="serve Prometheus metrics: the router on FIRST_PORT, worker i on FIRST_PORT+i "
-                        "(no value: free ports)")
+                   help="serve Prometheus metrics: the router on FIRST_PORT, worker i on FIRST_PORT+i, the "
+                        "gateway after the last worker (no value: free ports)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads per worker (0: this machine's cores split between the workers)")
     p.add_argument("--drain-seconds", type=float, default=10.0, help="every process's drain on stop")
@@ -74,6 +86,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="extra argument for every worker, repeatable; write it with '=': --worker-arg=--dtype=float32")
     p.add_argument("--router-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for the router, repeatable: --router-arg=--routing=round_robin")
+    p.add_argument("--gateway-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for the gateway, repeatable: --gateway-arg=--max-choices=32")
     p.add_argument("--log-dir", type=Path, help="where the processes' logs go (default: a new temporary directory)")
     p.add_argument("--startup-timeout", type=float, default=600.0,
                    help="seconds a worker may take to load its model (the first start on the bundled model "
@@ -100,7 +114,7 @@ def threads_per_worker(requested: int, workers: int) -> int:
 
 
 def metrics_port(first: int | None, index: int) -> int:
-    """index 0 is the router, i the i-th worker; 0 when metrics are off."""
+    """index 0 is the router, i the i-th worker (the gateway: the one after the last); 0 when metrics are off."""
     if first is None:
         return 0
     return first + index if first else free_port()
@@ -119,6 +133,17 @@ def router_args(args: argparse.Namespace, metrics: int) -> list[str]:
     if metrics:
         own += ["--metrics-port", str(metrics), "--metrics-host", "127.0.0.1"]
     return own + args.router_arg
+
+
+def gateway_args(args: argparse.Namespace, metrics: int) -> list[str]:
+    own = ["--drain-seconds", str(args.drain_seconds)]
+    if metrics:
+        own += ["--metrics-port", str(metrics), "--metrics-host", "127.0.0.1"]
+    return own + args.gateway_arg
+
+
+def gateway_url(gateway: Process) -> str:
+    return f"http://{gateway.address}/v1"
 
 
 def discovered(router: Process, source: str) -> set[str]:
@@ -172,11 +197,13 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 def start(args: argparse.Namespace, stack: Stack, log_dir: Path, router_port: int) -> None:
-    """Workers first (they take longest), then the router on the empty listing, then each worker into
-    the listing as it turns SERVING. Appends to `stack` as it goes, so a failure midway stops what ran."""
+    """Workers first (they take longest), then the router on the empty listing, then the gateway (if asked
+    for), then each worker into the listing as it turns SERVING. Appends to `stack` as it goes, so a failure
+    midway stops what ran."""
     threads = threads_per_worker(args.threads, args.cpu_workers)
-    say(f"trellis up: router + {args.cpu_workers} CPU worker(s), model {args.model}, {threads} torch thread(s) "
-        f"each; logs in {log_dir}")
+    gateway = " + gateway" if args.gateway_port else ""
+    say(f"trellis up: router{gateway} + {args.cpu_workers} CPU worker(s), model {args.model}, {threads} torch "
+        f"thread(s) each; logs in {log_dir}")
     for i in range(1, args.cpu_workers + 1):
         port = metrics_port(args.metrics, i)
         worker = start_worker(args.model, log_dir, extra=worker_args(args, i, port), name=f"worker-{i}")
@@ -192,6 +219,17 @@ def start(args: argparse.Namespace, stack: Stack, log_dir: Path, router_port: in
     stack.router.wait_serving(timeout=60)
     say(f"  {stack.router.name:<9} {stack.router.address:<16} pid {stack.router.popen.pid}  serving, "
         f"discovery file:{stack.listing} (re-read every {args.discovery_interval:g} s)")
+    if args.gateway_port:
+        # Its GET /health answers 200 once the router serves, which it does: up in a second or two, while the
+        # workers go on loading.
+        port = metrics_port(args.metrics, args.cpu_workers + 1)
+        stack.gateway = start_gateway(stack.router.address, log_dir, port=args.gateway_port,
+                                      extra=gateway_args(args, port))
+        if port:
+            stack.metrics[stack.gateway.name] = port
+        stack.gateway.wait_serving(timeout=60)
+        say(f"  {stack.gateway.name:<9} {stack.gateway.address:<16} pid {stack.gateway.popen.pid}  serving, "
+            f"OpenAI-compatible API at {gateway_url(stack.gateway)}")
     for worker in stack.workers:
         worker.wait_serving(timeout=args.startup_timeout)
         stack.ready.append(worker)
@@ -209,18 +247,24 @@ def print_ready(stack: Stack, started: float, found: bool) -> None:
     say(f"  trellis --router {address} controllers")
     for name, port in stack.metrics.items():
         say(f"  metrics {name:<9} http://127.0.0.1:{port}/metrics")
+    if stack.gateway is not None:
+        url = gateway_url(stack.gateway)
+        body = json.dumps({"model": "majority_vote?n=8", "messages": [{"role": "user", "content": SAMPLE_PROMPT}]})
+        say(f"\nOpenAI-compatible gateway: {url}")
+        say(f"  curl {url}/chat/completions -H 'content-type: application/json' -d '{body}'")
     say("\nCtrl-C stops everything.")
 
 
 def supervise(stack: Stack) -> int:
     """Until interrupted: a worker that exits leaves the listing (like a pod that is no longer Ready);
-    the router exiting ends `up`."""
+    the router or the gateway exiting ends `up`."""
     assert stack.router is not None
     while True:
         time.sleep(0.5)
-        if stack.router.popen.poll() is not None:
-            say(f"router exited with {stack.router.popen.returncode}:\n{stack.router.log_tail()}")
-            return 1
+        for proc in (stack.router, stack.gateway):
+            if proc is not None and proc.popen.poll() is not None:
+                say(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_tail()}")
+                return 1
         gone = [w for w in stack.ready if w.popen.poll() is not None]
         for worker in gone:
             stack.ready.remove(worker)
@@ -249,10 +293,13 @@ def terminate(procs: list[Process], timeout: float) -> None:
 
 
 def stop(stack: Stack, drain_s: float) -> None:
-    """The router first, so its runs finish on workers that still serve; then every worker at once.
-    A second Ctrl-C kills whatever is still running."""
+    """The gateway first, so its open requests finish on a router that still serves; then the router, so
+    its runs finish on workers that still serve; then every worker at once. A second Ctrl-C kills whatever
+    is still running."""
     timeout = drain_s + EXIT_MARGIN_S
     try:
+        if stack.gateway is not None:
+            terminate([stack.gateway], timeout)
         if stack.router is not None:
             terminate([stack.router], timeout)
         terminate(stack.workers, timeout)
@@ -275,6 +322,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not port_is_free(router_port):
         say(f"trellis up: port {router_port} is in use (another router?); choose one with --router-port")
         return 2
+    if args.gateway_port < 0 or args.gateway_port == router_port:
+        say(f"trellis up: --gateway-port {args.gateway_port}: a port other than the router's, or 0 for no gateway")
+        return 2
+    if args.gateway_port and not port_is_free(args.gateway_port):
+        say(f"trellis up: port {args.gateway_port} is in use; choose another with --gateway-port")
+        return 2
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="trellis-up-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     stack = Stack(listing=log_dir / "workers")
@@ -285,7 +338,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             print_ready(stack, started, wait_discovered(stack, args.discovery_interval))
             return supervise(stack)
         except KeyboardInterrupt:
-            say("\nstopping: draining the router, then the workers")
+            say("\nstopping: " + ("draining the gateway, then " if stack.gateway else "draining ")
+                + "the router, then the workers")
             return 0
         except (RuntimeError, TimeoutError) as err:  # a process died or did not come up: its log says why
             say(f"trellis up: {err}")

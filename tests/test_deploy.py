@@ -1,6 +1,6 @@
 """deploy/: the Kustomize manifests render, validate strictly against Kubernetes' schemas, and agree with
-the programs they run (ports, CLI flags, environment, health service names, discovery, drain); the
-Dockerfiles install what each process imports and run as non-root.
+the programs they run (ports, CLI flags, environment, health service names and HTTP health paths, discovery,
+the gateway's router, drain); the Dockerfiles install what each process imports and run as non-root.
 
 Every manifest fact is read from `kubectl kustomize` output, never from the source YAML, so patches,
 generators and components are accounted for.
@@ -8,6 +8,7 @@ generators and components are accounted for.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import importlib
@@ -60,14 +61,17 @@ HPA_QUEUE_METRIC = "trellis_worker_queue_depth"
 class Program:
     module: str          # python -m <module>; <module>.cli.parse_args is its parser
     dockerfile: str
-    health_service: str
+    health_service: str  # the grpc.health.v1 service its readiness asks ("" for an HTTP server)
     sources: tuple[str, ...]  # packages whose code runs in the process (where it reads its env)
     is_worker: bool
+    protocol: str = "grpc"    # what --port serves (grpc or http), and the name of that container port
 
 
 PROGRAMS = {
     "trellis/router": Program("router", "router.Dockerfile", ROUTER_SERVICE,
                               ("router", "trellis_rpc", "controllers"), False),
+    "trellis/gateway": Program("gateway", "gateway.Dockerfile", "", ("gateway", "trellis_client", "trellis_rpc"),
+                               False, "http"),
     "trellis/worker-cpu": Program("worker_cpu", "worker-cpu.Dockerfile", WORKER_SERVICE,
                                   ("worker_cpu", "torch_engine", "worker_runtime", "trellis_rpc"), True),
     "trellis/worker-gpu": Program("worker_gpu", "worker-gpu.Dockerfile", WORKER_SERVICE,
@@ -76,8 +80,10 @@ PROGRAMS = {
                                      ("worker_openai", "worker_runtime", "trellis_rpc"), True),
 }
 # Which Trellis Deployments each target must have, and what each component adds.
-EXPECTED_DEPLOYMENTS = {"base": {"router", "worker-cpu", "worker-gpu"}, "gpu": {"router", "worker-cpu", "worker-gpu"},
-                        "cpu-only": {"router", "worker-cpu"}, "openai": {"router", "worker-cpu", "worker-openai"}}
+EXPECTED_DEPLOYMENTS = {"base": {"router", "gateway", "worker-cpu", "worker-gpu"},
+                        "gpu": {"router", "gateway", "worker-cpu", "worker-gpu"},
+                        "cpu-only": {"router", "gateway", "worker-cpu"},
+                        "openai": {"router", "gateway", "worker-cpu", "worker-openai"}}
 COMPONENT_DEPLOYMENTS = {"otel": set(), "worker-openai": {"worker-openai"}}
 # Third-party libraries in the processes that read environment variables of their own.
 ENV_LIBRARIES = ("opentelemetry", "huggingface_hub", "transformers")
@@ -257,6 +263,11 @@ def port_named(container: dict, name: str) -> int | None:
     return next((p["containerPort"] for p in container.get("ports") or [] if p.get("name") == name), None)
 
 
+def container_port(container: dict, port: int | str) -> int | None:
+    """A probe's or Service's port, a number or the name of one of the container's ports, as a number."""
+    return port if isinstance(port, int) else port_named(container, port)
+
+
 # ---------------------------------------------------------------------------------- rendering and schemas
 
 
@@ -322,25 +333,96 @@ def test_container_ports_are_the_ports_the_program_listens_on(renders, render, n
     objects = renders[render]
     w = workload(renders, render, name)
     args = parse(objects, w, monkeypatch)
-    assert port_named(w.container, "grpc") == args.port
+    assert port_named(w.container, w.program.protocol) == args.port
     assert args.metrics_port, "metrics are off, but the pod is annotated for scraping"
     assert port_named(w.container, "metrics") == args.metrics_port
     annotations = w.deployment["spec"]["template"]["metadata"].get("annotations") or {}
     assert annotations.get("prometheus.io/scrape") == "true"
     assert annotations.get("prometheus.io/port") == str(args.metrics_port)
-    # Every Service in front of these pods forwards to the gRPC port.
+    # Every Service in front of these pods forwards to the served port (gRPC, or the gateway's HTTP).
     for service in of_kind(objects, "Service"):
         if selector_matches({"matchLabels": service["spec"].get("selector") or {}}, pod_labels(w.deployment)):
             targets = {p.get("targetPort", p["port"]) for p in service["spec"]["ports"]}
-            assert targets <= {args.port, "grpc"}, f"Service {service['metadata']['name']} targets {targets}"
+            assert targets <= {args.port, w.program.protocol}, \
+                f"Service {service['metadata']['name']} targets {targets}"
+
+
+@functools.cache
+def gateway_answers(paths: tuple[str, ...]) -> tuple[frozenset[str], dict[tuple[str, bool], int]]:
+    """The paths the gateway's own app routes GET for, and the status it answers GET path with while its
+    router's grpc.health.v1 says trellis.v1.Router is SERVING (True) and NOT_SERVING (False): a real health
+    server on loopback, a real trellis_client channel to it, the app in process."""
+    from concurrent import futures
+
+    import grpc
+    import httpx
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from gateway.app import Gateway, build
+    from trellis_client import AsyncClient
+
+    servicer = health.HealthServicer()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+
+    async def ask() -> tuple[frozenset[str], dict[tuple[str, bool], int]]:
+        answers = {}
+        client = AsyncClient(f"127.0.0.1:{port}", token="")
+        try:
+            app = build(Gateway(client))
+            routes = frozenset(r.path for r in app.routes if "GET" in (getattr(r, "methods", None) or ()))
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
+                for serving in (True, False):
+                    servicer.set(ROUTER_SERVICE, health_pb2.HealthCheckResponse.SERVING if serving
+                                 else health_pb2.HealthCheckResponse.NOT_SERVING)
+                    for path in paths:
+                        answers[path, serving] = (await http.get(path)).status_code
+        finally:
+            await client.close()
+        return routes, answers
+
+    try:
+        return asyncio.run(ask())
+    finally:
+        server.stop(None)
+
+
+def check_http_probes(w: Workload, args, probes: dict[str, dict | None]) -> None:
+    """The gateway's probes: HTTP GETs of its served port, on paths it serves, in the scheme it serves.
+    Readiness follows the router (200 while it is SERVING, 503 while not); liveness does not (a router
+    outage must not restart every gateway)."""
+    assert w.program.module == "gateway", f"{w.name}: no HTTP health endpoints known for {w.program.module}"
+    gets = {kind: probe["httpGet"] for kind, probe in probes.items() if probe is not None and "httpGet" in probe}
+    assert set(gets) == {k for k, probe in probes.items() if probe is not None}, \
+        f"every probe must be an HTTP GET of the gateway's health endpoints: {probes}"
+    ready, live = gets["readinessProbe"]["path"], gets["livenessProbe"]["path"]
+    served, answers = gateway_answers((ready, live))
+    for kind, get in gets.items():
+        assert container_port(w.container, get["port"]) == args.port, f"{kind} probes port {get['port']}"
+        assert get["path"] in served, f"{kind}: the gateway serves no GET {get['path']} (it serves {sorted(served)})"
+        assert get.get("scheme", "HTTP") == ("HTTPS" if args.tls_cert else "HTTP"), f"{kind}: wrong scheme"
+    # The kubelet's HTTP probes present no client certificate: mutual TLS would fail every one.
+    assert not args.tls_client_ca, "--tls-client-ca: the kubelet's HTTP probes cannot pass mutual TLS"
+    assert answers[ready, True] == 200 and answers[ready, False] == 503, \
+        f"readiness {ready} must follow the router: {answers}"
+    assert answers[live, True] == answers[live, False] == 200, f"liveness {live} must not ask the router: {answers}"
 
 
 @pytest.mark.parametrize(("render", "name"), workload_cases())
-def test_probes_ask_grpc_health_of_the_served_port_and_service(renders, render, name, monkeypatch):
+def test_probes_ask_the_served_port_and_health(renders, render, name, monkeypatch):
     w = workload(renders, render, name)
     args = parse(renders[render], w, monkeypatch)
     probes = {kind: w.container.get(kind) for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
     assert probes["readinessProbe"] and probes["livenessProbe"]
+    liveness = probes["livenessProbe"]
+    assert liveness.get("failureThreshold", 3) * liveness.get("periodSeconds", 10) > args.drain_seconds, \
+        "liveness would restart a pod that is draining (NOT_SERVING, or its listener closed)"
+    if w.program.protocol == "http":
+        check_http_probes(w, args, probes)
+        return
     for kind, probe in probes.items():
         if probe is None:
             continue
@@ -349,9 +431,6 @@ def test_probes_ask_grpc_health_of_the_served_port_and_service(renders, render, 
         assert probe["grpc"].get("service", "") in ("", w.program.health_service), f"{kind}: unknown service"
     # Readiness asks the named service, which goes NOT_SERVING while draining (and, on workers, loading).
     assert probes["readinessProbe"]["grpc"].get("service") == w.program.health_service
-    liveness = probes["livenessProbe"]
-    assert liveness.get("failureThreshold", 3) * liveness.get("periodSeconds", 10) > args.drain_seconds, \
-        "liveness would restart a pod that is draining (NOT_SERVING)"
     if w.program.is_worker:
         startup = probes["startupProbe"]
         assert startup, "a worker is NOT_SERVING while its model loads: it needs a startupProbe"
@@ -449,6 +528,39 @@ def router_workload(objects: list[dict]) -> Workload:
     return next(w for w in workloads(objects) if w.program.module == "router")
 
 
+def gateway_workload(objects: list[dict]) -> Workload:
+    return next(w for w in workloads(objects) if w.program.module == "gateway")
+
+
+@pytest.mark.parametrize("render", RENDERS)
+def test_gateway_dials_the_routers_service_and_is_served_by_its_own(renders, render, monkeypatch):
+    objects = renders[render]
+    gateway, router = gateway_workload(objects), router_workload(objects)
+    args, router_args = parse(objects, gateway, monkeypatch), parse(objects, router, monkeypatch)
+    # --router is the router's Service (namespace-relative or qualified), on a port forwarding to its gRPC port.
+    match = re.fullmatch(r"(?:dns:(?:///)?)?([a-z0-9.-]+):(\d+)", args.router)
+    assert match, f"--router {args.router}: the gateway finds the router through its Service's DNS name"
+    labels = match.group(1).split(".")
+    assert len(labels) == 1 or labels[1] == NAMESPACE, f"--router {args.router}: another namespace"
+    service = by_name(objects, "Service", labels[0])
+    assert service is not None, f"--router {args.router}: no Service {labels[0]} is rendered"
+    assert selector_matches({"matchLabels": service["spec"]["selector"]}, pod_labels(router.deployment)), \
+        f"--router {args.router}: Service {labels[0]} does not select the router's pods"
+    ports = {p["port"]: p.get("targetPort", p["port"]) for p in service["spec"]["ports"]}
+    assert int(match.group(2)) in ports, f"--router {args.router}: Service {labels[0]} has ports {sorted(ports)}"
+    assert container_port(router.container, ports[int(match.group(2))]) == router_args.port
+    # It dials TLS exactly when the router serves it.
+    assert bool(args.router_tls) == bool(router_args.tls_cert), "the gateway and the router disagree on TLS"
+    # Its own Service: ClusterIP, port 8080 named http, forwarding to the port it listens on.
+    own = by_name(objects, "Service", "gateway")
+    assert own is not None and own["spec"].get("type", "ClusterIP") == "ClusterIP"
+    assert own["spec"].get("clusterIP") != "None", "clients need one address, not the pods"
+    assert selector_matches({"matchLabels": own["spec"]["selector"]}, pod_labels(gateway.deployment))
+    http = [p for p in own["spec"]["ports"] if p.get("name") == "http"]
+    assert [p["port"] for p in http] == [8080]
+    assert container_port(gateway.container, http[0].get("targetPort", 8080)) == args.port
+
+
 @pytest.mark.parametrize("render", RENDERS)
 def test_router_discovers_each_worker_pool_through_its_headless_service(renders, render, monkeypatch):
     objects = renders[render]
@@ -482,6 +594,11 @@ def allows_port(rule: dict, port: int) -> bool:
     return not ports or any(p.get("port") in (port, None) for p in ports)
 
 
+def ingress_rules(policies: list[dict], w: Workload) -> list[dict]:
+    return [r for p in policies if selector_matches(p["spec"]["podSelector"], pod_labels(w.deployment))
+            for r in p["spec"].get("ingress") or []]
+
+
 @pytest.mark.parametrize("render", RENDERS)
 def test_network_policy_lets_only_the_router_reach_workers(renders, render, monkeypatch):
     objects = renders[render]
@@ -490,13 +607,19 @@ def test_network_policy_lets_only_the_router_reach_workers(renders, render, monk
                for p in policies), "no default-deny ingress policy"
     router = router_workload(objects)
     router_labels = pod_labels(router.deployment)
+    # The gateway reaches the router's gRPC port by a rule of its own (this namespace's gateway pods), so
+    # narrowing the router's public rule to known clients keeps the gateway working.
+    gateway = gateway_workload(objects)
+    router_port = parse(objects, router, monkeypatch).port
+    assert any(set(peer) == {"podSelector"} and selector_matches(peer["podSelector"], pod_labels(gateway.deployment))
+               for rule in ingress_rules(policies, router) if allows_port(rule, router_port)
+               for peer in rule.get("from") or []), "no rule lets the gateway reach the router"
     for w in workloads(objects):
         args = parse(objects, w, monkeypatch)
-        rules = [r for p in policies if selector_matches(p["spec"]["podSelector"], pod_labels(w.deployment))
-                 for r in p["spec"].get("ingress") or []]
+        rules = ingress_rules(policies, w)
         assert any(allows_port(r, args.metrics_port) for r in rules), f"{w.name}: Prometheus cannot scrape"
         if not w.program.is_worker:
-            assert any(allows_port(r, args.port) for r in rules), "clients cannot reach the router"
+            assert any(allows_port(r, args.port) for r in rules), f"clients cannot reach the {w.name}"
             continue
         grpc_rules = [r for r in rules if allows_port(r, args.port)]
         assert grpc_rules, f"{w.name}: the router cannot reach the worker"
@@ -653,6 +776,14 @@ def absent_from_image(dockerfile: str) -> set[str]:
 # TensorRT-LLM one, whose packages this environment cannot know.
 IMAGE_IMPORTS = {
     "router": "import router.cli, router.service, controllers.registry, client.cli",
+    # uvicorn's httptools parser (what it picks when installed) and the app built on a client of the router.
+    "gateway": "import asyncio, gateway.cli, uvicorn.protocols.http.httptools_impl\n"
+               "from gateway.app import Gateway, build\n"
+               "from trellis_client import AsyncClient\n"
+               "async def main():\n"
+               "    async with AsyncClient('127.0.0.1:1', token='') as client:\n"
+               "        build(Gateway(client))\n"
+               "asyncio.run(main())",
     "worker_cpu": "import worker_cpu.cli, torch_engine.engine, torch_engine.model_loader",
     # --tokenizer: transformers without torch, and a chat rendered with the model's template, as a task's is.
     "worker_openai": "import worker_openai.cli, worker_openai.engine, worker_openai.scoring\n"
@@ -694,6 +825,10 @@ def test_requirements_helper_leaves_out_what_each_image_asks():
     openai = requirements_flags((DOCKER / "worker-openai.Dockerfile").read_text())
     kept = {helper.package_name(p) for p in pins(*openai)}
     assert {"transformers", "tokenizers"} <= kept and not {"torch", "accelerate", "gguf"} & kept
+    # The gateway: no model stack, and not httpx (worker_openai's upstream client), but its HTTP server.
+    gateway = requirements_flags((DOCKER / "gateway.Dockerfile").read_text())
+    kept = {helper.package_name(p) for p in pins(*gateway)}
+    assert {"starlette", "uvicorn", "httptools", "grpcio"} <= kept and not (helper.ML_PACKAGES | {"httpx"}) & kept
     with pytest.raises(ValueError, match="troch"):
         helper.requirements(str(ROOT / "pyproject.toml"), frozenset({"troch"}))
 

@@ -1,6 +1,7 @@
 """`trellis up`: a router and two CPU workers as local processes, the workers found through a re-read
-discovery file as the cluster finds them through DNS; one run through the router, both workers take
-work, their metrics carry the gauge the GPU autoscaler uses, and Ctrl-C stops every process in time."""
+discovery file as the cluster finds them through DNS, and the OpenAI-compatible gateway in front; one run
+through the router, both workers take work, a chat completion comes back through the gateway, the workers'
+metrics carry the gauge the GPU autoscaler uses, and Ctrl-C stops every process (the gateway first) in time."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 
 from client.launcher import free_port
@@ -27,8 +29,9 @@ pytestmark = pytest.mark.processes
 
 ROOT = Path(__file__).resolve().parent.parent
 DRAIN_S = 5.0
-# `up` stops the router (drain + 10 s at most), then the workers (the same): the bound it promises.
-GRACE_S = 2 * (DRAIN_S + 10.0)
+# `up` stops the gateway (drain + 10 s at most), then the router (the same), then the workers (the same):
+# the bound it promises.
+GRACE_S = 3 * (DRAIN_S + 10.0)
 READY = "Ctrl-C stops everything."
 
 
@@ -68,10 +71,11 @@ def served_by(stub: router_pb2_grpc.RouterStub) -> str:
     return reply.worker_id
 
 
-def test_up_serves_through_both_discovered_workers_and_stops_on_ctrl_c(tiny_model, tmp_path):
-    port = free_port()
+def test_up_serves_through_both_discovered_workers_and_the_gateway_and_stops_on_ctrl_c(tiny_model, tmp_path):
+    port, gateway_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "client", "up", "--cpu-workers", "2", "--model", str(tiny_model),
-           "--router-port", str(port), "--threads", "1", "--metrics", "--drain-seconds", str(DRAIN_S),
+           "--router-port", str(port), "--gateway-port", str(gateway_port), "--threads", "1", "--metrics",
+           "--drain-seconds", str(DRAIN_S),
            "--discovery-interval", "0.5", "--router-arg=--routing=round_robin", "--log-dir", str(tmp_path)]
     up = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -81,8 +85,11 @@ def test_up_serves_through_both_discovered_workers_and_stops_on_ctrl_c(tiny_mode
     try:
         out = read_until(lines, READY, timeout=120)
         pids = [int(p) for p in re.findall(r"\bpid (\d+)", out)]
-        assert len(pids) == 3, out
+        assert len(pids) == 4, out  # two workers, the router, the gateway
         assert f"ready: router 127.0.0.1:{port} with 2 CPU worker(s)" in out
+        gateway_url = f"http://127.0.0.1:{gateway_port}/v1"
+        assert f"OpenAI-compatible gateway: {gateway_url}" in out, out
+        gateway_pid = int(re.search(r"gateway\s+\S+\s+pid (\d+)", out).group(1))
         assert "not logged discovering" not in out, out
         listing = (tmp_path / "workers").read_text().split()
         assert len([a for a in listing if a.startswith("127.0.0.1:")]) == 2
@@ -94,10 +101,20 @@ def test_up_serves_through_both_discovered_workers_and_stops_on_ctrl_c(tiny_mode
             # Round robin over what discovery found: both workers, by the ids `up` gave them.
             assert {served_by(stub) for _ in range(4)} == {"worker-1", "worker-2"}
 
-        urls = dict(re.findall(r"metrics (worker-\d)\s+(http://\S+)", out))
-        assert set(urls) == {"worker-1", "worker-2"}
+        # The OpenAI-compatible API, through the gateway to the router and a worker.
+        reply = httpx.post(f"{gateway_url}/chat/completions", timeout=60, json={
+            "model": "native_generation", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+        assert reply.status_code == 200, reply.text
+        choices = reply.json()["choices"]
+        assert len(choices) == 1 and choices[0]["message"]["role"] == "assistant", reply.text
+        assert isinstance(choices[0]["message"]["content"], str) and choices[0]["finish_reason"], reply.text
+
+        urls = dict(re.findall(r"metrics (worker-\d|gateway)\s+(http://\S+)", out))
+        assert set(urls) == {"worker-1", "worker-2", "gateway"}
         with urllib.request.urlopen(urls["worker-1"], timeout=10) as reply:
             assert "trellis_worker_queue_depth{" in reply.read().decode()  # the GPU HPA's metric
+        with urllib.request.urlopen(urls["gateway"], timeout=10) as reply:
+            assert "trellis_gateway_requests" in reply.read().decode()  # counted the completion above
 
         stopped = time.monotonic()
         up.send_signal(signal.SIGINT)
@@ -105,7 +122,8 @@ def test_up_serves_through_both_discovered_workers_and_stops_on_ctrl_c(tiny_mode
         took = time.monotonic() - stopped
         rest = "".join(iter(lines.get, None))
         assert up.returncode == 0, rest
-        assert "stopped (router 0, worker-1 0, worker-2 0)" in rest, rest
+        assert "stopped (gateway 0, router 0, worker-1 0, worker-2 0)" in rest, rest
+        assert not alive(gateway_pid), "the gateway outlived `trellis up`"
         assert not [p for p in pids if alive(p)], "a process outlived `trellis up`"
         print(f"stopped in {took:.1f} s")
     finally:

@@ -21,9 +21,11 @@ RUN python /tmp/requirements.py --without-ml pyproject.toml > /tmp/requirements.
     && rm /tmp/requirements.py /tmp/requirements.txt
 
 # client/ brings the `trellis` CLI, handy from inside the pod: kubectl exec deploy/router -- trellis controllers
+# (it runs on trellis_client, the Python client library).
 COPY trellis_rpc ./trellis_rpc
 COPY controllers ./controllers
 COPY router ./router
+COPY trellis_client ./trellis_client
 COPY client ./client
 RUN pip install --no-deps . && cd / && rm -rf /src
 
