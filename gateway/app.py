@@ -12,7 +12,7 @@ from typing import Any
 import structlog
 from opentelemetry import trace
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -70,6 +70,8 @@ async def _disconnected(request: Request) -> None:
 async def _body(request: Request) -> dict[str, Any]:
     try:
         body = json.loads(await request.body())
+    except ClientDisconnect:
+        raise _Gone() from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise APIError(400, f"the body is not valid JSON: {err}") from None
     if not isinstance(body, dict):
