@@ -55,6 +55,13 @@ class Admission:
         self._by_client: collections.Counter[str] = collections.Counter()
         self._durations: collections.deque[float] = collections.deque(maxlen=64)
 
+    def resize(self, max_running: int, max_queued: int, per_client: int) -> None:
+        """New limits (a settings reload): runs already running or waiting keep their place; more room admits
+        waiting runs at once, less takes effect as runs end."""
+        self.max_running, self.max_queued, self.per_client = max_running, max_queued, per_client
+        while self._queue and (not self.max_running or self.running < self.max_running):
+            self._start(heapq.heappop(self._queue))
+
     @property
     def queued(self) -> int:
         return len(self._queue)

@@ -16,19 +16,24 @@ from router.limits import Limits
 from router.pool import WorkerPool
 from router.routing import POLICIES, RoutingPolicy
 from router.service import RouterService
+from router.settings import RouterSettings
 from trellis_rpc import tls
 from trellis_rpc.logs import configure_logging
 from trellis_rpc.server import run_until_signalled, start_server
 from trellis_rpc.telemetry import add_metrics_args, configure_metrics, configure_tracing, shutdown_telemetry
 from trellis_rpc.undecodable import RefuseUndecodable
 from trellis_rpc.v1 import router_pb2, router_pb2_grpc
+from trellis_settings import SettingsError, configure
+from trellis_settings.layers import Loaded
+from trellis_settings.parser import log_settings
+from trellis_settings.reload import Reloader
 
 log = structlog.get_logger(__name__)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m router", description="Trellis router")
-    p.add_argument("--workers", default=os.environ.get("TRELLIS_WORKERS", ""),
+    p.add_argument("--workers",
                    help="comma-separated workers (env TRELLIS_WORKERS): host:port, dns:NAME:PORT (re-resolved, e.g. a "
                         "Kubernetes headless service) or file:PATH (re-read; one host:port per line)")
     p.add_argument("--discovery-interval", type=float, default=5.0,
@@ -62,20 +67,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tasks one run may start (bounds a search tree); 0: no limit")
     tls.add_server_args(p)
     tls.add_client_args(p, "worker-", "workers")
-    args = p.parse_args(argv)
+    configured = configure(p, RouterSettings, "router", argv)
+    args = configured.args
+    args.configured = configured
     args.tls = tls.server_tls(args, p)
     args.worker_tls = tls.client_tls(args, p, "worker-")
-    if args.auth_file is not None:
-        try:
-            args.auth = Authenticator.load(args.auth_file)
-        except (OSError, ValueError) as err:
-            p.error(f"--auth-file: {err}")
-    else:
-        args.auth = None
-    args.worker_list = [w.strip() for w in args.workers.split(",") if w.strip()]
-    if not args.worker_list:
-        p.error("--workers: give at least one host:port")
+    try:
+        args.auth = load_auth(configured.settings)
+        args.worker_list = worker_list(configured.settings)
+    except SettingsError as err:
+        p.error(str(err))
     return args
+
+
+def load_auth(settings: RouterSettings) -> Authenticator | None:
+    path = settings.auth.auth_file
+    try:
+        return Authenticator.load(path) if path is not None else None
+    except (OSError, ValueError) as err:
+        raise SettingsError(f"router.auth.auth_file (--auth-file): {err}") from None
+
+
+def worker_list(settings: RouterSettings) -> list[str]:
+    workers = [w.strip() for w in settings.discovery.workers.split(",") if w.strip()]
+    if not workers:
+        raise SettingsError("router.discovery.workers (--workers): give at least one host:port")
+    return workers
+
+
+def check_reload(loaded: Loaded) -> None:
+    """What the model alone cannot judge: the auth file must parse, the worker list must not be empty."""
+    load_auth(loaded.settings)
+    worker_list(loaded.settings)
+
+
+def reloader(args: argparse.Namespace, service: RouterService, admission: Admission,
+             discovery: Discovery) -> Reloader:
+    async def apply(old: Loaded, new: Loaded) -> None:
+        settings: RouterSettings = new.settings
+        service.auth = load_auth(settings)
+        a = settings.admission
+        admission.resize(a.max_running_runs, a.max_queued_runs, a.max_runs_per_client)
+        workers = worker_list(settings)
+        if workers != discovery.specs:
+            discovery.specs = workers
+            await discovery.refresh()
+            discovery.start()
+
+    return Reloader(args.configured, apply, check=check_reload,
+                    watched=lambda loaded: [p for p in [loaded.settings.auth.auth_file] if p is not None])
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -95,9 +135,12 @@ async def serve(args: argparse.Namespace) -> None:
         interceptors=(RefuseUndecodable(),))
     await served.set_serving(True)
     log.info("serving", port=served.port, workers=args.worker_list, pid=os.getpid())
+    reloads = reloader(args, service, admission, discovery)
+    reloads.start()
     try:
         await run_until_signalled(served, args.drain_seconds)
     finally:
+        await reloads.close()
         await discovery.close()
         await pool.close()
 
@@ -105,6 +148,7 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging("router")
+    log_settings(args.configured.loaded, log)
     configure_tracing("router")
     metrics_port = configure_metrics("router", args.metrics_port, args.metrics_host)
     if metrics_port:

@@ -56,6 +56,8 @@ class Discovery:
 
     def resolve_all(self) -> set[str]:
         addresses: set[str] = set()
+        for gone in set(self._last) - set(self.specs):    # an entry a settings reload removed
+            del self._last[gone]
         for spec in self.specs:
             try:
                 found = resolve(spec)
@@ -72,7 +74,8 @@ class Discovery:
         self.pool.update(addresses)
 
     def start(self) -> None:
-        if any(is_dynamic(s) for s in self.specs):
+        """Re-resolve dns: and file: entries periodically (a no-op if none, or if already doing so)."""
+        if self._task is None and any(is_dynamic(s) for s in self.specs):
             self._task = asyncio.create_task(self._loop())
 
     async def _loop(self) -> None:
