@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 
 import structlog
 import uvicorn
 
 from gateway.app import Gateway, build
+from gateway.settings import GatewaySettings
 from trellis_client import AsyncClient
 from trellis_rpc import tls
 from trellis_rpc.logs import configure_logging
 from trellis_rpc.telemetry import add_metrics_args, configure_metrics, configure_tracing, shutdown_telemetry
+from trellis_settings import configure
+from trellis_settings.parser import log_settings
 
 log = structlog.get_logger("gateway")
 
@@ -30,25 +32,21 @@ log = structlog.get_logger("gateway")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m gateway", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--router", default=os.environ.get("TRELLIS_ROUTER", "127.0.0.1:50051"),
-                   help="the router's host:port (env TRELLIS_ROUTER)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080, help="0 picks a free port (printed in the 'serving' line)")
-    p.add_argument("--max-choices", type=int, default=16, help="largest n (times prompts) of one request")
-    p.add_argument("--request-seconds", type=float, default=0.0,
-                   help="deadline of a request's runs on the router (0: none of the gateway's own)")
-    p.add_argument("--drain-seconds", type=float, default=30.0, help="grace period for open requests on SIGTERM")
-    p.add_argument("--keep-alive-seconds", type=float, default=75.0,
-                   help="how long an idle client connection stays open; keep it above the idle timeout of any load "
-                        "balancer in front (60 s on common ones), or a reused connection may be closed under it")
+    p.add_argument("--router", help="the router's host:port (env TRELLIS_ROUTER)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--max-choices", type=int)
+    p.add_argument("--request-seconds", type=float)
+    p.add_argument("--drain-seconds", type=float)
+    p.add_argument("--keep-alive-seconds", type=float)
     add_metrics_args(p)
     tls.add_server_args(p)
     tls.add_client_args(p, "router-", "the router")
-    args = p.parse_args(argv)
+    configured = configure(p, GatewaySettings, "gateway", argv)    # defaults, bounds and help: gateway/settings.py
+    args = configured.args
+    args.configured = configured
     tls.server_tls(args, p)           # the same refusals as every Trellis server (half TLS, plaintext off loopback)
     args.router_tls = tls.client_tls(args, p, "router-")
-    if args.max_choices < 1:
-        p.error(f"--max-choices: must be >= 1, got {args.max_choices}")
     return args
 
 
@@ -88,6 +86,7 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging("gateway")
+    log_settings(args.configured.loaded, log)
     configure_tracing("gateway")
     configure_metrics("gateway", args.metrics_port, args.metrics_host)
     try:

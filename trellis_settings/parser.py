@@ -87,8 +87,7 @@ def _toml(value: Any) -> str:
 
 def render(loaded: Loaded) -> str:
     """The effective settings as a TOML file (it loads back), each value's source in a comment."""
-    lines = [f"# Effective settings of {loaded.process}: flags > environment > file > defaults; secrets masked.",
-             ""]
+    lines = [f"# Effective settings of {loaded.process}: flags > environment > file > defaults; secrets masked."]
     table = None
     for dotted, value in flat(loaded.settings).items():
         section, _, key = dotted.rpartition(".")
