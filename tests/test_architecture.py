@@ -37,6 +37,10 @@ FORBIDDEN = {
                 "transformers"},
     "client": {"router", "controllers", "worker_runtime", "torch_engine", *WORKERS, "gateway", "torch",
                "transformers"},
+    # Settings for every process: it knows their models only by name (trellis_settings.reference imports
+    # `<process>.settings` by string), never the processes themselves.
+    "trellis_settings": {"router", "controllers", "worker_runtime", "torch_engine", *WORKERS, *CLIENTS, "torch",
+                         "transformers", "grpc", "trellis_rpc"},
 }
 
 

@@ -131,7 +131,8 @@ def _explain(err: ValidationError, process: str, sources: Mapping[str, str]) -> 
         template = _MESSAGES.get(e["type"])
         message = template.format(**e.get("ctx", {})) if template else e["msg"][0].lower() + e["msg"][1:]
         source = sources.get(path, "")
-        lines.append(f"{path}: {message}, got {e['input']!r}" + (f" (from {source})" if source else ""))
+        got = e["input"] if source.startswith("env") else repr(e["input"])   # the environment's text as written
+        lines.append(f"{path}: {message}, got {got}" + (f" (from {source})" if source else ""))
     return "\n".join(lines)
 
 
