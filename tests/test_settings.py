@@ -18,7 +18,7 @@ import pytest
 from client.launcher import start_router
 from router.cli import parse_args as router_args
 from router.settings import RouterSettings
-from trellis_settings.layers import PROCESSES, SettingsError, load
+from trellis_settings.layers import PROCESSES, load
 from trellis_settings.parser import render
 from trellis_settings.reference import DOC, model_of, rewritten
 
