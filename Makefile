@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TRELLIS_CACHE ?= $(CURDIR)/.cache/trellis
 
-.PHONY: setup demo test test-fast test-llamacpp llamacpp lint protos clean
+.PHONY: setup demo test test-fast test-llamacpp llamacpp lint protos config-docs clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,10 @@ lint: setup
 
 protos: setup
 	$(PY) -m trellis_rpc.codegen
+
+# docs/CONFIGURATION.md's reference, from the settings models (tests/test_settings.py fails when it is stale)
+config-docs: setup
+	$(PY) -m trellis_settings.reference
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
