@@ -4,6 +4,7 @@
     trellis up --cpu-workers 2 --metrics 9464       # Prometheus endpoints on 9464 (router), 9465, 9466
     trellis up --gateway-port 8080                  # also the OpenAI-compatible gateway: http://127.0.0.1:8080/v1
     trellis up --model ./my-hf-model --worker-arg=--dtype=float32 --router-arg=--routing=round_robin
+    trellis up --config trellis.toml                # every process's settings from one file (docs/CONFIGURATION.md)
 
 Discovery works as in Kubernetes (deploy/k8s): the router is given `--workers file:PATH` and re-reads
 that file every `--discovery-interval` seconds; a worker's address is written there once the worker
@@ -14,6 +15,14 @@ when its process exits.
 gateway, on 127.0.0.1:PORT as a client of the router, once the router serves; it is up when its GET /health
 answers 200 (what its readiness probe asks in Kubernetes). With --metrics it serves Prometheus metrics on
 the port after the last worker's.
+
+--config FILE passes `--config FILE` to the router, every worker and the gateway: each reads its own table
+([router.*], [worker_cpu.*], [gateway.*]) as it would in Kubernetes. What `up` itself decides stays a flag,
+and flags win over the file: every host (loopback) and port (metrics too: none without --metrics), the
+discovery file and its re-read interval, --model, --threads, the worker ids and --drain-seconds. Everything
+else (admission limits, routing, the gateway's max_choices, the workers' engine sizes, ...) comes from the file;
+--router-arg/--worker-arg/--gateway-arg still win over both. The router reloads its admission limits (and auth
+file) when the file changes, as it does in the cluster; its worker list stays the discovery file.
 
 Ctrl-C (or SIGTERM) stops the gateway first (it drains its open requests), then drains the router, then
 the workers, and waits for all of them to exit.
@@ -29,6 +38,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -88,6 +98,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="extra argument for the router, repeatable: --router-arg=--routing=round_robin")
     p.add_argument("--gateway-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for the gateway, repeatable: --gateway-arg=--max-choices=32")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="settings file (TOML) for the router, the workers and the gateway, each reading its own table; "
+                        "the hosts, ports, discovery, --model, --threads and --drain-seconds `up` sets win over it")
     p.add_argument("--log-dir", type=Path, help="where the processes' logs go (default: a new temporary directory)")
     p.add_argument("--startup-timeout", type=float, default=600.0,
                    help="seconds a worker may take to load its model (the first start on the bundled model "
@@ -120,26 +133,28 @@ def metrics_port(first: int | None, index: int) -> int:
     return first + index if first else free_port()
 
 
-def worker_args(args: argparse.Namespace, index: int, metrics: int) -> list[str]:
-    own = ["--worker-id", f"worker-{index}", "--threads", str(threads_per_worker(args.threads, args.cpu_workers)),
-           "--drain-seconds", str(args.drain_seconds)]
+def common_args(args: argparse.Namespace, metrics: int) -> list[str]:
+    """What every process gets from `up`: the settings file, loopback, and the metrics port `up` chose (0: none,
+    whatever the file says, or N workers reading one file would all take the same port)."""
+    own = ["--config", str(args.config)] if args.config else []
+    own += ["--host", "127.0.0.1", "--drain-seconds", str(args.drain_seconds), "--metrics-port", str(metrics)]
     if metrics:
-        own += ["--metrics-port", str(metrics), "--metrics-host", "127.0.0.1"]
-    return own + args.worker_arg  # the user's come last: argparse keeps the last value given
+        own += ["--metrics-host", "127.0.0.1"]
+    return own
+
+
+def worker_args(args: argparse.Namespace, index: int, metrics: int) -> list[str]:
+    own = ["--worker-id", f"worker-{index}", "--threads", str(threads_per_worker(args.threads, args.cpu_workers))]
+    return common_args(args, metrics) + own + args.worker_arg  # the user's come last: argparse keeps the last given
 
 
 def router_args(args: argparse.Namespace, metrics: int) -> list[str]:
-    own = ["--discovery-interval", str(args.discovery_interval), "--drain-seconds", str(args.drain_seconds)]
-    if metrics:
-        own += ["--metrics-port", str(metrics), "--metrics-host", "127.0.0.1"]
-    return own + args.router_arg
+    own = ["--discovery-interval", str(args.discovery_interval)]
+    return common_args(args, metrics) + own + args.router_arg
 
 
 def gateway_args(args: argparse.Namespace, metrics: int) -> list[str]:
-    own = ["--drain-seconds", str(args.drain_seconds)]
-    if metrics:
-        own += ["--metrics-port", str(metrics), "--metrics-host", "127.0.0.1"]
-    return own + args.gateway_arg
+    return common_args(args, metrics) + args.gateway_arg
 
 
 def gateway_url(gateway: Process) -> str:
@@ -202,8 +217,9 @@ def start(args: argparse.Namespace, stack: Stack, log_dir: Path, router_port: in
     midway stops what ran."""
     threads = threads_per_worker(args.threads, args.cpu_workers)
     gateway = " + gateway" if args.gateway_port else ""
+    settings = f"; settings from {args.config}" if args.config else ""
     say(f"trellis up: router{gateway} + {args.cpu_workers} CPU worker(s), model {args.model}, {threads} torch "
-        f"thread(s) each; logs in {log_dir}")
+        f"thread(s) each{settings}; logs in {log_dir}")
     for i in range(1, args.cpu_workers + 1):
         port = metrics_port(args.metrics, i)
         worker = start_worker(args.model, log_dir, extra=worker_args(args, i, port), name=f"worker-{i}")
@@ -328,6 +344,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.gateway_port and not port_is_free(args.gateway_port):
         say(f"trellis up: port {args.gateway_port} is in use; choose another with --gateway-port")
         return 2
+    if args.config:
+        # Each process checks its own table (and exits naming a bad setting); this catches only what would make
+        # every one of them fail the same way, before anything starts.
+        try:
+            tomllib.loads(args.config.read_text())
+        except OSError as err:
+            say(f"trellis up: --config: cannot read {args.config}: {err.strerror or err}")
+            return 2
+        except tomllib.TOMLDecodeError as err:
+            say(f"trellis up: --config: {args.config} is not valid TOML: {err}")
+            return 2
+        args.config = args.config.resolve()
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="trellis-up-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     stack = Stack(listing=log_dir / "workers")

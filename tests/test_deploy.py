@@ -1,9 +1,12 @@
 """deploy/: the Kustomize manifests render, validate strictly against Kubernetes' schemas, and agree with
-the programs they run (ports, CLI flags, environment, health service names and HTTP health paths, discovery,
+the programs they run (ports, settings, environment, health service names and HTTP health paths, discovery,
 the gateway's router, drain); the Dockerfiles install what each process imports and run as non-root.
 
 Every manifest fact is read from `kubectl kustomize` output, never from the source YAML, so patches,
-generators and components are accounted for.
+generators and components are accounted for. The processes' settings come from trellis.toml in the
+trellis-config ConfigMap, mounted in every pod: a container's args are parsed by the program's own CLI with the
+rendered ConfigMap's files standing in at their mount paths, so every check is made against the EFFECTIVE
+settings (file, environment and flags together), as the pod would run with them.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import importlib.metadata
 import importlib.util
 import io
 import os
+import posixpath
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,6 +60,10 @@ RENDERS = [*TARGETS, *(f"{name}+otel" for name in TARGETS), "cpu-only+worker-ope
 ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
 WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
 HPA_QUEUE_METRIC = "trellis_worker_queue_depth"
+# The settings file: the generated ConfigMap (a hash suffix on its name) and where every container finds it.
+CONFIG_MAP = "trellis-config"
+CONFIG_KEY = "trellis.toml"
+CONFIG_PATH = "/etc/trellis/trellis.toml"
 
 
 @dataclass(frozen=True)
@@ -69,15 +78,17 @@ class Program:
 
 PROGRAMS = {
     "trellis/router": Program("router", "router.Dockerfile", ROUTER_SERVICE,
-                              ("router", "trellis_rpc", "controllers"), False),
-    "trellis/gateway": Program("gateway", "gateway.Dockerfile", "", ("gateway", "trellis_client", "trellis_rpc"),
-                               False, "http"),
+                              ("router", "trellis_rpc", "trellis_settings", "controllers"), False),
+    "trellis/gateway": Program("gateway", "gateway.Dockerfile", "",
+                               ("gateway", "trellis_client", "trellis_rpc", "trellis_settings"), False, "http"),
     "trellis/worker-cpu": Program("worker_cpu", "worker-cpu.Dockerfile", WORKER_SERVICE,
-                                  ("worker_cpu", "torch_engine", "worker_runtime", "trellis_rpc"), True),
+                                  ("worker_cpu", "torch_engine", "worker_runtime", "trellis_rpc", "trellis_settings"),
+                                  True),
     "trellis/worker-gpu": Program("worker_gpu", "worker-gpu.Dockerfile", WORKER_SERVICE,
-                                  ("worker_gpu", "torch_engine", "worker_runtime", "trellis_rpc"), True),
+                                  ("worker_gpu", "torch_engine", "worker_runtime", "trellis_rpc", "trellis_settings"),
+                                  True),
     "trellis/worker-openai": Program("worker_openai", "worker-openai.Dockerfile", WORKER_SERVICE,
-                                     ("worker_openai", "worker_runtime", "trellis_rpc"), True),
+                                     ("worker_openai", "worker_runtime", "trellis_rpc", "trellis_settings"), True),
 }
 # Which Trellis Deployments each target must have, and what each component adds.
 EXPECTED_DEPLOYMENTS = {"base": {"router", "gateway", "worker-cpu", "worker-gpu"},
@@ -218,9 +229,96 @@ def args_of(objects: list[dict], w: Workload) -> list[str]:
     return args
 
 
+@functools.cache
+def mounts_root() -> Path:
+    """Where the ConfigMaps' files are written for the parsers to read (removed when the tests end)."""
+    import atexit
+
+    root = Path(tempfile.mkdtemp(prefix="trellis-deploy-"))
+    atexit.register(shutil.rmtree, root, True)
+    return root
+
+
+def config_map_mounts(objects: list[dict], w: Workload) -> dict[str, dict[str, str]]:
+    """The ConfigMap volumes the container mounts: mountPath -> {file name in it: content}, as the kubelet lays
+    them out (a volume's items, else every key; a subPath mount is the one file, named "")."""
+    volumes = {v["name"]: v for v in pod_spec(w.deployment).get("volumes") or []}
+    out: dict[str, dict[str, str]] = {}
+    for mount in w.container.get("volumeMounts") or []:
+        source = (volumes.get(mount["name"]) or {}).get("configMap")
+        if source is None:
+            continue
+        cm = by_name(objects, "ConfigMap", source["name"])
+        assert cm is not None, f"{w.name}: volume {mount['name']} names a ConfigMap that is not rendered"
+        data = cm.get("data") or {}
+        missing = [i["key"] for i in source.get("items") or [] if i["key"] not in data]
+        assert not missing, f"{w.name}: ConfigMap {source['name']} has no keys {missing}"
+        files = {i["path"]: data[i["key"]] for i in source["items"]} if source.get("items") else dict(data)
+        if mount.get("subPath"):
+            files = {"": files[mount["subPath"]]}
+        out[mount["mountPath"].rstrip("/")] = files
+    return out
+
+
+def materialized(objects: list[dict], w: Workload) -> dict[str, Path]:
+    """The container's ConfigMap mounts written out here: mount path in the pod -> the path here."""
+    out = {}
+    for inside, files in config_map_mounts(objects, w).items():
+        here = Path(tempfile.mkdtemp(dir=mounts_root()))
+        for name, content in files.items():
+            target = here / (name or posixpath.basename(inside))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(content)
+        out[inside] = here if "" not in files else here / posixpath.basename(inside)
+    return out
+
+
+def localized(value: str, mounts: dict[str, Path]) -> str:
+    """A path in the pod (or --flag=PATH) as the path here where its mount was materialized."""
+    flag, eq, path = value.partition("=") if value.startswith("--") else ("", "", value)
+    for inside in sorted(mounts, key=len, reverse=True):
+        if path == inside or path.startswith(inside + "/"):
+            return f"{flag}{eq}{mounts[inside]}{path[len(inside):]}"
+    return value
+
+
+def container_config(objects: list[dict], w: Workload) -> tuple[str, str] | None:
+    """The settings file the container runs with (--config, else TRELLIS_CONFIG): its path in the pod and the
+    content its ConfigMap mount gives it there; None when it passes none."""
+    args = args_of(objects, w)
+    path = next((a.partition("=")[2] for a in args if a.startswith("--config=")), None)
+    if path is None and "--config" in args:
+        path = args[args.index("--config") + 1]
+    path = path or container_env(objects, w.container).get("TRELLIS_CONFIG")
+    if path is None:
+        return None
+    for inside, files in config_map_mounts(objects, w).items():
+        if path == inside and "" in files:
+            return path, files[""]
+        if posixpath.dirname(path) == inside and posixpath.basename(path) in files:
+            return path, files[posixpath.basename(path)]
+    pytest.fail(f"{w.name}: its settings file {path} is in no ConfigMap it mounts")
+
+
+def config_text(objects: list[dict]) -> str:
+    """The settings file a render ships: the trellis-config ConfigMap's (the generator's hashed name)."""
+    maps = [cm for cm in of_kind(objects, "ConfigMap") if cm["metadata"]["name"].startswith(CONFIG_MAP + "-")]
+    assert len(maps) == 1, f"one generated {CONFIG_MAP} ConfigMap, not {[m['metadata']['name'] for m in maps]}"
+    return maps[0]["data"][CONFIG_KEY]
+
+
+def settings_model(module: str):
+    """The program's settings model (<module>/settings.py), or None for a program not on trellis_settings."""
+    from trellis_settings.reference import model_of
+
+    return model_of(module)
+
+
 def parse(objects: list[dict], w: Workload, monkeypatch: pytest.MonkeyPatch):
     """The container's args through the program's own parser, under the container's environment (some
-    defaults come from it, e.g. TRELLIS_WORKERS, TRELLIS_METRICS_PORT)."""
+    settings come from it, e.g. TRELLIS_<PROCESS>__... variables) and with the ConfigMaps it mounts readable at
+    their paths (written out here, and the paths in args and environment pointed there): the settings the pod
+    runs with, whatever layer each comes from. args.configured.loaded.sources says which."""
     try:
         cli = importlib.import_module(f"{w.program.module}.cli")
     except ImportError as err:
@@ -228,15 +326,17 @@ def parse(objects: list[dict], w: Workload, monkeypatch: pytest.MonkeyPatch):
     for name in list(os.environ):
         if name.startswith(("TRELLIS_", "OTEL_")):
             monkeypatch.delenv(name)
+    mounts = materialized(objects, w)
     for name, value in container_env(objects, w.container).items():
-        monkeypatch.setenv(name, value)
+        monkeypatch.setenv(name, localized(value, mounts))
     args = args_of(objects, w)
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
-            return cli.parse_args(args)
+            return cli.parse_args([localized(a, mounts) for a in args])
     except SystemExit:
-        pytest.fail(f"{w.name}: `python -m {w.program.module} {' '.join(args)}` is rejected:\n{stderr.getvalue()}")
+        pytest.fail(f"{w.name}: `python -m {w.program.module} {' '.join(args)}` is rejected (with the rendered "
+                    f"ConfigMaps at their mount paths):\n{stderr.getvalue()}")
 
 
 def workload_cases() -> list[tuple[str, str]]:
@@ -326,6 +426,117 @@ def test_args_parse_with_the_programs_cli(renders, render, name, monkeypatch):
     args = parse(renders[render], workload(renders, render, name), monkeypatch)
     assert args.host not in ("127.0.0.1", "localhost"), "listening on loopback: no other pod could connect"
     assert args.metrics_host not in ("127.0.0.1", "localhost")
+
+
+# ------------------------------------------------------------------------------ settings: the ConfigMap
+
+# What an overlay's own trellis.toml changes from the base's (it replaces the base's file as a whole):
+# process -> setting -> value. Every other setting of every process whose table it holds must be the base's.
+OVERLAY_CHANGES: dict[str, dict[str, dict[str, object]]] = {
+    "cpu-only": {"worker_cpu": {"engine.threads": 2, "engine.kv_cache_tokens": 4096}},
+    "gpu": {},
+    "openai": {"worker_openai": {"upstream.model": "Qwen/Qwen2.5-7B-Instruct"}},
+}
+
+
+def effective(model, process: str, text: str, where: Path):
+    """The settings a process loads from this file alone (no flags, no environment)."""
+    from trellis_settings import SettingsError, load
+
+    where.write_text(text)
+    try:
+        return load(model, process, env={}, config=where)
+    except SettingsError as err:
+        pytest.fail(f"{process} refuses the file:\n{err}")
+
+
+@pytest.mark.parametrize(("render", "name"), workload_cases())
+def test_container_takes_its_settings_from_the_mounted_config_map(renders, render, name, monkeypatch):
+    objects = renders[render]
+    w = workload(renders, render, name)
+    if settings_model(w.program.module) is None:
+        pytest.skip(f"{w.program.module} has no settings model (<module>/settings.py): its settings are flags")
+    assert w.container.get("args") == [f"--config={CONFIG_PATH}"], \
+        "every setting belongs in trellis.toml: the args pass the file and nothing else"
+    mounts = [m for m in w.container.get("volumeMounts") or [] if m["mountPath"] == posixpath.dirname(CONFIG_PATH)]
+    assert len(mounts) == 1, f"nothing is mounted at {posixpath.dirname(CONFIG_PATH)}"
+    mount = mounts[0]
+    assert mount.get("readOnly") is True
+    # The kubelet updates a ConfigMap volume in place, never a subPath mount: the router's reload of its worker
+    # list, admission limits and auth file on a changed file depends on it.
+    assert not mount.get("subPath") and not mount.get("subPathExpr"), "a subPath mount is never updated"
+    volume = next(v for v in pod_spec(w.deployment)["volumes"] if v["name"] == mount["name"])
+    source = volume.get("configMap")
+    assert source, f"volume {mount['name']} is not a ConfigMap"
+    # The generator's name, with the hash of the content: a changed file rolls the pods.
+    assert re.fullmatch(rf"{CONFIG_MAP}-[a-z0-9]+", source["name"]) and by_name(objects, "ConfigMap", source["name"])
+    found = container_config(objects, w)
+    assert found is not None and found[0] == CONFIG_PATH and found[1] == config_text(objects)
+    # What the process runs with comes from the file (or its defaults), none from flags or the environment;
+    # but a secret (worker_openai's upstream API key), which comes from a Secret by the environment.
+    from trellis_settings.fields import extra
+    from trellis_settings.layers import leaves
+
+    loaded = parse(objects, w, monkeypatch).configured.loaded
+    assert loaded.config is not None and loaded.config.name == posixpath.basename(CONFIG_PATH)
+    secrets = {".".join((w.program.module, *path)) for path, info in leaves(type(loaded.settings)).items()
+               if extra(info).get("secret")}
+    from_secrets = {v["name"] for v in w.container.get("env") or [] if "secretKeyRef" in (v.get("valueFrom") or {})}
+    elsewhere = {k: v for k, v in loaded.sources.items() if v != "default" and not v.startswith("file ")
+                 and not (k in secrets and v.startswith("env ") and v.split()[1] in from_secrets)}
+    assert not elsewhere, f"settings not from the file: {elsewhere}"
+    assert f"{w.program.module}.server.port" in {k for k, v in loaded.sources.items() if v.startswith("file ")}, \
+        "the port the manifest's containerPort and probes name is said in the file"
+
+
+@pytest.mark.parametrize("render", RENDERS)
+def test_config_file_loads_for_every_process_that_mounts_it(renders, render, tmp_path):
+    objects = renders[render]
+    text = config_text(objects)
+    tables = tomllib.loads(text)
+    mounted = 0
+    for w in workloads(objects):
+        model = settings_model(w.program.module)
+        if model is None or container_config(objects, w) is None:
+            continue
+        mounted += 1
+        assert w.program.module in tables, f"{w.name}: the file has no [{w.program.module}] table"
+        loaded = effective(model, w.program.module, text, tmp_path / f"{w.name}.toml")
+        if w.program.module == "router":
+            # What a running router checks before it applies a reloaded file (its auth file parses, its
+            # worker list is not empty): a file the router would refuse on reload is refused here too.
+            from router.cli import check_reload
+
+            check_reload(loaded)
+    assert mounted, "no process mounts the settings file"
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAY_CHANGES))
+def test_an_overlays_settings_are_the_bases_but_for_what_it_changes(renders, overlay, tmp_path, monkeypatch):
+    from trellis_settings.layers import flat
+
+    assert {t for t in TARGETS if t != "base"} == set(OVERLAY_CHANGES)
+    objects, base = renders[overlay], config_text(renders["base"])
+    text = config_text(objects)
+    changes = OVERLAY_CHANGES[overlay]
+    assert (text == base) == (not changes), "an overlay that changes no setting ships the base's file"
+    for process in tomllib.loads(text):
+        model = settings_model(process)
+        if model is None:
+            continue
+        mine = flat(effective(model, process, text, tmp_path / "overlay.toml").settings)
+        theirs = flat(effective(model, process, base, tmp_path / "base.toml").settings)
+        for key, value in changes.get(process, {}).items():
+            assert theirs[key] != value, f"{process}.{key}: {value} is the base's already"
+            theirs[key] = value
+        assert mine == theirs, f"{overlay}'s {process} settings drifted from the base's: " + ", ".join(
+            f"{k} = {mine[k]!r} (base {theirs[k]!r})" for k in mine if mine[k] != theirs[k])
+    # And the processes run with them: the effective settings, from the file.
+    for w in workloads(objects):
+        for key, value in changes.get(w.program.module, {}).items():
+            loaded = parse(objects, w, monkeypatch).configured.loaded
+            assert flat(loaded.settings)[key] == value
+            assert loaded.sources[f"{w.program.module}.{key}"].startswith("file "), loaded.sources
 
 
 @pytest.mark.parametrize(("render", "name"), workload_cases())
@@ -562,7 +773,7 @@ def test_gateway_dials_the_routers_service_and_is_served_by_its_own(renders, ren
 
 
 @pytest.mark.parametrize("render", RENDERS)
-def test_router_discovers_each_worker_pool_through_its_headless_service(renders, render, monkeypatch):
+def test_router_discovers_every_worker_pool_through_a_headless_service(renders, render, monkeypatch):
     objects = renders[render]
     entries = parse(objects, router_workload(objects), monkeypatch).worker_list
     pools = {w.name: w for w in workloads(objects) if w.program.is_worker}
@@ -572,7 +783,7 @@ def test_router_discovers_each_worker_pool_through_its_headless_service(renders,
         assert match, f"{entry}: the cluster discovers workers through DNS (dns:NAME:PORT)"
         host, port = match.group(1), int(match.group(2))
         labels = host.split(".")
-        # namespace-relative (worker-cpu), or qualified: worker-cpu.trellis[.svc[.cluster.local]]
+        # namespace-relative (workers), or qualified: workers.trellis[.svc[.cluster.local]]
         assert len(labels) == 1 or labels[1] == NAMESPACE, f"{entry}: another namespace"
         service = by_name(objects, "Service", labels[0])
         assert service is not None, f"{entry}: no Service {labels[0]} is rendered"
@@ -580,12 +791,17 @@ def test_router_discovers_each_worker_pool_through_its_headless_service(renders,
         assert not service["spec"].get("publishNotReadyAddresses"), "loading or draining pods would be discovered"
         ports = {p["port"]: p.get("targetPort", p["port"]) for p in service["spec"]["ports"]}
         assert port in ports, f"{entry}: Service {labels[0]} has ports {sorted(ports)}"
-        selected = [w for w in pools.values()
+        selected = [w for w in workloads(objects)
                     if selector_matches({"matchLabels": service["spec"]["selector"]}, pod_labels(w.deployment))]
-        assert len(selected) == 1, f"{entry}: the Service selects {[w.name for w in selected]}"
-        pool = selected[0]
-        assert parse(objects, pool, monkeypatch).port == ports[port] == port_named(pool.container, "grpc")
-        reached.add(pool.name)
+        assert selected, f"{entry}: Service {labels[0]} selects no pods"
+        strangers = [w.name for w in selected if not w.program.is_worker]
+        assert not strangers, f"{entry}: Service {labels[0]} also selects {strangers}, which are no workers"
+        # One Service may front several pools (each pool's pods join it by label): each serves the port.
+        for pool in selected:
+            served = parse(objects, pool, monkeypatch).port
+            assert served == container_port(pool.container, ports[port]) == port_named(pool.container, "grpc"), \
+                f"{entry}: {pool.name} serves gRPC on {served}"
+            reached.add(pool.name)
     assert reached == set(pools), f"worker pools the router never discovers: {set(pools) - reached}"
 
 
@@ -831,6 +1047,12 @@ def test_requirements_helper_leaves_out_what_each_image_asks():
     assert {"starlette", "uvicorn", "httptools", "grpcio"} <= kept and not (helper.ML_PACKAGES | {"httpx"}) & kept
     with pytest.raises(ValueError, match="troch"):
         helper.requirements(str(ROOT / "pyproject.toml"), frozenset({"troch"}))
+    # Every process's settings model is pydantic (trellis_settings): every image installs it, none may leave it out.
+    for program in PROGRAMS.values():
+        flags = requirements_flags((DOCKER / program.dockerfile).read_text())
+        assert "pydantic" in {helper.package_name(p) for p in pins(*flags)}, f"{program.dockerfile} leaves out pydantic"
+    with pytest.raises(ValueError, match="pydantic"):
+        helper.requirements(str(ROOT / "pyproject.toml"), frozenset({"pydantic"}))
 
 
 @pytest.mark.parametrize("dockerfile", sorted(p.dockerfile for p in PROGRAMS.values()))

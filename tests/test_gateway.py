@@ -3,6 +3,8 @@ and raw HTTP read by an independent SSE parser, against real gateway, router and
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import threading
@@ -15,6 +17,7 @@ import pytest
 from client.launcher import start_gateway, start_router
 from tests.helpers import eventually
 from tests.test_client_library import LONG, QUESTION, VOTE, idle, occupy, worker_load
+from tests.test_observability import scrape, total
 from trellis_client import Client
 
 MESSAGES = [{"role": "user", "content": QUESTION}]
@@ -238,27 +241,43 @@ def test_no_worker_is_503(logs):
                 proc.stop()
 
 
+def cancelled_tasks(stack: dict) -> float:
+    return total(scrape(stack["worker_metrics"]), "trellis_worker_tasks_total", kind="generate", code="CANCELLED")
+
+
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_disconnect_cancels_the_run(gateway, client_stack, stream):
+    """The client leaves while its run is on the worker: the worker's task ends CANCELLED and its KV is freed."""
     body = {"model": "majority_vote", "messages": MESSAGES, "stream": stream, **LONG,
             "trellis": {"params": {"n": 16}}}
     url = f"http://{gateway.address}/v1/chat/completions"
-    if stream:
-        with httpx.stream("POST", url, json=body, timeout=30) as response:
-            lines = 0
-            for line in response.iter_lines():
-                lines += line.startswith("data:")
-                if lines >= 10:
-                    busy_seen = worker_load(client_stack)
+    before = cancelled_tasks(client_stack)
+
+    async def leave_while_busy() -> tuple[float, float]:
+        async with httpx.AsyncClient(timeout=60) as http:
+            async def request():
+                if not stream:
+                    return await http.post(url, json=body)
+                async with http.stream("POST", url, json=body) as response:
+                    async for _ in response.aiter_lines():
+                        pass
+
+            task = asyncio.create_task(request())
+            for _ in range(3000):       # until the worker holds the run's KV
+                busy = worker_load(client_stack)
+                if busy[0] > 0:
                     break
-        assert lines >= 10
-    else:
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(url, json=body, timeout=httpx.Timeout(30, read=0.4))
-        busy_seen = worker_load(client_stack)
-    assert busy_seen[0] > 0, "the run should still have been going when the client left"
-    eventually(lambda: idle(client_stack), timeout_s=5)
-    assert idle(client_stack), f"the worker still holds the run's KV ({busy_seen} right after the disconnect)"
+                await asyncio.sleep(0.005)
+            task.cancel()               # closes the connection: the client is gone
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return busy
+
+    busy_seen = asyncio.run(leave_while_busy())
+    assert busy_seen[0] > 0, "the run never reached the worker"
+    eventually(lambda: cancelled_tasks(client_stack) > before and idle(client_stack), timeout_s=5)
+    assert cancelled_tasks(client_stack) == before + 1
+    assert idle(client_stack), "the worker still holds the run's KV"
 
 
 def test_sse_wire_format_read_by_an_independent_parser(gateway):

@@ -164,6 +164,8 @@ def test_client_library_and_gateway_over_mutual_tls(secured, pki, logs):
     from trellis_rpc.tls import ClientTLS
 
     worker, router = secured
+    with tls_channel(pki, worker.address, "router-client") as channel:
+        wait_serving(channel, WORKER_SERVICE, worker)
     with tls_channel(pki, router.address, "router-client") as channel:
         wait_serving(channel, ROUTER_SERVICE, router)
     tls = ClientTLS(pki / "ca.pem", pki / "router-client.pem", pki / "router-client.key")

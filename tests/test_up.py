@@ -1,10 +1,12 @@
 """`trellis up`: a router and two CPU workers as local processes, the workers found through a re-read
 discovery file as the cluster finds them through DNS, and the OpenAI-compatible gateway in front; one run
 through the router, both workers take work, a chat completion comes back through the gateway, the workers'
-metrics carry the gauge the GPU autoscaler uses, and Ctrl-C stops every process (the gateway first) in time."""
+metrics carry the gauge the GPU autoscaler uses, every process takes its settings from one --config file (where
+`up`'s own flags do not win), and Ctrl-C stops every process (the gateway first) in time."""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -65,6 +67,39 @@ def alive(pid: int) -> bool:
     return True
 
 
+# One file for every process `up` starts: each reads its own table. The router's port and discovery interval are
+# flags `up` sets, which win over the file (port 1 would not even bind).
+SETTINGS = """
+[router.server]
+port = 1
+
+[router.discovery]
+discovery_interval = 30
+
+[router.admission]
+max_queued_runs = 7
+
+[gateway.requests]
+max_choices = 3
+
+[worker_cpu.engine]
+max_n = 32
+"""
+
+
+def logged_settings(log: Path) -> dict:
+    """The process's 'settings' log line (JSON): every effective setting, and the source of each not left at its
+    default."""
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "settings":
+            return event
+    raise AssertionError(f"no settings line in {log}")
+
+
 def served_by(stub: router_pb2_grpc.RouterStub) -> str:
     reply = stub.Generate(router_pb2.GenerateRequest(prompt=chat("hi"), sampling=common_pb2.SamplingParams(
         max_tokens=1)), timeout=30)
@@ -73,9 +108,11 @@ def served_by(stub: router_pb2_grpc.RouterStub) -> str:
 
 def test_up_serves_through_both_discovered_workers_and_the_gateway_and_stops_on_ctrl_c(tiny_model, tmp_path):
     port, gateway_port = free_port(), free_port()
+    config = tmp_path / "trellis.toml"
+    config.write_text(SETTINGS)
     cmd = [sys.executable, "-m", "client", "up", "--cpu-workers", "2", "--model", str(tiny_model),
            "--router-port", str(port), "--gateway-port", str(gateway_port), "--threads", "1", "--metrics",
-           "--drain-seconds", str(DRAIN_S),
+           "--drain-seconds", str(DRAIN_S), "--config", str(config),
            "--discovery-interval", "0.5", "--router-arg=--routing=round_robin", "--log-dir", str(tmp_path)]
     up = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -108,6 +145,25 @@ def test_up_serves_through_both_discovered_workers_and_the_gateway_and_stops_on_
         choices = reply.json()["choices"]
         assert len(choices) == 1 and choices[0]["message"]["role"] == "assistant", reply.text
         assert isinstance(choices[0]["message"]["content"], str) and choices[0]["finish_reason"], reply.text
+
+        # The settings file reached every process: the router's admission limit and the gateway's max_choices
+        # from it, the flags `up` sets over it.
+        from_file = f"file {config.resolve()}"
+        router = logged_settings(tmp_path / "router.log")
+        assert router["settings"]["admission.max_queued_runs"] == 7, router
+        assert router["overridden"]["router.admission.max_queued_runs"] == from_file, router
+        assert router["settings"]["server.port"] == port and router["settings"]["discovery.discovery_interval"] == 0.5
+        assert router["overridden"]["router.discovery.discovery_interval"] == "flag --discovery-interval", router
+        for name in ("worker-1", "worker-2"):
+            worker = logged_settings(tmp_path / f"{name}.log")
+            assert worker["settings"]["engine.max_n"] == 32, worker
+            assert worker["overridden"]["worker_cpu.engine.max_n"] == from_file, worker
+        gateway = logged_settings(tmp_path / "gateway.log")
+        assert gateway["overridden"]["gateway.requests.max_choices"] == from_file, gateway
+        refused = httpx.post(f"{gateway_url}/chat/completions", timeout=60, json={
+            "model": "native_generation", "n": 4, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["param"] == "n" and "at most 3" in refused.json()["error"]["message"]
 
         urls = dict(re.findall(r"metrics (worker-\d|gateway)\s+(http://\S+)", out))
         assert set(urls) == {"worker-1", "worker-2", "gateway"}

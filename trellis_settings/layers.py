@@ -177,5 +177,7 @@ def flat(settings: BaseModel, model: type[BaseModel] | None = None, masked: bool
             value = getattr(value, part)
         if masked and extra(info).get("secret") and value:
             value = "***"
+        elif isinstance(value, Path):
+            value = str(value)       # as written, for logs and TOML alike
         out[".".join(path)] = value
     return out

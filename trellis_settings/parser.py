@@ -97,6 +97,8 @@ def render(loaded: Loaded) -> str:
         source = loaded.sources[f"{loaded.process}.{dotted}"]
         if value is None:
             lines.append(f"# {key} = (unset)  # {source}")
+        elif value == "***":       # a secret: shown as set, commented out so the printed file never carries "***"
+            lines.append(f'# {key} = "***"  # {source}; secret, masked')
         else:
             lines.append(f"{key} = {_toml(value)}  # {source}")
     return "\n".join(lines) + "\n"

@@ -19,6 +19,9 @@ from trellis_rpc.logs import configure_logging
 from trellis_rpc.server import start_server
 from trellis_rpc.telemetry import add_metrics_args, shutdown_telemetry
 from trellis_rpc.v1 import worker_pb2, worker_pb2_grpc
+from trellis_settings import configure
+from trellis_settings.parser import log_settings
+from worker_cpu.settings import WorkerCpuSettings
 from worker_runtime.service import WorkerService
 from worker_runtime.telemetry import start_worker_telemetry
 
@@ -63,7 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_metrics_args(p)
     p.add_argument("--drain-seconds", type=float, default=30.0, help="grace period for in-flight work on SIGTERM")
     tls.add_server_args(p)
-    args = p.parse_args(argv)
+    configured = configure(p, WorkerCpuSettings, "worker_cpu", argv)   # defaults, bounds: worker_cpu/settings.py
+    args = configured.args
+    args.configured = configured
     args.tls = tls.server_tls(args, p)
     return args
 
@@ -78,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    log_settings(args.configured.loaded, log)
     quantize = choose_quantize(args.quantize, args.quantize == "auto" and is_quantized_gguf(args.model))
     dtype = choose_dtype(args.dtype, quantized_weights=quantize != "none")
     if dtype.warning:

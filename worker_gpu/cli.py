@@ -20,6 +20,9 @@ from trellis_rpc.logs import configure_logging
 from trellis_rpc.server import run_until_signalled, start_server
 from trellis_rpc.telemetry import add_metrics_args, shutdown_telemetry
 from trellis_rpc.v1 import worker_pb2, worker_pb2_grpc
+from trellis_settings import configure
+from trellis_settings.parser import log_settings
+from worker_gpu.settings import WorkerGpuSettings
 from worker_runtime.service import WorkerService
 from worker_runtime.telemetry import start_worker_telemetry
 
@@ -62,7 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_metrics_args(p)
     p.add_argument("--drain-seconds", type=float, default=30.0, help="grace period for in-flight work on SIGTERM")
     tls.add_server_args(p)
-    args = p.parse_args(argv)
+    configured = configure(p, WorkerGpuSettings, "worker_gpu", argv)   # defaults, bounds: worker_gpu/settings.py
+    args = configured.args
+    args.configured = configured
     args.tls = tls.server_tls(args, p)
     if not 0.0 < args.kv_cache_free_gpu_memory_fraction <= 1.0:
         p.error("--kv-cache-free-gpu-memory-fraction: must be in (0, 1]")
@@ -117,6 +122,7 @@ async def serve(args: argparse.Namespace, worker_id: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging("worker_gpu")
+    log_settings(args.configured.loaded, log)
     if args.engine == "tensorrt-llm" and not trtllm_available():
         print(MISSING_TRTLLM.format(image=TRTLLM_IMAGE), file=sys.stderr)
         raise SystemExit(2)

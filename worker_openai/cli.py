@@ -3,10 +3,11 @@
     python -m worker_openai --base-url http://vllm:8000/v1 --model Qwen/Qwen2.5-7B-Instruct --upstream-kind vllm \\
         --tokenizer /models/Qwen2.5-7B-Instruct --port 50061
 
-The API key comes from --api-key-file or the environment (TRELLIS_UPSTREAM_API_KEY, else OPENAI_API_KEY), never
-from the command line, and is never logged. The worker listens at once, NOT_SERVING until the upstream answers,
-and follows the upstream's health from then on (health.py). An upstream that refuses the key is a configuration
-error: the worker says so and exits 2, rather than failing every request.
+The API key comes from --api-key-file, else the setting upstream.api_key (TRELLIS_WORKER_OPENAI__UPSTREAM__API_KEY,
+TRELLIS_UPSTREAM_API_KEY or the config file), else OPENAI_API_KEY; never from the command line, and it is never
+logged (a secret setting: masked in --print-config and the settings log line). The worker listens at once,
+NOT_SERVING until the upstream answers, and follows the upstream's health from then on (health.py). An upstream
+that refuses the key is a configuration error: the worker says so and exits 2, rather than failing every request.
 """
 
 from __future__ import annotations
@@ -28,10 +29,13 @@ from trellis_rpc.logs import configure_logging
 from trellis_rpc.server import start_server
 from trellis_rpc.telemetry import add_metrics_args, shutdown_telemetry
 from trellis_rpc.v1 import worker_pb2, worker_pb2_grpc
+from trellis_settings import configure
+from trellis_settings.parser import log_settings
 from worker_openai.engine import OpenAIEngine
 from worker_openai.health import REFUSED_KEY, UpstreamHealth
 from worker_openai.sampling_fields import KINDS
 from worker_openai.scoring import ClassifyScorer, VerifierScorer
+from worker_openai.settings import WorkerOpenaiSettings
 from worker_openai.upstream import Upstream, UpstreamConfig
 from worker_runtime.service import WorkerService
 from worker_runtime.telemetry import start_worker_telemetry
@@ -45,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m worker_openai",
                                 description="Trellis worker over an OpenAI-compatible server (vLLM, SGLang, "
                                             "llama.cpp, trtllm-serve, transformers serve, hosted endpoints)")
-    p.add_argument("--base-url", required=True, help="the upstream's API root, e.g. http://vllm:8000/v1")
+    # Not required=True: it may come from the environment or the config file too (checked below).
+    p.add_argument("--base-url", help="the upstream's API root, e.g. http://vllm:8000/v1")
     p.add_argument("--model", default="", help="the upstream's model name (default: the first /models lists)")
     p.add_argument("--served-model-id", default="",
                    help="the model id this worker advertises to routers (default: --model)")
@@ -86,7 +91,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_metrics_args(p)
     p.add_argument("--drain-seconds", type=float, default=30.0, help="grace period for in-flight work on SIGTERM")
     tls.add_server_args(p)
-    args = p.parse_args(argv)
+    configured = configure(p, WorkerOpenaiSettings, "worker_openai", argv)   # defaults: worker_openai/settings.py
+    args = configured.args
+    args.configured = configured
+    if not args.base_url:
+        p.error("worker_openai.upstream.base_url (--base-url): required: the upstream's API root, "
+                "e.g. http://vllm:8000/v1")
     args.tls = tls.server_tls(args, p)
     if args.max_concurrency < 1:
         p.error("--max-concurrency: must be >= 1")
@@ -100,11 +110,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def api_key(args: argparse.Namespace) -> str:
+    """--api-key-file, else the setting upstream.api_key (its variables, the older TRELLIS_UPSTREAM_API_KEY, or the
+    config file), else OPENAI_API_KEY."""
     if args.api_key_file:
         try:
             return Path(args.api_key_file).read_text().strip()
         except OSError as err:
             raise SystemExit(f"--api-key-file: cannot read {args.api_key_file}: {err.strerror}") from err
+    configured = getattr(args, "configured", None)
+    if configured is not None and configured.settings.upstream.api_key:
+        return configured.settings.upstream.api_key
     return next((os.environ[k] for k in KEY_ENV if os.environ.get(k)), "")
 
 
@@ -200,6 +215,7 @@ async def _finished_first(stop: asyncio.Event, work) -> bool:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging("worker_openai")
+    log_settings(args.configured.loaded, log)
     logging.getLogger("httpx").setLevel(logging.WARNING)   # a line per request otherwise, outside structlog
     worker_id = start_worker_telemetry(args.worker_id, args.metrics_port, args.metrics_host)
     try:

@@ -21,6 +21,8 @@ RUN python /tmp/requirements.py --without-ml --without httpx pyproject.toml > /t
     && rm /tmp/requirements.py /tmp/requirements.txt
 
 COPY trellis_rpc ./trellis_rpc
+# Every process's settings (flags > TRELLIS_<PROCESS>__... env > --config TOML > defaults).
+COPY trellis_settings ./trellis_settings
 COPY trellis_client ./trellis_client
 COPY gateway ./gateway
 RUN pip install --no-deps . && cd / && rm -rf /src
@@ -33,6 +35,7 @@ WORKDIR /tmp
 
 EXPOSE 8080 9464
 ENTRYPOINT ["python", "-m", "gateway"]
-# Listen beyond loopback; the router from TRELLIS_ROUTER or --router (arguments given replace this line):
+# Listen beyond loopback; the router from TRELLIS_ROUTER, --router or a --config file (arguments given replace
+# this line):
 #   docker run -p 8080:8080 trellis/gateway:0.1.0 --host=0.0.0.0 --plaintext --router=router.example:50051
 CMD ["--host=0.0.0.0", "--plaintext"]

@@ -10,7 +10,8 @@ TensorRT-LLM image was built with, so both images install the rest and then the 
 The OpenAI-compatible worker forwards to a server that runs the model: it keeps transformers and tokenizers
 (and safetensors, which transformers requires) for --tokenizer, and leaves out torch and what only torch
 uses. --without names must be dependencies in pyproject.toml, so a misspelt one fails the build instead of
-installing the package it meant to leave out.
+installing the package it meant to leave out. What every process imports (pydantic: the settings of every
+process, trellis_settings; grpc and protobuf; structlog) cannot be left out.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ import tomllib
 
 # The model stack: torch_engine's dependencies that no other process imports.
 ML_PACKAGES = frozenset({"torch", "transformers", "tokenizers", "safetensors", "accelerate", "gguf", "jinja2"})
+# What every process imports, whatever its image: trellis_settings (pydantic), trellis_rpc (grpc, protobuf,
+# structlog).
+EVERY_PROCESS = frozenset({"pydantic", "grpcio", "protobuf", "structlog"})
 
 
 def package_name(requirement: str) -> str:
@@ -40,6 +44,9 @@ def requirements(pyproject: str, without: frozenset[str] = frozenset()) -> list[
     unknown = left_out - {package_name(r) for r in dependencies}
     if unknown:
         raise ValueError(f"not dependencies in {pyproject}: {', '.join(sorted(unknown))}")
+    needed = left_out & EVERY_PROCESS
+    if needed:
+        raise ValueError(f"every process imports {', '.join(sorted(needed))}: it cannot be left out")
     return [r for r in dependencies if package_name(r) not in left_out]
 
 

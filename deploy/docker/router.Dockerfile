@@ -23,6 +23,8 @@ RUN python /tmp/requirements.py --without-ml pyproject.toml > /tmp/requirements.
 # client/ brings the `trellis` CLI, handy from inside the pod: kubectl exec deploy/router -- trellis controllers
 # (it runs on trellis_client, the Python client library).
 COPY trellis_rpc ./trellis_rpc
+# Every process's settings (flags > TRELLIS_<PROCESS>__... env > --config TOML > defaults).
+COPY trellis_settings ./trellis_settings
 COPY controllers ./controllers
 COPY router ./router
 COPY trellis_client ./trellis_client
@@ -37,5 +39,6 @@ WORKDIR /tmp
 
 EXPOSE 50051 9464
 ENTRYPOINT ["python", "-m", "router"]
-# Listen beyond loopback; workers from TRELLIS_WORKERS or --workers (arguments given replace this line).
+# Listen beyond loopback; workers from TRELLIS_WORKERS, --workers or a --config file (arguments given replace
+# this line; deploy/k8s passes only --config=/etc/trellis/trellis.toml, a mounted ConfigMap).
 CMD ["--host=0.0.0.0", "--plaintext"]

@@ -32,6 +32,8 @@ RUN python /tmp/requirements.py pyproject.toml > /tmp/requirements.txt \
     && rm /tmp/requirements.py /tmp/requirements.txt
 
 COPY trellis_rpc ./trellis_rpc
+# Every process's settings (flags > TRELLIS_<PROCESS>__... env > --config TOML > defaults).
+COPY trellis_settings ./trellis_settings
 COPY worker_runtime ./worker_runtime
 COPY torch_engine ./torch_engine
 COPY worker_cpu ./worker_cpu

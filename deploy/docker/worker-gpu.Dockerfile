@@ -30,6 +30,8 @@ RUN python3 /tmp/requirements.py --without-ml pyproject.toml > /tmp/requirements
     && rm /tmp/requirements.py /tmp/requirements.txt
 
 COPY trellis_rpc ./trellis_rpc
+# Every process's settings (flags > TRELLIS_<PROCESS>__... env > --config TOML > defaults).
+COPY trellis_settings ./trellis_settings
 COPY worker_runtime ./worker_runtime
 # worker_gpu uses torch_engine's model loading, stop-string matching and scoring prompts (and the
 # engine itself for --engine torch); torch and transformers come with the TensorRT-LLM image.

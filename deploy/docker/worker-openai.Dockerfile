@@ -27,6 +27,8 @@ RUN python /tmp/requirements.py --without torch,accelerate,gguf pyproject.toml >
     && rm /tmp/requirements.py /tmp/requirements.txt
 
 COPY trellis_rpc ./trellis_rpc
+# Every process's settings (flags > TRELLIS_<PROCESS>__... env > --config TOML > defaults).
+COPY trellis_settings ./trellis_settings
 COPY worker_runtime ./worker_runtime
 COPY worker_openai ./worker_openai
 RUN pip install --no-deps . && cd / && rm -rf /src
@@ -38,6 +40,7 @@ WORKDIR /tmp
 
 EXPOSE 50061 9464
 ENTRYPOINT ["python", "-m", "worker_openai"]
-# Listen beyond loopback. --base-url is required and arguments given replace this line, so give all of them:
+# Listen beyond loopback. --base-url (or base_url in a --config file) is required and arguments given replace
+# this line, so give all of them:
 #   docker run trellis/worker-openai:0.1.0 --host=0.0.0.0 --plaintext --base-url=http://vllm:8000/v1 --upstream-kind=vllm
 CMD ["--host=0.0.0.0", "--plaintext"]
