@@ -152,7 +152,7 @@ def test_secrets_are_masked_wherever_settings_are_shown():
 
 def test_the_example_file_loads_for_every_process_it_configures():
     tables = tomllib.loads(EXAMPLE.read_text())
-    assert {"router", "gateway"} <= set(tables)
+    assert {"router", "gateway", "worker_cpu", "worker_openai"} <= set(tables)
     for process in tables:
         model = model_of(process)
         assert model is not None, f"{process}: no settings model"
