@@ -8,7 +8,16 @@ import time
 from collections.abc import AsyncIterator
 
 from trellis_rpc.sampling import SamplingConfig
-from worker_runtime.engine_api import CompletionOut, Delta, EngineInfo, Finished, LoadStats, PromptInput, SequenceSource
+from worker_runtime.engine_api import (
+    CompletionOut,
+    Delta,
+    EngineInfo,
+    Finished,
+    LoadStats,
+    PromptInput,
+    RunInfo,
+    SequenceSource,
+)
 
 
 class ConstantSpeedEngine:
@@ -20,8 +29,8 @@ class ConstantSpeedEngine:
         self._running = 0
 
     async def generate(self, task_id: str, prompt: PromptInput, cfg: SamplingConfig,
-                       source: SequenceSource | None = None, keep_ttl_s: float | None = None
-                       ) -> AsyncIterator[Delta | Finished]:
+                       source: SequenceSource | None = None, keep_ttl_s: float | None = None,
+                       run: RunInfo | None = None) -> AsyncIterator[Delta | Finished]:
         start = time.perf_counter()
         self._running += cfg.n
         tokens = [[] for _ in range(cfg.n)]

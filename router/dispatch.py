@@ -112,10 +112,12 @@ class RemoteRunner:
 
     def __init__(self, pool: WorkerPool, run_id: str, model: str, sampling: common_pb2.SamplingParams, *,
                  deadline: float | None = None, limits: RunLimits = NO_LIMITS, worker_wait_s: float = 2.0,
-                 max_migrations: int = 2) -> None:
-        """deadline: a time.monotonic() value, or None; limits: what this run's client may ask of workers."""
+                 max_migrations: int = 2, priority: int = 0) -> None:
+        """deadline: a time.monotonic() value, or None; limits: what this run's client may ask of workers;
+        priority: the run's, told to workers with every task (RunContext) so they schedule by run."""
         self.pool = pool
         self.run_id = run_id
+        self.priority = priority
         self.model = model
         self.sampling = sampling
         self.deadline = deadline
@@ -168,7 +170,7 @@ class RemoteRunner:
         elif task.fork_from:
             generate.fork_from.handle = task.fork_from
         request = worker_pb2.WorkerRequest(task_id=f"{self.task_prefix}/{number}", timeout_ms=self._timeout_ms(),
-                                           generate=generate)
+                                           run=self._run_context(), generate=generate)
         # A continuation or fork must run where its KV lives: the handle names the worker.
         holder = (task.continue_from or task.fork_from).partition(":")[0]
         samples = [SampleSoFar() for _ in range(task.n)]
@@ -252,7 +254,8 @@ class RemoteRunner:
         try:
             kind_name = check_score_request(request)
             wire = worker_pb2.WorkerRequest(task_id=f"{self.task_prefix}/{self._next_task()}",
-                                            timeout_ms=self._timeout_ms(), score=worker_pb2.ScoreTask(request=request))
+                                            timeout_ms=self._timeout_ms(), run=self._run_context(),
+                                            score=worker_pb2.ScoreTask(request=request))
             # The reward model's pool is named by the task, not by the run's generation model.
             async for response in dispatch(self.pool, wire, request.model, CAPABILITY_OF_KIND[kind_name],
                                            self._wait_s()):
@@ -266,6 +269,12 @@ class RemoteRunner:
         except StatusError as err:
             raise TaskFailed(TaskFailure(err.code.name, err.message, err.field, err.reason)) from err
         raise TaskFailed(TaskFailure(grpc.StatusCode.INTERNAL.name, "worker ended the task without a result"))
+
+    def _run_context(self) -> worker_pb2.RunContext:
+        """The run as a worker scheduler sees it: its identity, priority and the service it has attained."""
+        return worker_pb2.RunContext(run_id=self.task_prefix, priority=self.priority,
+                                     tokens=self.usage.prompt_tokens + self.usage.completion_tokens,
+                                     tasks_done=self.usage.tasks)
 
     def _count_migration(self) -> None:
         self.usage.migrations += 1

@@ -111,6 +111,7 @@ async def migrate(request: worker_pb2.WorkerRequest, samples: list[SampleSoFar],
 
         async def resume(i: int, attempt: int = attempt, why: str = failure.message) -> common_pb2.GenerateResult:
             resumed = worker_pb2.WorkerRequest(task_id=f"{request.task_id}/m{attempt}.{i}", timeout_ms=timeout_ms(),
+                                               run=request.run,
                                                generate=continuation(task, samples[i], max_tokens, attempt))
             try:
                 return await stream(resumed, i)

@@ -107,7 +107,7 @@ class Runs:
     async def _execute(self, run: PreparedRun, deadline: float | None, emit: Emit) -> router_pb2.RunResult:
         runner = RemoteRunner(self.pool, run.run_id, run.request.model, run.request.sampling, deadline=deadline,
                               limits=self.limits.for_run(run.client), worker_wait_s=self.worker_wait_s,
-                              max_migrations=self.max_migrations)
+                              max_migrations=self.max_migrations, priority=run.request.priority)
         span = _tracer.start_span("router.run", context=run.trace_parent, attributes={
             "trellis.run_id": run.run_id, "trellis.controller": run.controller.name})
         # The run's log lines carry its run_id (and, inside the span, its trace and span ids).

@@ -447,7 +447,7 @@ class RefusingEngine(ConstantSpeedEngine):
     """Refuses any prompt longer than the original one-character prompt, as a worker refuses a resumed
     prompt that no longer fits its context."""
 
-    async def generate(self, task_id, prompt, cfg, source=None, keep_ttl_s=None):
+    async def generate(self, task_id, prompt, cfg, source=None, keep_ttl_s=None, run=None):
         if len(prompt.text) > 1:
             raise invalid("prompt", f"{len(prompt.text)} tokens do not fit the model's context of 1 token")
         async for event in super().generate(task_id, prompt, cfg, source, keep_ttl_s):

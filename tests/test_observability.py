@@ -275,3 +275,23 @@ def test_gateway_joins_the_callers_trace_and_counts_its_requests(stack, logs):
         assert len(requests) == 2 and all(e["trace_id"] == trace_id for e in requests)
     finally:
         gateway.stop()
+
+
+def test_each_task_carries_its_run_and_what_the_run_had_consumed(stack):
+    """The router's per-run accounting reaches the worker with every task (RunContext), as its spans show: the
+    tasks of one run share a run id, and each later task was sent with the tokens and tasks of those before."""
+    trace_id = secrets.token_hex(16)
+    with grpc.insecure_channel(stack["router"].address) as channel:
+        result = router_pb2_grpc.RouterStub(channel).Run(
+            run_request("beam_search", params={"beam_width": 1, "expansions": 1, "max_steps": 3, "kind": "verifier",
+                                               "max_step_tokens": 4}, max_tokens=4, seed=3),
+            timeout=120, metadata=traced(trace_id, secrets.token_hex(8)))
+    tasks = result.usage.tasks
+    ours = stack["sink"].trace(trace_id, lambda spans: sum(s.name.startswith("worker.") and s.name in (
+        "worker.generate", "worker.score") for s in spans) >= tasks)
+    worker_tasks = sorted((attrs(s) for _, s in ours if s.name in ("worker.generate", "worker.score")),
+                          key=lambda a: a["trellis.run.tasks_done"])
+    assert len(worker_tasks) == tasks >= 2
+    assert len({a["trellis.run_id"] for a in worker_tasks}) == 1
+    consumed = [a["trellis.run.tokens"] for a in worker_tasks]
+    assert consumed[0] == 0 and consumed == sorted(consumed) and consumed[-1] > 0

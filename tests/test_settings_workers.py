@@ -173,6 +173,8 @@ def test_the_choices_written_in_the_models_are_the_engines_own():
     from torch_engine.cpu_dtype import DTYPES
     from torch_engine.model.compiled_decode import COMPILE_MODES
     from torch_engine.model.quant import QUANTIZE_CHOICES
+    from torch_engine.scheduler import POLICIES
+    from worker_cpu.settings import Engine as CpuEngine
     from worker_cpu.settings import Model as CpuModel
     from worker_gpu.cli import ENGINES
     from worker_gpu.settings import Engine as GpuEngine
@@ -185,6 +187,7 @@ def test_the_choices_written_in_the_models_are_the_engines_own():
     assert choices(CpuModel, "dtype") == set(DTYPES)
     assert choices(CpuModel, "quantize") == set(QUANTIZE_CHOICES)
     assert choices(CpuModel, "compile") == set(COMPILE_MODES)
+    assert choices(CpuEngine, "scheduling") == set(POLICIES)
     assert choices(GpuEngine, "engine") == set(ENGINES)
     assert choices(Upstream, "upstream_kind") == set(KINDS)
 

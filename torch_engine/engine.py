@@ -42,6 +42,7 @@ from worker_runtime.engine_api import (
     Finished,
     LoadStats,
     PromptInput,
+    RunInfo,
     SequenceSource,
     TokenLogprob,
     TopLogprob,
@@ -64,7 +65,7 @@ class TorchEngine:
     def __init__(self, loaded: LoadedModel, max_batch_size: int = 64, kv_cache_tokens: int = 65536,
                  threads: int | None = None, max_num_tokens: int = 512, block_size: int = 16,
                  start_thread: bool = True, max_context: int = 0, quantize: str = "auto",
-                 compile: str = "auto") -> None:
+                 compile: str = "auto", scheduling: str = "run_las") -> None:
         """max_context: tokens per sequence (prompt and generated), below the model's own limit; 0: the model's.
         quantize: the linears' weights, "none" (the model's dtype), "int8" (torch_engine/model/quant.py), or
         "auto": int8 for an already quantized checkpoint (a Q4_1 .gguf), none otherwise.
@@ -82,6 +83,7 @@ class TorchEngine:
         # The loop's thread count, fixed now: compiled kernels are built for one (inductor bakes it into its
         # OpenMP loops and guards on it), so the warm-up compiles with the count the loop will run with.
         self._threads = threads or torch.get_num_threads()
+        self.scheduling = scheduling
         with self._on_device:
             self._build(model, max_batch_size, kv_cache_tokens, max_num_tokens, block_size, loaded.model_id,
                         max_context, quantize, compile)
@@ -123,7 +125,10 @@ class TorchEngine:
                 torch.set_num_threads(caller_threads)
         self.runner = ModelRunner(self.decoder, self.kv)
         self.kept = KeptSequences(self.blocks)
-        self.scheduler = Scheduler(self.blocks, max_num_tokens, max_batch_size, reclaim=self.kept.evict_oldest)
+        # scheduling: the order waiting tasks start in, "run_las" (by run: priority, least attained service) or
+        # "fcfs" (arrival); torch_engine/scheduler.py
+        self.scheduler = Scheduler(self.blocks, max_num_tokens, max_batch_size, reclaim=self.kept.evict_oldest,
+                                   policy=self.scheduling)
         self.stats = EngineStats()
         self.info = EngineInfo(
             model_id=model_id, engine=f"torch-{self.device.type}", max_context_tokens=self.max_context,
@@ -166,8 +171,8 @@ class TorchEngine:
         return self.tokenize(prompt) if prompt.token_ids else []
 
     async def generate(self, task_id: str, prompt: PromptInput, cfg: SamplingConfig,
-                       source: SequenceSource | None = None,
-                       keep_ttl_s: float | None = None) -> AsyncIterator[Delta | Finished]:
+                       source: SequenceSource | None = None, keep_ttl_s: float | None = None,
+                       run: RunInfo | None = None) -> AsyncIterator[Delta | Finished]:
         ids = self._appended(prompt) if source else self.tokenize(prompt)
         if source is None and len(ids) >= self.max_context:
             raise context_exceeded("prompt", f"{len(ids)} tokens do not fit the model's context of "
@@ -188,7 +193,7 @@ class TorchEngine:
                 pass  # the caller's event loop is closed: nobody is listening any more
 
         request = Request(task_id=task_id, prompt_ids=ids, cfg=cfg, submitted=time.perf_counter(), emit=emit,
-                          source=source, appended=ids if source else [], keep_ttl_s=keep_ttl_s)
+                          source=source, appended=ids if source else [], keep_ttl_s=keep_ttl_s, run=run)
         self._requests[task_id] = request
         self._inbox.put(request)
         done = False
@@ -217,7 +222,7 @@ class TorchEngine:
             queue_depth=len(self.scheduler.waiting) + self._inbox.qsize(),
             running_sequences=len(self.scheduler.running),
             kv_blocks_used=self.blocks.num_used, kv_blocks_free=self.blocks.num_free,
-            kept_sequences=self.kept.holding_blocks(),
+            kept_sequences=self.kept.holding_blocks(), waiting_runs=self.scheduler.waiting_runs(),
         )
 
     def close(self) -> None:
@@ -330,6 +335,7 @@ class TorchEngine:
         for item in plan.items:
             seq = item.seq
             seq.computed += item.tokens
+            self.scheduler.account(seq, item.tokens)
             self.blocks.seal(seq.table, seq.token_ids, seq.computed)
             request = seq.request
             if not request.first_token:

@@ -2,14 +2,22 @@
 
 Each step has a token budget (max_num_tokens). Running sequences go first, oldest first: a decode
 needs one token, a sequence still prefilling gets the next chunk of its prompt. Waiting sequences
-are admitted while budget, batch size and blocks last. When a running sequence needs a block and
-none is free, the newest running sequence is preempted: its blocks are freed and it is queued again
-to be recomputed (its prefix is probably still in the prefix cache).
+are admitted while budget, batch size and blocks last, in the order of the scheduling policy:
+- "fcfs": arrival order;
+- "run_las" (program-aware, the default): by run, not by task. Higher run priority first; then the run
+  that has attained the least service (tokens the router says the run consumed before the task was sent,
+  plus the tokens this worker has computed for the run since), so a long program's hundredth call does not
+  hold back a burst of fresh short runs; then arrival. A task that has waited longer than starvation_s
+  goes first whatever its run, so a long program is never starved. The n samples of a task are one
+  sequence until its prompt is prefilled and then fork together, so they are admitted as a gang, never half.
+When a running sequence needs a block and none is free, the newest running sequence is preempted: its blocks
+are freed and it is queued again to be recomputed (its prefix is probably still in the prefix cache).
 """
 
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,15 +39,57 @@ class Plan:
     exhausted: list[Sequence] = field(default_factory=list)  # cannot grow even alone: the cache is full
 
 
+POLICIES = ("run_las", "fcfs")
+RUNS_REMEMBERED = 4096      # runs whose service on this worker is remembered (least recently served dropped first)
+
+
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_tokens: int, max_batch_size: int,
-                 reclaim: Callable[[], bool] = lambda: False) -> None:
+                 reclaim: Callable[[], bool] = lambda: False, policy: str = "run_las",
+                 starvation_s: float = 10.0) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"scheduling policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.blocks = blocks
         self.reclaim = reclaim  # frees blocks of kept sequences, oldest first; False when none is left
         self.max_num_tokens = max_num_tokens
         self.max_batch_size = max_batch_size
+        self.policy = policy
+        self.starvation_s = starvation_s
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
+        self.served: collections.OrderedDict[str, int] = collections.OrderedDict()   # run_id -> tokens computed here
+
+    def account(self, seq: Sequence, tokens: int) -> None:
+        """tokens of seq's run were computed this step (prefill or decode)."""
+        run = seq.request.run
+        if run is None:
+            return
+        self.served[run.run_id] = self.served.pop(run.run_id, 0) + tokens
+        if len(self.served) > RUNS_REMEMBERED:
+            self.served.popitem(last=False)
+
+    def attained(self, seq: Sequence) -> int:
+        run = seq.request.run
+        if run is None:     # a task of its own: its service is its own progress
+            return seq.computed
+        return run.tokens + self.served.get(run.run_id, 0)
+
+    def _next_waiting(self) -> Sequence:
+        if self.policy == "fcfs" or len(self.waiting) == 1:
+            return self.waiting[0]
+        now = time.perf_counter()
+
+        def rank(seq: Sequence) -> tuple:
+            request = seq.request
+            if now - request.submitted > self.starvation_s:
+                return (0, 0, 0, request.submitted)
+            priority = request.run.priority if request.run is not None else 0
+            return (1, -priority, self.attained(seq), request.submitted)
+
+        return min(self.waiting, key=rank)
+
+    def waiting_runs(self) -> int:
+        return len({s.request.run.run_id if s.request.run else s.request.task_id for s in self.waiting})
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -84,7 +134,7 @@ class Scheduler:
                 budget -= tokens
         rows = sum(1 for s in self.running)
         while self.waiting and budget > 0:
-            seq = self.waiting[0]
+            seq = self._next_waiting()
             request = seq.request
             reserve_rows = 1 if request.forked else request.cfg.n
             if self.running and rows + reserve_rows > self.max_batch_size:
@@ -102,7 +152,7 @@ class Scheduler:
                 if not self.running:
                     plan.exhausted.append(seq)  # nothing will free blocks: it cannot ever run
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
             plan.items.append(Scheduled(seq, tokens))

@@ -11,7 +11,7 @@ import torch
 from torch_engine.block_manager import BlockTable
 from torch_engine.detokenizer import IncrementalDetokenizer
 from trellis_rpc.sampling import SamplingConfig, derive_seed
-from worker_runtime.engine_api import SequenceSource, TokenLogprob
+from worker_runtime.engine_api import RunInfo, SequenceSource, TokenLogprob
 from worker_runtime.stop_strings import StopStringMatcher
 
 
@@ -46,6 +46,7 @@ class Request:
     decode_steps: int = 0
     decode_batch_sum: int = 0
     last_step: int = -1
+    run: RunInfo | None = None                 # the run the task belongs to, for scheduling by run
 
     def generator(self, index: int) -> torch.Generator | None:
         """One generator per sample, so a seeded request reproduces whatever else is in the batch."""

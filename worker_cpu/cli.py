@@ -14,6 +14,7 @@ from torch_engine.cpu_dtype import DTYPES, choose_dtype
 from torch_engine.model.compiled_decode import COMPILE_MODES
 from torch_engine.model.quant import QUANTIZE_CHOICES, choose_quantize
 from torch_engine.model_loader import add_model_args, is_quantized_gguf
+from torch_engine.scheduler import POLICIES
 from trellis_rpc import tls
 from trellis_rpc.logs import configure_logging
 from trellis_rpc.server import start_server
@@ -54,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-tokens", type=int, default=512,
                    help="token budget per step; longer prompts are prefilled in chunks of at most this many")
     p.add_argument("--max-n", type=int, default=64, help="largest n one generate task may ask for")
+    p.add_argument("--scheduling", choices=POLICIES)
     add_model_args(p)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--worker-id", default="", help="defaults to a random id")
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
                                  threads=args.threads or None, max_num_tokens=args.max_num_tokens,
                                  block_size=args.block_size, start_thread=False,
                                  max_context=args.max_context_tokens, quantize=args.quantize,
-                                 compile=args.compile)
+                                 compile=args.compile, scheduling=args.scheduling)
             log.info("engine", quantize=engine.quantize, compiled=engine.compiled, dtype=str(engine.dtype))
             if not args.no_verifier:
                 try:  # the verifier runs the Hugging Face model on a thread of its own

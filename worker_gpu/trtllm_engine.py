@@ -34,6 +34,7 @@ from worker_runtime.engine_api import (
     Finished,
     LoadStats,
     PromptInput,
+    RunInfo,
     SequenceSource,
     TokenLogprob,
     TopLogprob,
@@ -88,7 +89,8 @@ class TrtLlmEngine:
 
     async def generate(self, task_id: str, prompt: PromptInput, cfg: SamplingConfig,
                        source: SequenceSource | None = None,
-                       keep_ttl_s: float | None = None) -> AsyncIterator[Delta | Finished]:
+                       keep_ttl_s: float | None = None,
+                       run: RunInfo | None = None) -> AsyncIterator[Delta | Finished]:
         if source is not None:
             raise not_found("generate.source: a TensorRT-LLM worker keeps no "
                             "sequences; send the whole prompt", "generate.source")

@@ -28,6 +28,7 @@ from worker_runtime.engine_api import (
     Finished,
     LoadStats,
     PromptInput,
+    RunInfo,
     SequenceSource,
     TokenLogprob,
 )
@@ -82,7 +83,8 @@ class OpenAIEngine:
 
     async def generate(self, task_id: str, prompt: PromptInput, sampling: SamplingConfig,
                        source: SequenceSource | None = None,
-                       keep_ttl_s: float | None = None) -> AsyncIterator[Delta | Finished]:
+                       keep_ttl_s: float | None = None,
+                       run: RunInfo | None = None) -> AsyncIterator[Delta | Finished]:
         started = time.monotonic()
         base = self._prompt(prompt, source)
         bodies = [self._body(base, sampling, i) for i in range(sampling.n)]   # refuses before anything is sent

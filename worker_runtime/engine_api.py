@@ -33,6 +33,16 @@ class SequenceSource:
     fork: bool = False
 
 
+@dataclass(frozen=True)
+class RunInfo:
+    """The run a task belongs to (the router's RunContext): a worker schedules runs, not tasks."""
+
+    run_id: str
+    priority: int = 0
+    tokens: int = 0           # tokens the run had consumed, on any worker, when the task was sent
+    tasks_done: int = 0
+
+
 @dataclass
 class TopLogprob:
     token_id: int
@@ -90,6 +100,7 @@ class LoadStats:
     kv_blocks_used: int
     kv_blocks_free: int
     kept_sequences: int = 0
+    waiting_runs: int = 0      # distinct runs among the waiting tasks (an engine that schedules by run)
 
 
 @dataclass
@@ -108,10 +119,11 @@ class Engine(Protocol):
     info: EngineInfo
 
     def generate(self, task_id: str, prompt: PromptInput, sampling: SamplingConfig,
-                 source: SequenceSource | None = None, keep_ttl_s: float | None = None
-                 ) -> AsyncIterator[Delta | Finished]:
+                 source: SequenceSource | None = None, keep_ttl_s: float | None = None,
+                 run: RunInfo | None = None) -> AsyncIterator[Delta | Finished]:
         """Yield deltas as tokens are produced, then exactly one Finished. Raise StatusError on bad input.
-        source: start from a kept sequence; keep_ttl_s: keep the finished sequences under handles."""
+        source: start from a kept sequence; keep_ttl_s: keep the finished sequences under handles; run: the
+        task's run, for an engine that schedules by run (others may ignore it)."""
         ...
 
     def cancel(self, task_id: str) -> None:

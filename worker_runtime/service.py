@@ -28,6 +28,7 @@ from worker_runtime.engine_api import (
     Finished,
     LoadStats,
     PromptInput,
+    RunInfo,
     ScoreInput,
     ScoreOut,
     Scorer,
@@ -299,7 +300,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def _observed(self, kind: str, req: worker_pb2.WorkerRequest, work) -> None:
         """Run a task's coroutine (which returns its error, or None) in its span, and count how it ended."""
-        with self.telemetry.task_span(f"worker.{kind}", req.task_id, dict(req.trace_context)):
+        with self.telemetry.task_span(f"worker.{kind}", req.task_id, dict(req.trace_context),
+                                      req.run if req.HasField("run") else None):
             try:
                 err = await work
             except asyncio.CancelledError:
@@ -328,7 +330,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             timeout = req.timeout_ms / 1000.0 if req.timeout_ms > 0 else None
             prompt = prompt_input(gen.prompt) if gen.prompt.WhichOneof("kind") else PromptInput(text="")
             async with asyncio.timeout(timeout):
-                async for event in engine.generate(task_id, prompt, sampling, source, keep_ttl_s):
+                run = RunInfo(req.run.run_id, req.run.priority, req.run.tokens, req.run.tasks_done) \
+                    if req.HasField("run") else None
+                async for event in engine.generate(task_id, prompt, sampling, source, keep_ttl_s, run):
                     if isinstance(event, Delta):
                         if gen.stream:
                             out.put_nowait(worker_pb2.WorkerResponse(task_id=task_id, delta=worker_pb2.TokenDelta(

@@ -108,13 +108,18 @@ class WorkerTelemetry:
     # ---- spans -------------------------------------------------------------------------------
 
     @staticmethod
-    def task_span(name: str, task_id: str, carrier: dict[str, str]) -> AbstractContextManager:
-        """The task's span, current while it runs; its parent is the router's dispatch span (carrier).
-        The worker's id is the trace resource's service.instance.id."""
+    def task_span(name: str, task_id: str, carrier: dict[str, str], run=None) -> AbstractContextManager:
+        """The task's span, current while it runs; its parent is the router's dispatch span (carrier). With the
+        task's run (RunContext): what the scheduler ordered it by. The worker's id is the trace resource's
+        service.instance.id."""
         parent = traced_parent(carrier)
         if parent is None:
             return contextlib.nullcontext()
-        return _tracer.start_as_current_span(name, context=parent, attributes={"trellis.task_id": task_id})
+        attributes = {"trellis.task_id": task_id}
+        if run is not None and run.run_id:
+            attributes |= {"trellis.run_id": run.run_id, "trellis.run.priority": run.priority,
+                           "trellis.run.tokens": run.tokens, "trellis.run.tasks_done": run.tasks_done}
+        return _tracer.start_as_current_span(name, context=parent, attributes=attributes)
 
     @staticmethod
     def _phase(parent: Span, name: str, start_ns: int, end_ns: int, attributes: dict | None = None) -> None:
@@ -176,6 +181,7 @@ class WorkerTelemetry:
 
 
 _gauge("trellis.worker.queue_depth", "tasks waiting for their first step", lambda w: w.load().queue_depth)
+_gauge("trellis.worker.waiting_runs", "distinct runs among the tasks waiting", lambda w: w.load().waiting_runs)
 _gauge("trellis.worker.running_sequences", "sequences in the running batch", lambda w: w.load().running_sequences)
 _gauge("trellis.worker.kv_blocks_used", "KV cache blocks in use", lambda w: w.load().kv_blocks_used)
 _gauge("trellis.worker.kv_blocks_free", "KV cache blocks free", lambda w: w.load().kv_blocks_free)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from trellis_rpc.v1 import common_pb2 as trellis_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17trellis/v1/worker.proto\x12\ntrellis.v1\x1a\x17trellis/v1/common.proto\"\r\n\x0bInfoRequest\"\xf7\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12,\n\x0c\x63\x61pabilities\x18\x03 \x03(\x0e\x32\x16.trellis.v1.Capability\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x05 \x01(\x05\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\x05\x12\x15\n\rkv_block_size\x18\x07 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x08 \x01(\x05\x12\x0f\n\x07version\x18\t \x01(\t\x12\x11\n\teos_token\x18\n \x01(\t\"\xe6\x02\n\rWorkerRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x42\n\rtrace_context\x18\x02 \x03(\x0b\x32+.trellis.v1.WorkerRequest.TraceContextEntry\x12\x12\n\ntimeout_ms\x18\x03 \x01(\x03\x12,\n\x08generate\x18\n \x01(\x0b\x32\x18.trellis.v1.GenerateTaskH\x00\x12&\n\x05score\x18\x0b \x01(\x0b\x32\x15.trellis.v1.ScoreTaskH\x00\x12(\n\x06\x63\x61ncel\x18\x0c \x01(\x0b\x32\x16.trellis.v1.CancelTaskH\x00\x12/\n\x07release\x18\r \x01(\x0b\x32\x1c.trellis.v1.ReleaseSequencesH\x00\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x06\n\x04kind\"\x1d\n\x0bSequenceRef\x12\x0e\n\x06handle\x18\x01 \x01(\t\",\n\x0cKeepSequence\x12\x0c\n\x04keep\x18\x01 \x01(\x08\x12\x0e\n\x06ttl_ms\x18\x02 \x01(\x03\"\x92\x02\n\x0cGenerateTask\x12\"\n\x06prompt\x18\x01 \x01(\x0b\x32\x12.trellis.v1.Prompt\x12,\n\x08sampling\x18\x02 \x01(\x0b\x32\x1a.trellis.v1.SamplingParams\x12\x0e\n\x06stream\x18\x03 \x01(\x08\x12\x30\n\rcontinue_from\x18\x04 \x01(\x0b\x32\x17.trellis.v1.SequenceRefH\x00\x12,\n\tfork_from\x18\x05 \x01(\x0b\x32\x17.trellis.v1.SequenceRefH\x00\x12&\n\x04keep\x18\x06 \x01(\x0b\x32\x18.trellis.v1.KeepSequence\x12\x0e\n\x06\x62ranch\x18\x07 \x01(\tB\x08\n\x06source\"6\n\tScoreTask\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.trellis.v1.ScoreRequest\"$\n\nCancelTask\x12\x16\n\x0etarget_task_id\x18\x01 \x01(\t\"\'\n\x10ReleaseSequences\x12\x13\n\x0btask_prefix\x18\x01 \x01(\t\"\x8a\x02\n\x0eWorkerResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\'\n\x05\x64\x65lta\x18\n \x01(\x0b\x32\x16.trellis.v1.TokenDeltaH\x00\x12\x35\n\x0fgenerate_result\x18\x0b \x01(\x0b\x32\x1a.trellis.v1.GenerateResultH\x00\x12/\n\x0cscore_result\x18\x0c \x01(\x0b\x32\x17.trellis.v1.ScoreResultH\x00\x12&\n\x05\x65rror\x18\r \x01(\x0b\x32\x15.trellis.v1.TaskErrorH\x00\x12&\n\x04load\x18\x0e \x01(\x0b\x32\x16.trellis.v1.LoadReportH\x00\x42\x06\n\x04kind\"\x99\x01\n\nTokenDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.trellis.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.trellis.v1.FinishReason\"I\n\tTaskError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xdc\x01\n\nLoadReport\x12\x13\n\x0bqueue_depth\x18\x01 \x01(\x05\x12\x19\n\x11running_sequences\x18\x02 \x01(\x05\x12\x16\n\x0ekv_blocks_used\x18\x03 \x01(\x05\x12\x16\n\x0ekv_blocks_free\x18\x04 \x01(\x05\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12,\n\x0c\x63\x61pabilities\x18\x06 \x03(\x0e\x32\x16.trellis.v1.Capability\x12\x16\n\x0etimestamp_unix\x18\x07 \x01(\x01\x12\x16\n\x0ekept_sequences\x18\x08 \x01(\x05\x32\x87\x01\n\x06Worker\x12\x44\n\x07\x43onnect\x12\x19.trellis.v1.WorkerRequest\x1a\x1a.trellis.v1.WorkerResponse(\x01\x30\x01\x12\x37\n\x04Info\x12\x17.trellis.v1.InfoRequest\x1a\x16.trellis.v1.WorkerInfoBI\n\rai.trellis.v1P\x01Z6github.com/trellis/trellis/gen/go/trellis/v1;trellisv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17trellis/v1/worker.proto\x12\ntrellis.v1\x1a\x17trellis/v1/common.proto\"\r\n\x0bInfoRequest\"\xf7\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12,\n\x0c\x63\x61pabilities\x18\x03 \x03(\x0e\x32\x16.trellis.v1.Capability\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x05 \x01(\x05\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\x05\x12\x15\n\rkv_block_size\x18\x07 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x08 \x01(\x05\x12\x0f\n\x07version\x18\t \x01(\t\x12\x11\n\teos_token\x18\n \x01(\t\"\x8b\x03\n\rWorkerRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x42\n\rtrace_context\x18\x02 \x03(\x0b\x32+.trellis.v1.WorkerRequest.TraceContextEntry\x12\x12\n\ntimeout_ms\x18\x03 \x01(\x03\x12#\n\x03run\x18\x04 \x01(\x0b\x32\x16.trellis.v1.RunContext\x12,\n\x08generate\x18\n \x01(\x0b\x32\x18.trellis.v1.GenerateTaskH\x00\x12&\n\x05score\x18\x0b \x01(\x0b\x32\x15.trellis.v1.ScoreTaskH\x00\x12(\n\x06\x63\x61ncel\x18\x0c \x01(\x0b\x32\x16.trellis.v1.CancelTaskH\x00\x12/\n\x07release\x18\r \x01(\x0b\x32\x1c.trellis.v1.ReleaseSequencesH\x00\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x06\n\x04kind\"R\n\nRunContext\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08priority\x18\x02 \x01(\x05\x12\x0e\n\x06tokens\x18\x03 \x01(\x03\x12\x12\n\ntasks_done\x18\x04 \x01(\x05\"\x1d\n\x0bSequenceRef\x12\x0e\n\x06handle\x18\x01 \x01(\t\",\n\x0cKeepSequence\x12\x0c\n\x04keep\x18\x01 \x01(\x08\x12\x0e\n\x06ttl_ms\x18\x02 \x01(\x03\"\x92\x02\n\x0cGenerateTask\x12\"\n\x06prompt\x18\x01 \x01(\x0b\x32\x12.trellis.v1.Prompt\x12,\n\x08sampling\x18\x02 \x01(\x0b\x32\x1a.trellis.v1.SamplingParams\x12\x0e\n\x06stream\x18\x03 \x01(\x08\x12\x30\n\rcontinue_from\x18\x04 \x01(\x0b\x32\x17.trellis.v1.SequenceRefH\x00\x12,\n\tfork_from\x18\x05 \x01(\x0b\x32\x17.trellis.v1.SequenceRefH\x00\x12&\n\x04keep\x18\x06 \x01(\x0b\x32\x18.trellis.v1.KeepSequence\x12\x0e\n\x06\x62ranch\x18\x07 \x01(\tB\x08\n\x06source\"6\n\tScoreTask\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.trellis.v1.ScoreRequest\"$\n\nCancelTask\x12\x16\n\x0etarget_task_id\x18\x01 \x01(\t\"\'\n\x10ReleaseSequences\x12\x13\n\x0btask_prefix\x18\x01 \x01(\t\"\x8a\x02\n\x0eWorkerResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\'\n\x05\x64\x65lta\x18\n \x01(\x0b\x32\x16.trellis.v1.TokenDeltaH\x00\x12\x35\n\x0fgenerate_result\x18\x0b \x01(\x0b\x32\x1a.trellis.v1.GenerateResultH\x00\x12/\n\x0cscore_result\x18\x0c \x01(\x0b\x32\x17.trellis.v1.ScoreResultH\x00\x12&\n\x05\x65rror\x18\r \x01(\x0b\x32\x15.trellis.v1.TaskErrorH\x00\x12&\n\x04load\x18\x0e \x01(\x0b\x32\x16.trellis.v1.LoadReportH\x00\x42\x06\n\x04kind\"\x99\x01\n\nTokenDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.trellis.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.trellis.v1.FinishReason\"I\n\tTaskError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xdc\x01\n\nLoadReport\x12\x13\n\x0bqueue_depth\x18\x01 \x01(\x05\x12\x19\n\x11running_sequences\x18\x02 \x01(\x05\x12\x16\n\x0ekv_blocks_used\x18\x03 \x01(\x05\x12\x16\n\x0ekv_blocks_free\x18\x04 \x01(\x05\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12,\n\x0c\x63\x61pabilities\x18\x06 \x03(\x0e\x32\x16.trellis.v1.Capability\x12\x16\n\x0etimestamp_unix\x18\x07 \x01(\x01\x12\x16\n\x0ekept_sequences\x18\x08 \x01(\x05\x32\x87\x01\n\x06Worker\x12\x44\n\x07\x43onnect\x12\x19.trellis.v1.WorkerRequest\x1a\x1a.trellis.v1.WorkerResponse(\x01\x30\x01\x12\x37\n\x04Info\x12\x17.trellis.v1.InfoRequest\x1a\x16.trellis.v1.WorkerInfoBI\n\rai.trellis.v1P\x01Z6github.com/trellis/trellis/gen/go/trellis/v1;trellisv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,29 +40,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERINFO']._serialized_start=80
   _globals['_WORKERINFO']._serialized_end=327
   _globals['_WORKERREQUEST']._serialized_start=330
-  _globals['_WORKERREQUEST']._serialized_end=688
-  _globals['_WORKERREQUEST_TRACECONTEXTENTRY']._serialized_start=629
-  _globals['_WORKERREQUEST_TRACECONTEXTENTRY']._serialized_end=680
-  _globals['_SEQUENCEREF']._serialized_start=690
-  _globals['_SEQUENCEREF']._serialized_end=719
-  _globals['_KEEPSEQUENCE']._serialized_start=721
-  _globals['_KEEPSEQUENCE']._serialized_end=765
-  _globals['_GENERATETASK']._serialized_start=768
-  _globals['_GENERATETASK']._serialized_end=1042
-  _globals['_SCORETASK']._serialized_start=1044
-  _globals['_SCORETASK']._serialized_end=1098
-  _globals['_CANCELTASK']._serialized_start=1100
-  _globals['_CANCELTASK']._serialized_end=1136
-  _globals['_RELEASESEQUENCES']._serialized_start=1138
-  _globals['_RELEASESEQUENCES']._serialized_end=1177
-  _globals['_WORKERRESPONSE']._serialized_start=1180
-  _globals['_WORKERRESPONSE']._serialized_end=1446
-  _globals['_TOKENDELTA']._serialized_start=1449
-  _globals['_TOKENDELTA']._serialized_end=1602
-  _globals['_TASKERROR']._serialized_start=1604
-  _globals['_TASKERROR']._serialized_end=1677
-  _globals['_LOADREPORT']._serialized_start=1680
-  _globals['_LOADREPORT']._serialized_end=1900
-  _globals['_WORKER']._serialized_start=1903
-  _globals['_WORKER']._serialized_end=2038
+  _globals['_WORKERREQUEST']._serialized_end=725
+  _globals['_WORKERREQUEST_TRACECONTEXTENTRY']._serialized_start=666
+  _globals['_WORKERREQUEST_TRACECONTEXTENTRY']._serialized_end=717
+  _globals['_RUNCONTEXT']._serialized_start=727
+  _globals['_RUNCONTEXT']._serialized_end=809
+  _globals['_SEQUENCEREF']._serialized_start=811
+  _globals['_SEQUENCEREF']._serialized_end=840
+  _globals['_KEEPSEQUENCE']._serialized_start=842
+  _globals['_KEEPSEQUENCE']._serialized_end=886
+  _globals['_GENERATETASK']._serialized_start=889
+  _globals['_GENERATETASK']._serialized_end=1163
+  _globals['_SCORETASK']._serialized_start=1165
+  _globals['_SCORETASK']._serialized_end=1219
+  _globals['_CANCELTASK']._serialized_start=1221
+  _globals['_CANCELTASK']._serialized_end=1257
+  _globals['_RELEASESEQUENCES']._serialized_start=1259
+  _globals['_RELEASESEQUENCES']._serialized_end=1298
+  _globals['_WORKERRESPONSE']._serialized_start=1301
+  _globals['_WORKERRESPONSE']._serialized_end=1567
+  _globals['_TOKENDELTA']._serialized_start=1570
+  _globals['_TOKENDELTA']._serialized_end=1723
+  _globals['_TASKERROR']._serialized_start=1725
+  _globals['_TASKERROR']._serialized_end=1798
+  _globals['_LOADREPORT']._serialized_start=1801
+  _globals['_LOADREPORT']._serialized_end=2021
+  _globals['_WORKER']._serialized_start=2024
+  _globals['_WORKER']._serialized_end=2159
 # @@protoc_insertion_point(module_scope)

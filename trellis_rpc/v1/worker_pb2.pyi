@@ -36,7 +36,7 @@ class WorkerInfo(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., model_id: _Optional[str] = ..., capabilities: _Optional[_Iterable[_Union[_common_pb2.Capability, str]]] = ..., engine: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., version: _Optional[str] = ..., eos_token: _Optional[str] = ...) -> None: ...
 
 class WorkerRequest(_message.Message):
-    __slots__ = ("task_id", "trace_context", "timeout_ms", "generate", "score", "cancel", "release")
+    __slots__ = ("task_id", "trace_context", "timeout_ms", "run", "generate", "score", "cancel", "release")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,7 @@ class WorkerRequest(_message.Message):
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
     GENERATE_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
@@ -54,11 +55,24 @@ class WorkerRequest(_message.Message):
     task_id: str
     trace_context: _containers.ScalarMap[str, str]
     timeout_ms: int
+    run: RunContext
     generate: GenerateTask
     score: ScoreTask
     cancel: CancelTask
     release: ReleaseSequences
-    def __init__(self, task_id: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., timeout_ms: _Optional[int] = ..., generate: _Optional[_Union[GenerateTask, _Mapping]] = ..., score: _Optional[_Union[ScoreTask, _Mapping]] = ..., cancel: _Optional[_Union[CancelTask, _Mapping]] = ..., release: _Optional[_Union[ReleaseSequences, _Mapping]] = ...) -> None: ...
+    def __init__(self, task_id: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., timeout_ms: _Optional[int] = ..., run: _Optional[_Union[RunContext, _Mapping]] = ..., generate: _Optional[_Union[GenerateTask, _Mapping]] = ..., score: _Optional[_Union[ScoreTask, _Mapping]] = ..., cancel: _Optional[_Union[CancelTask, _Mapping]] = ..., release: _Optional[_Union[ReleaseSequences, _Mapping]] = ...) -> None: ...
+
+class RunContext(_message.Message):
+    __slots__ = ("run_id", "priority", "tokens", "tasks_done")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TASKS_DONE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    priority: int
+    tokens: int
+    tasks_done: int
+    def __init__(self, run_id: _Optional[str] = ..., priority: _Optional[int] = ..., tokens: _Optional[int] = ..., tasks_done: _Optional[int] = ...) -> None: ...
 
 class SequenceRef(_message.Message):
     __slots__ = ("handle",)

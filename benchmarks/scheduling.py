@@ -1,0 +1,136 @@
+"""Program-aware scheduling against first come, first served, on a saturated CPU worker (issue 20).
+
+    .venv/bin/python -m benchmarks.scheduling [--seconds 90] [--rate 1.5] [--long 2] [--model default]
+
+One real router and one real CPU worker (the bundled SmolLM2-135M-Instruct unless --model), started once per
+policy (`--scheduling fcfs`, then `run_las`) with the same seeded workload: short runs arriving at a steady
+Poisson rate (native generation and majority vote n=4, alternating) and `--long` long programs running back to
+back the whole time (beam search with the model verifying its own steps, then MCTS), all over the arithmetic
+eval set. Reported per policy: mean and p99 run latency per kind, runs finished, and accuracy; every run is
+seeded, and the engine's seeded samples do not depend on their batch company, so a policy can change when a
+run finishes but not what it answers (the benchmark counts the answers that differ).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.openai_worker import cpu_line
+from client.eval import answer_number
+from client.launcher import start_router, start_worker
+from trellis_client import AsyncClient, TrellisError
+
+DATA = Path(__file__).resolve().parent / "data" / "arith.jsonl"
+SEARCH = {"kind": "verifier", "max_step_tokens": 32, "max_steps": 4}
+SHORT = [("native_generation", {}), ("majority_vote", {"n": 4})]
+LONG = [("beam_search", {"beam_width": 2, "expansions": 2, **SEARCH}), ("mcts", {"iterations": 6, **SEARCH})]
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+async def workload(address: str, seconds: float, rate: float, long_programs: int, seed: int) -> list[dict]:
+    questions = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
+    rng = random.Random(seed)
+    done: list[dict] = []
+    stop = time.monotonic() + seconds
+
+    async def one(client: AsyncClient, kind: str, controller: str, params: dict, number: int) -> None:
+        q = questions[number % len(questions)]
+        started = time.monotonic()
+        try:
+            result = await client.run(controller, q["question"] + " Answer with the final number.", params=params,
+                                      sampling={"max_tokens": 48, "temperature": 0.7, "seed": number},
+                                      deadline=600)
+            answer, error = answer_number(result.text), ""
+        except TrellisError as err:
+            answer, error = "", err.code.name
+        done.append({"kind": kind, "controller": controller, "number": number, "latency": time.monotonic() - started,
+                     "answer": answer, "correct": answer == q["answer"], "error": error, "ended": time.monotonic()})
+
+    async with AsyncClient(address) as client:
+        async def long_loop(slot: int) -> None:
+            number = 10_000 * (slot + 1)
+            while time.monotonic() < stop:
+                controller, params = LONG[number % len(LONG)]
+                await one(client, "long", controller, params, number)
+                number += 1
+
+        tasks = [asyncio.create_task(long_loop(i)) for i in range(long_programs)]
+        short, number = [], 0
+        while time.monotonic() < stop:       # open loop: arrivals do not wait for earlier runs
+            controller, params = SHORT[number % len(SHORT)]
+            short.append(asyncio.create_task(one(client, "short", controller, params, number)))
+            number += 1
+            await asyncio.sleep(rng.expovariate(rate))
+        await asyncio.gather(*short, *tasks)
+    return done
+
+
+def summary(runs: list[dict]) -> dict:
+    out = {}
+    for kind in ("short", "long"):
+        mine = [r for r in runs if r["kind"] == kind and not r["error"]]
+        lat = [r["latency"] for r in mine]
+        out[kind] = {"runs": len(mine), "errors": sum(1 for r in runs if r["kind"] == kind and r["error"]),
+                     "mean": statistics.mean(lat) if lat else float("nan"), "p50": pct(lat, 0.5),
+                     "p99": pct(lat, 0.99), "accuracy": sum(r["correct"] for r in mine) / max(1, len(mine))}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default")
+    p.add_argument("--seconds", type=float, default=90.0, help="arrivals for this long, per policy")
+    p.add_argument("--rate", type=float, default=1.5, help="short runs per second")
+    p.add_argument("--long", type=int, default=2, help="long programs running back to back")
+    p.add_argument("--policies", default="fcfs,run_las")
+    p.add_argument("--seed", type=int, default=1)
+    args = p.parse_args()
+    print(cpu_line(), flush=True)
+    logs = Path(tempfile.mkdtemp(prefix="trellis-bench-sched-"))
+    results: dict[str, list[dict]] = {}
+    for policy in args.policies.split(","):
+        worker = start_worker(args.model, logs, name=f"worker-{policy}", extra=["--scheduling", policy])
+        router = None
+        try:
+            worker.wait_serving(600)
+            router = start_router([worker.address], logs, name=f"router-{policy}")
+            router.wait_serving(60)
+            results[policy] = asyncio.run(workload(router.address, args.seconds, args.rate, args.long, args.seed))
+        finally:
+            for proc in (router, worker):
+                if proc is not None:
+                    proc.stop()
+        s = summary(results[policy])
+        print(f"{policy}: {json.dumps(s)}", flush=True)
+    print(f"\nworkload: short runs (native_generation, majority_vote n=4) at {args.rate}/s for {args.seconds:.0f} s, "
+          f"{args.long} long programs (beam_search, mcts) back to back; model {args.model}; logs {logs}\n")
+    print("| policy | short runs | short mean | short p99 | long runs | long mean | long p99 | accuracy short/long |")
+    print("|---|---|---|---|---|---|---|---|")
+    sums = {policy: summary(runs) for policy, runs in results.items()}
+    for policy, s in sums.items():
+        sh, lo = s["short"], s["long"]
+        print(f"| {policy} | {sh['runs']} | {sh['mean']:.2f} s | {sh['p99']:.2f} s | {lo['runs']} | {lo['mean']:.2f} s "
+              f"| {lo['p99']:.2f} s | {sh['accuracy']:.0%} / {lo['accuracy']:.0%} |")
+    if {"fcfs", "run_las"} <= set(sums):
+        f, r = sums["fcfs"], sums["run_las"]
+        print(f"\nshort p99: run_las / fcfs = {r['short']['p99'] / f['short']['p99']:.2f} (target <= 0.5)")
+        print(f"long mean: run_las / fcfs = {r['long']['mean'] / f['long']['mean']:.2f} (target <= 1.1)")
+        same = {(x["number"]): x["answer"] for x in results["fcfs"]}
+        both = [x for x in results["run_las"] if x["number"] in same]
+        differ = sum(1 for x in both if x["answer"] != same[x["number"]])
+        print(f"answers of runs both policies finished: {len(both)}, differing: {differ}")
+
+
+if __name__ == "__main__":
+    main()

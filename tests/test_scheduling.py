@@ -1,0 +1,109 @@
+"""Program-aware scheduling (torch_engine/scheduler.py) on scripted sequences: least attained service across
+runs, priorities first, the anti-starvation bound, gang admission of a task's n samples, and fcfs as the off
+switch giving arrival order. Plus the run's identity and consumption reaching the worker from a real router."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from torch_engine.block_manager import BlockManager
+from torch_engine.scheduler import Scheduler
+from torch_engine.sequence import Request, Sequence
+from trellis_rpc.sampling import SamplingConfig
+from worker_runtime.engine_api import RunInfo
+
+
+def seq(task: str, run: RunInfo | None, prompt: int = 8, n: int = 1, submitted: float | None = None) -> Sequence:
+    request = Request(task_id=task, prompt_ids=list(range(prompt)), cfg=SamplingConfig(n=n), emit=lambda e: None,
+                      submitted=time.perf_counter() if submitted is None else submitted, run=run)
+    s = Sequence(request=request, index=0, token_ids=list(range(prompt)), num_prompt=prompt, detok=None, stops=None,
+                 generator=None)
+    request.sequences.append(s)
+    return s
+
+
+def scheduler(policy: str, rows: int = 1, starvation_s: float = 10.0) -> Scheduler:
+    """Room for `rows` sequences a step, so the order of admission is the order of the schedule."""
+    return Scheduler(BlockManager(64, 16), max_num_tokens=512, max_batch_size=rows, policy=policy,
+                     starvation_s=starvation_s)
+
+
+def admitted_order(sched: Scheduler) -> list[str]:
+    order = []
+    while sched.waiting:
+        plan = sched.schedule()
+        for item in plan.items:
+            if item.seq.request.task_id not in order:
+                order.append(item.seq.request.task_id)
+        for s in list(sched.running):
+            sched.finish(s)
+    return order
+
+
+def test_least_attained_service_across_runs_then_arrival():
+    sched = scheduler("run_las")
+    long_run = RunInfo("mcts", tokens=5000, tasks_done=99)
+    sched.add(seq("mcts/99", long_run))             # arrived first: a long program's hundredth call
+    sched.add(seq("vote/0", RunInfo("vote", tokens=0)))
+    sched.add(seq("chat/0", RunInfo("chat", tokens=40)))
+    sched.add(seq("vote2/0", RunInfo("vote2", tokens=0)))
+    assert admitted_order(sched) == ["vote/0", "vote2/0", "chat/0", "mcts/99"]
+
+
+def test_service_computed_here_counts_too():
+    sched = scheduler("run_las")
+    a, b = RunInfo("a", tokens=100), RunInfo("b", tokens=120)
+    sched.account(seq("a/0", a), 50)             # this worker already computed 50 tokens of run a since
+    sched.add(seq("a/1", a))
+    sched.add(seq("b/1", b))
+    assert admitted_order(sched) == ["b/1", "a/1"]
+
+
+def test_priority_classes_come_first():
+    sched = scheduler("run_las")
+    sched.add(seq("low/0", RunInfo("low", priority=0, tokens=0)))
+    sched.add(seq("high/5", RunInfo("high", priority=5, tokens=10_000)))
+    assert admitted_order(sched) == ["high/5", "low/0"]
+
+
+def test_a_task_waiting_past_the_bound_goes_first_whatever_its_run():
+    sched = scheduler("run_las", starvation_s=0.5)
+    now = time.perf_counter()
+    sched.add(seq("fresh/0", RunInfo("fresh", tokens=0), submitted=now))
+    sched.add(seq("starved/7", RunInfo("long", tokens=10**6), submitted=now - 1.0))
+    sched.add(seq("high/0", RunInfo("high", priority=9, tokens=0), submitted=now))
+    assert admitted_order(sched) == ["starved/7", "high/0", "fresh/0"]
+
+
+def test_fcfs_is_the_off_switch_arrival_order():
+    sched = scheduler("fcfs")
+    for task, tokens, priority in (("mcts/99", 5000, 0), ("vote/0", 0, 0), ("high/0", 0, 9)):
+        sched.add(seq(task, RunInfo(task.split("/")[0], priority=priority, tokens=tokens)))
+    assert admitted_order(sched) == ["mcts/99", "vote/0", "high/0"]
+
+
+def test_the_n_samples_of_a_task_are_admitted_together_or_not_at_all():
+    """A task of n samples reserves its n rows when admitted: with room for 4 rows and 3 taken, an n=4 task waits
+    rather than starting part of its samples; a smaller task behind it under run_las does not overtake rows it
+    reserved (it is still the least-served run)."""
+    sched = Scheduler(BlockManager(64, 16), max_num_tokens=512, max_batch_size=4, policy="run_las")
+    busy = [seq(f"busy/{i}", RunInfo("busy", tokens=0)) for i in range(3)]
+    for s in busy:
+        sched.add(s)
+    sched.schedule()
+    assert len(sched.running) == 3
+    gang = seq("gang/0", RunInfo("gang", tokens=0), n=4)
+    sched.add(gang)
+    plan = sched.schedule()
+    assert gang not in [item.seq for item in plan.items] and gang in sched.waiting
+    for s in busy:
+        sched.finish(s)
+    plan = sched.schedule()
+    assert [item.seq for item in plan.items] == [gang]     # all four rows at once, when there is room for four
+
+
+def test_an_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="run_las, fcfs"):
+        scheduler("lottery")
