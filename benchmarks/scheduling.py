@@ -1,14 +1,14 @@
 """Program-aware scheduling against first come, first served, on a saturated CPU worker (issue 20).
 
-    .venv/bin/python -m benchmarks.scheduling [--seconds 90] [--rate 1.5] [--long 2] [--model default]
+    .venv/bin/python -m benchmarks.scheduling [--seconds 30] [--rate 2] [--long 3] [--max-batch-size 16]
 
 One real router and one real CPU worker (the bundled SmolLM2-135M-Instruct unless --model), started once per
 policy (`--scheduling fcfs`, then `run_las`) with the same seeded workload: short runs arriving at a steady
 Poisson rate (native generation and majority vote n=4, alternating) and `--long` long programs running back to
-back the whole time (beam search with the model verifying its own steps, then MCTS), all over the arithmetic
-eval set. Reported per policy: mean and p99 run latency per kind, runs finished, and accuracy; every run is
-seeded, and the engine's seeded samples do not depend on their batch company, so a policy can change when a
-run finishes but not what it answers (the benchmark counts the answers that differ).
+back the whole time (beam search, 4 beams x 4 expansions, with the model verifying its own steps, then MCTS),
+all over the arithmetic eval set. Reported per policy: mean and p99 run latency per kind, runs finished, and
+accuracy; every run is seeded, and the engine's seeded samples do not depend on their batch company, so a policy
+can change when a run finishes but not what it answers (the benchmark counts the answers that differ).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from trellis_client import AsyncClient, TrellisError
 DATA = Path(__file__).resolve().parent / "data" / "arith.jsonl"
 SEARCH = {"kind": "verifier", "max_step_tokens": 32, "max_steps": 4}
 SHORT = [("native_generation", {}), ("majority_vote", {"n": 4})]
-LONG = [("beam_search", {"beam_width": 2, "expansions": 2, **SEARCH}), ("mcts", {"iterations": 6, **SEARCH})]
+LONG = [("beam_search", {"beam_width": 4, "expansions": 4, **SEARCH}), ("mcts", {"iterations": 6, **SEARCH})]
 
 
 def pct(values: list[float], q: float) -> float:
@@ -90,17 +90,20 @@ def summary(runs: list[dict]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
-    p.add_argument("--seconds", type=float, default=90.0, help="arrivals for this long, per policy")
-    p.add_argument("--rate", type=float, default=1.5, help="short runs per second")
-    p.add_argument("--long", type=int, default=2, help="long programs running back to back")
+    p.add_argument("--seconds", type=float, default=30.0, help="arrivals for this long, per policy")
+    p.add_argument("--rate", type=float, default=2.0, help="short runs per second")
+    p.add_argument("--long", type=int, default=3, help="long programs running back to back")
     p.add_argument("--policies", default="fcfs,run_las")
+    p.add_argument("--max-batch-size", type=int, default=16,
+                   help="the worker's rows per step: beyond, tasks wait, and the policy decides which goes next")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
     print(cpu_line(), flush=True)
     logs = Path(tempfile.mkdtemp(prefix="trellis-bench-sched-"))
     results: dict[str, list[dict]] = {}
     for policy in args.policies.split(","):
-        worker = start_worker(args.model, logs, name=f"worker-{policy}", extra=["--scheduling", policy])
+        worker = start_worker(args.model, logs, name=f"worker-{policy}",
+                              extra=["--scheduling", policy, "--max-batch-size", str(args.max_batch_size)])
         router = None
         try:
             worker.wait_serving(600)
@@ -114,7 +117,8 @@ def main() -> None:
         s = summary(results[policy])
         print(f"{policy}: {json.dumps(s)}", flush=True)
     print(f"\nworkload: short runs (native_generation, majority_vote n=4) at {args.rate}/s for {args.seconds:.0f} s, "
-          f"{args.long} long programs (beam_search, mcts) back to back; model {args.model}; logs {logs}\n")
+          f"{args.long} long programs (beam_search, mcts) back to back; model {args.model}, worker max batch "
+          f"{args.max_batch_size}; logs {logs}\n")
     print("| policy | short runs | short mean | short p99 | long runs | long mean | long p99 | accuracy short/long |")
     print("|---|---|---|---|---|---|---|---|")
     sums = {policy: summary(runs) for policy, runs in results.items()}

@@ -105,5 +105,5 @@ def test_the_n_samples_of_a_task_are_admitted_together_or_not_at_all():
 
 
 def test_an_unknown_policy_is_refused():
-    with pytest.raises(ValueError, match="run_las, fcfs"):
+    with pytest.raises(ValueError, match="fcfs, run_las"):
         scheduler("lottery")

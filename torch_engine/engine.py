@@ -65,7 +65,7 @@ class TorchEngine:
     def __init__(self, loaded: LoadedModel, max_batch_size: int = 64, kv_cache_tokens: int = 65536,
                  threads: int | None = None, max_num_tokens: int = 512, block_size: int = 16,
                  start_thread: bool = True, max_context: int = 0, quantize: str = "auto",
-                 compile: str = "auto", scheduling: str = "run_las") -> None:
+                 compile: str = "auto", scheduling: str = "fcfs") -> None:
         """max_context: tokens per sequence (prompt and generated), below the model's own limit; 0: the model's.
         quantize: the linears' weights, "none" (the model's dtype), "int8" (torch_engine/model/quant.py), or
         "auto": int8 for an already quantized checkpoint (a Q4_1 .gguf), none otherwise.
@@ -125,8 +125,8 @@ class TorchEngine:
                 torch.set_num_threads(caller_threads)
         self.runner = ModelRunner(self.decoder, self.kv)
         self.kept = KeptSequences(self.blocks)
-        # scheduling: the order waiting tasks start in, "run_las" (by run: priority, least attained service) or
-        # "fcfs" (arrival); torch_engine/scheduler.py
+        # scheduling: the order waiting tasks start in, "fcfs" (arrival) or "run_las" (by run: priority, least
+        # attained service); torch_engine/scheduler.py
         self.scheduler = Scheduler(self.blocks, max_num_tokens, max_batch_size, reclaim=self.kept.evict_oldest,
                                    policy=self.scheduling)
         self.stats = EngineStats()

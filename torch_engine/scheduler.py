@@ -3,8 +3,8 @@
 Each step has a token budget (max_num_tokens). Running sequences go first, oldest first: a decode
 needs one token, a sequence still prefilling gets the next chunk of its prompt. Waiting sequences
 are admitted while budget, batch size and blocks last, in the order of the scheduling policy:
-- "fcfs": arrival order;
-- "run_las" (program-aware, the default): by run, not by task. Higher run priority first; then the run
+- "fcfs" (the default): arrival order;
+- "run_las" (program-aware): by run, not by task. Higher run priority first; then the run
   that has attained the least service (tokens the router says the run consumed before the task was sent,
   plus the tokens this worker has computed for the run since), so a long program's hundredth call does not
   hold back a burst of fresh short runs; then arrival. A task that has waited longer than starvation_s
@@ -39,13 +39,14 @@ class Plan:
     exhausted: list[Sequence] = field(default_factory=list)  # cannot grow even alone: the cache is full
 
 
-POLICIES = ("run_las", "fcfs")
+# fcfs stays the default until benchmarks/scheduling.py shows run_las paying (docs/BENCHMARKS.md, issue 20)
+POLICIES = ("fcfs", "run_las")
 RUNS_REMEMBERED = 4096      # runs whose service on this worker is remembered (least recently served dropped first)
 
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_tokens: int, max_batch_size: int,
-                 reclaim: Callable[[], bool] = lambda: False, policy: str = "run_las",
+                 reclaim: Callable[[], bool] = lambda: False, policy: str = "fcfs",
                  starvation_s: float = 10.0) -> None:
         if policy not in POLICIES:
             raise ValueError(f"scheduling policy must be one of {', '.join(POLICIES)}, got {policy!r}")

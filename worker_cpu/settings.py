@@ -54,9 +54,10 @@ class Engine(Section):
     block_size: int = setting(16, "tokens per KV block", flag="block_size", ge=1)
     threads: int = setting(0, "torch threads (0: torch's default)", flag="threads", ge=0)
     max_n: int = setting(64, "largest n one generate task may ask for", flag="max_n", ge=1)
-    scheduling: Literal["run_las", "fcfs"] = setting(
-        "run_las", "the order waiting tasks start in: run_las (by run: priority, then the run that has attained the "
-        "least service, with an anti-starvation bound) or fcfs (arrival)", flag="scheduling")
+    scheduling: Literal["fcfs", "run_las"] = setting(
+        "fcfs", "the order waiting tasks start in: fcfs (arrival) or run_las (by run: priority, then the run that "
+        "has attained the least service, with an anti-starvation bound; not yet measured to pay, see "
+        "docs/BENCHMARKS.md)", flag="scheduling")
 
 
 class Scoring(Section):
