@@ -33,38 +33,26 @@ log = structlog.get_logger(__name__)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m router", description="Trellis router")
-    p.add_argument("--workers",
-                   help="comma-separated workers (env TRELLIS_WORKERS): host:port, dns:NAME:PORT (re-resolved, e.g. a "
-                        "Kubernetes headless service) or file:PATH (re-read; one host:port per line)")
-    p.add_argument("--discovery-interval", type=float, default=5.0,
-                   help="seconds between re-resolving dns: and file: workers")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50051, help="0 picks a free port (printed in the 'serving' log line)")
-    p.add_argument("--max-n", type=int, default=64, help="largest n a run or a generate call may ask for")
-    p.add_argument("--worker-wait-seconds", type=float, default=2.0,
-                   help="how long a task waits for a worker to connect before UNAVAILABLE (capped by its deadline)")
+    # Defaults, bounds and help live in router/settings.py (configure() shows them in --help)
+    p.add_argument("--workers")
+    p.add_argument("--discovery-interval", type=float)
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--max-n", type=int)
+    p.add_argument("--worker-wait-seconds", type=float)
     add_metrics_args(p)
-    p.add_argument("--drain-seconds", type=float, default=30.0, help="grace period for in-flight runs on SIGTERM")
-    p.add_argument("--max-running-runs", type=int, default=256,
-                   help="runs worked on at once; more wait in a priority queue (0: no limit)")
-    p.add_argument("--max-queued-runs", type=int, default=1024, help="runs that may wait; beyond, RESOURCE_EXHAUSTED")
-    p.add_argument("--max-runs-per-client", type=int, default=0,
-                   help="runs in flight per client (x-trellis-client metadata, else peer host); 0: no limit")
-    p.add_argument("--max-migrations", type=int, default=2,
-                   help="times a generate task moves to another worker when its worker fails mid-stream")
-    p.add_argument("--routing", choices=POLICIES, default="kv",
-                   help="kv: weigh KV-prefix overlap against load (default); least_loaded; round_robin")
-    p.add_argument("--overlap-weight", type=float, default=1.0,
-                   help="kv routing: cost of a prompt block to prefill, against one block of load")
-    p.add_argument("--auth-file", type=Path,
-                   help="clients allowed in (token hashes or mTLS names) and their limits; JSON, see router/auth.py")
-    p.add_argument("--max-tokens", type=int, default=0, help="largest max_tokens of one generate task (0: no limit)")
-    p.add_argument("--max-prompt-chars", type=int, default=1_000_000,
-                   help="largest prompt in characters (token ids count one each); 0: no limit")
-    p.add_argument("--max-run-seconds", type=float, default=0.0,
-                   help="longest a run may take, whatever deadline the client sets (0: the client's deadline)")
-    p.add_argument("--max-tasks-per-run", type=int, default=10_000,
-                   help="tasks one run may start (bounds a search tree); 0: no limit")
+    p.add_argument("--drain-seconds", type=float)
+    p.add_argument("--max-running-runs", type=int)
+    p.add_argument("--max-queued-runs", type=int)
+    p.add_argument("--max-runs-per-client", type=int)
+    p.add_argument("--max-migrations", type=int)
+    p.add_argument("--routing", choices=POLICIES)
+    p.add_argument("--overlap-weight", type=float)
+    p.add_argument("--auth-file", type=Path)
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--max-prompt-chars", type=int)
+    p.add_argument("--max-run-seconds", type=float)
+    p.add_argument("--max-tasks-per-run", type=int)
     tls.add_server_args(p)
     tls.add_client_args(p, "worker-", "workers")
     configured = configure(p, RouterSettings, "router", argv)

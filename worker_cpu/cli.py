@@ -31,42 +31,42 @@ log = structlog.get_logger(__name__)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m worker_cpu", description="Trellis CPU worker (PyTorch)")
-    p.add_argument("--model", default="default",
+    p.add_argument("--model",
                    help="Hugging Face model directory, a .gguf file, or 'default' (bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50061, help="0 picks a free port (printed in the 'serving' log line)")
-    p.add_argument("--dtype", choices=DTYPES, default="auto",
+    p.add_argument("--host")
+    p.add_argument("--port", type=int, help="0 picks a free port (printed in the 'serving' log line)")
+    p.add_argument("--dtype", choices=DTYPES,
                    help="auto: float32 activations with quantized weights; otherwise bfloat16 where the CPU runs it "
                         "natively (avx512_bf16, amx_bf16), float32 elsewhere")
-    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto",
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES,
                    help="int8: every linear's weights int8 per output channel (a quarter of float32's bytes per "
                         "step); int4: groups of 32 weights (an eighth; the fastest at batch 1, slower than int8 with "
                         "many sequences); none: the dtype's; auto: int8 for an already quantized .gguf (the bundled "
                         "model), none for float checkpoints")
-    p.add_argument("--compile", choices=COMPILE_MODES, default="auto",
+    p.add_argument("--compile", choices=COMPILE_MODES,
                    help="the decode step through torch.compile, compiled at start (cached on disk for later "
                         "starts); auto: on with quantized weights, where it pays, off otherwise")
-    p.add_argument("--max-batch-size", type=int, default=64, help="cap on running sequences")
-    p.add_argument("--kv-cache-tokens", type=int, default=65536,
+    p.add_argument("--max-batch-size", type=int, help="cap on running sequences")
+    p.add_argument("--kv-cache-tokens", type=int,
                    help="KV cache capacity in tokens, preallocated in blocks (SmolLM2-135M fp32: 46 KB per token)")
-    p.add_argument("--kv-cache-gib", type=float, default=0.0,
+    p.add_argument("--kv-cache-gib", type=float,
                    help="KV cache capacity as memory instead (GiB); overrides --kv-cache-tokens when set")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    p.add_argument("--max-num-tokens", type=int, default=512,
+    p.add_argument("--block-size", type=int, help="tokens per KV block")
+    p.add_argument("--max-num-tokens", type=int,
                    help="token budget per step; longer prompts are prefilled in chunks of at most this many")
-    p.add_argument("--max-n", type=int, default=64, help="largest n one generate task may ask for")
+    p.add_argument("--max-n", type=int, help="largest n one generate task may ask for")
     p.add_argument("--scheduling", choices=POLICIES)
     add_model_args(p)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--worker-id", default="", help="defaults to a random id")
+    p.add_argument("--threads", type=int, help="torch threads (0: torch's default)")
+    p.add_argument("--worker-id", help="defaults to a random id")
     p.add_argument("--no-verifier", action="store_true",
                    help="a causal LM worker does not offer SCORE_VERIFIER (yes/no verification on its model)")
-    p.add_argument("--max-candidates", type=int, default=64,
+    p.add_argument("--max-candidates", type=int,
                    help="largest number of candidates one score task may carry")
-    p.add_argument("--score-batch-tokens", type=int, default=16384,
+    p.add_argument("--score-batch-tokens", type=int,
                    help="padded tokens per scoring forward pass; a score task that needs more runs in several")
     add_metrics_args(p)
-    p.add_argument("--drain-seconds", type=float, default=30.0, help="grace period for in-flight work on SIGTERM")
+    p.add_argument("--drain-seconds", type=float, help="grace period for in-flight work on SIGTERM")
     tls.add_server_args(p)
     configured = configure(p, WorkerCpuSettings, "worker_cpu", argv)   # defaults, bounds: worker_cpu/settings.py
     args = configured.args

@@ -42,28 +42,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from torch_engine.model_loader import add_model_args  # torch_engine is imported lazily (ARCHITECTURE.md)
 
     p = argparse.ArgumentParser(prog="python -m worker_gpu", description="Trellis GPU worker (TensorRT-LLM or torch)")
-    p.add_argument("--engine", choices=ENGINES, default="tensorrt-llm")
-    p.add_argument("--model", default="default",
+    p.add_argument("--engine", choices=ENGINES)
+    p.add_argument("--model",
                    help="Hugging Face model directory (or 'default': the bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50061, help="0 picks a free port (printed in the 'serving' log line)")
-    p.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
+    p.add_argument("--host")
+    p.add_argument("--port", type=int, help="0 picks a free port (printed in the 'serving' log line)")
+    p.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"],
                    help="auto: the model's own dtype on TensorRT-LLM, bfloat16 on the torch engine")
-    p.add_argument("--max-batch-size", type=int, default=256, help="cap on sequences in flight")
-    p.add_argument("--max-num-tokens", type=int, default=8192, help="token budget per engine step")
-    p.add_argument("--kv-cache-free-gpu-memory-fraction", type=float, default=0.9,
+    p.add_argument("--max-batch-size", type=int, help="cap on sequences in flight")
+    p.add_argument("--max-num-tokens", type=int, help="token budget per engine step")
+    p.add_argument("--kv-cache-free-gpu-memory-fraction", type=float,
                    help="share of the GPU memory left after loading the weights that the KV cache may take")
-    p.add_argument("--kv-cache-tokens", type=int, default=262144, help="torch engine: KV cache capacity in tokens")
-    p.add_argument("--device", default="cuda", help="torch engine: the torch device (cuda, cuda:1, or cpu)")
-    p.add_argument("--max-n", type=int, default=64, help="largest n one generate task may ask for")
+    p.add_argument("--kv-cache-tokens", type=int, help="torch engine: KV cache capacity in tokens")
+    p.add_argument("--device", help="torch engine: the torch device (cuda, cuda:1, or cpu)")
+    p.add_argument("--max-n", type=int, help="largest n one generate task may ask for")
     add_model_args(p)
     p.add_argument("--no-verifier", action="store_true", help="do not offer SCORE_VERIFIER on the worker's model")
-    p.add_argument("--prm-tokens", default="",
+    p.add_argument("--prm-tokens",
                    help="serve process rewards from a causal-LM PRM: 'GOOD,BAD' (e.g. '+,-' for Math-Shepherd); "
                         "a step's score is P(GOOD) / (P(GOOD) + P(BAD)) at its separator")
-    p.add_argument("--worker-id", default="", help="defaults to a random id")
+    p.add_argument("--worker-id", help="defaults to a random id")
     add_metrics_args(p)
-    p.add_argument("--drain-seconds", type=float, default=30.0, help="grace period for in-flight work on SIGTERM")
+    p.add_argument("--drain-seconds", type=float, help="grace period for in-flight work on SIGTERM")
     tls.add_server_args(p)
     configured = configure(p, WorkerGpuSettings, "worker_gpu", argv)   # defaults, bounds: worker_gpu/settings.py
     args = configured.args

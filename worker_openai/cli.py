@@ -51,45 +51,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                             "llama.cpp, trtllm-serve, transformers serve, hosted endpoints)")
     # Not required=True: it may come from the environment or the config file too (checked below).
     p.add_argument("--base-url", help="the upstream's API root, e.g. http://vllm:8000/v1")
-    p.add_argument("--model", default="", help="the upstream's model name (default: the first /models lists)")
-    p.add_argument("--served-model-id", default="",
+    p.add_argument("--model", help="the upstream's model name (default: the first /models lists)")
+    p.add_argument("--served-model-id",
                    help="the model id this worker advertises to routers (default: --model)")
-    p.add_argument("--upstream-kind", choices=sorted(KINDS), default="openai",
+    p.add_argument("--upstream-kind", choices=sorted(KINDS),
                    help="which server it is: decides the vendor extensions sent (top_k, min_p, ...) and what is "
                         "refused with INVALID_ARGUMENT")
-    p.add_argument("--api-key-file", default="", help="file holding the upstream's API key "
+    p.add_argument("--api-key-file", help="file holding the upstream's API key "
                                                       f"(else the environment: {' or '.join(KEY_ENV)})")
-    p.add_argument("--tokenizer", default="",
+    p.add_argument("--tokenizer",
                    help="the model's Hugging Face tokenizer (a local directory, or a .gguf file): chats are "
                         "rendered with its template and sent to /completions, so continuations are exact; token ids "
                         "are its ids")
     p.add_argument("--chat-only", action="store_true",
                    help="the upstream has no /completions (e.g. a hosted chat model): text prompts are refused")
-    p.add_argument("--max-concurrency", type=int, default=64,
+    p.add_argument("--max-concurrency", type=int,
                    help="upstream requests in flight (one per sample); beyond, tasks get RESOURCE_EXHAUSTED")
-    p.add_argument("--max-context-tokens", type=int, default=0, help="the model's context, advertised (0: unknown)")
-    p.add_argument("--max-n", type=int, default=64, help="largest n one generate task may ask for")
+    p.add_argument("--max-context-tokens", type=int, help="the model's context, advertised (0: unknown)")
+    p.add_argument("--max-n", type=int, help="largest n one generate task may ask for")
     p.add_argument("--no-verifier", action="store_true",
                    help="do not offer SCORE_VERIFIER (yes/no from the upstream's top logprobs)")
-    p.add_argument("--max-candidates", type=int, default=64, help="largest number of candidates per score task")
-    p.add_argument("--reward-api", choices=["classify"], default="",
+    p.add_argument("--max-candidates", type=int, help="largest number of candidates per score task")
+    p.add_argument("--reward-api", choices=["classify"],
                    help="the upstream serves an outcome reward model instead of generating: 'classify' is vLLM's "
                         "classification API (POST /classify; SGLang's /v1/classify); the worker then offers "
                         "SCORE_OUTCOME only")
-    p.add_argument("--reward-url", default="",
+    p.add_argument("--reward-url",
                    help="where that API is (default: the server's /classify)")
-    p.add_argument("--request-retries", type=int, default=2,
+    p.add_argument("--request-retries", type=int,
                    help="retries of a request that failed to connect or got 502/503/504, before anything streamed")
-    p.add_argument("--read-timeout", type=float, default=600.0, help="seconds the upstream may stay silent mid-stream")
-    p.add_argument("--health-interval", type=float, default=2.0, help="seconds between probes of the upstream")
-    p.add_argument("--health-url", default="",
+    p.add_argument("--read-timeout", type=float, help="seconds the upstream may stay silent mid-stream")
+    p.add_argument("--health-interval", type=float, help="seconds between probes of the upstream")
+    p.add_argument("--health-url",
                    help="what to probe: default the server's /health (vLLM, SGLang, llama.cpp, trtllm-serve and "
                         "transformers serve all have one), or <base-url>/models for --upstream-kind openai")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50061, help="0 picks a free port (printed in the 'serving' log line)")
-    p.add_argument("--worker-id", default="", help="defaults to a random id")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int, help="0 picks a free port (printed in the 'serving' log line)")
+    p.add_argument("--worker-id", help="defaults to a random id")
     add_metrics_args(p)
-    p.add_argument("--drain-seconds", type=float, default=30.0, help="grace period for in-flight work on SIGTERM")
+    p.add_argument("--drain-seconds", type=float, help="grace period for in-flight work on SIGTERM")
     tls.add_server_args(p)
     configured = configure(p, WorkerOpenaiSettings, "worker_openai", argv)   # defaults: worker_openai/settings.py
     args = configured.args
