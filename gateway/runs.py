@@ -53,11 +53,13 @@ def _each(choices: Choices) -> list[Any]:
 
 async def run_all(client: AsyncClient, plan: RunPlan, choices: Choices, token: str,
                   deadline: float | None) -> list[Result]:
-    calls = [client.run(plan.controller, p, token=token, deadline=deadline, **_run_args(plan, choices))
-             for p in _each(choices)]
+    runs = [asyncio.ensure_future(client.run(plan.controller, p, token=token, deadline=deadline,
+                                             **_run_args(plan, choices))) for p in _each(choices)]
     try:
-        return list(await asyncio.gather(*calls))
+        return list(await asyncio.gather(*runs))
     except TrellisError as err:
+        for run in runs:      # one choice failed: the request has, so the others stop spending
+            run.cancel()
         raise from_trellis(err, choices.prompt_param, plan.requested) from None
 
 
