@@ -19,6 +19,26 @@ class ServerTLS(Section):
                               flag="plaintext")
 
 
+class WorkerServer(Section):
+    """Where every worker kind serves the worker contract."""
+    host: str = setting("127.0.0.1", "interface to serve on", flag="host")
+    port: int = setting(50061, "0 picks a free port (printed in the 'serving' log line)", flag="port", ge=0,
+                        le=65535)
+    drain_seconds: float = setting(30.0, "grace period for in-flight work on SIGTERM", flag="drain_seconds", ge=0)
+    worker_id: str = setting("", "the id this worker gives routers (defaults to a random id)", flag="worker_id")
+
+
+class ModelLoading(Section):
+    """The flags torch_engine.model_loader.add_model_args adds, for the worker kinds that load a model; a worker's
+    own model section adds the model and its dtype."""
+    trust_remote_code: bool = setting(False, "run Python code that the model directory ships (config.json auto_map); "
+                                      "off: a model directory is data, not code", flag="trust_remote_code")
+    max_context_tokens: int = setting(
+        0, "tokens per sequence (prompt and generated, or a scored candidate with its prompt) below the model's own "
+        "context (TensorRT-LLM's max_seq_len): longer prompts are refused (CONTEXT_LENGTH_EXCEEDED), generation stops "
+        "there; 0: the model's context", flag="max_context_tokens", ge=0)
+
+
 class Telemetry(Section):
     metrics_port: int = setting(0, "Prometheus metrics at http://<metrics_host>:PORT/metrics (0: off)",
                                 flag="metrics_port", env="TRELLIS_METRICS_PORT", ge=0, le=65535)

@@ -10,18 +10,10 @@ from __future__ import annotations
 from typing import Literal
 
 from trellis_settings import Section, setting
-from trellis_settings.common import ServerTLS, Telemetry
+from trellis_settings.common import ModelLoading, ServerTLS, Telemetry, WorkerServer
 
 
-class Server(Section):
-    host: str = setting("127.0.0.1", "interface to serve on", flag="host")
-    port: int = setting(50061, "0 picks a free port (printed in the 'serving' log line)", flag="port", ge=0,
-                        le=65535)
-    drain_seconds: float = setting(30.0, "grace period for in-flight work on SIGTERM", flag="drain_seconds", ge=0)
-    worker_id: str = setting("", "the id this worker gives routers (defaults to a random id)", flag="worker_id")
-
-
-class Model(Section):
+class Model(ModelLoading):
     model: str = setting("default", "Hugging Face model directory, a .gguf file, or 'default' (bundled "
                          "SmolLM2-135M-Instruct)", flag="model")
     dtype: Literal["auto", "float32", "bfloat16"] = setting(
@@ -35,12 +27,6 @@ class Model(Section):
     compile: Literal["auto", "on", "off"] = setting(
         "auto", "the decode step through torch.compile, compiled at start (cached on disk for later starts); auto: "
         "on with quantized weights, where it pays, off otherwise", flag="compile")
-    trust_remote_code: bool = setting(False, "run Python code that the model directory ships (config.json auto_map); "
-                                      "off: a model directory is data, not code", flag="trust_remote_code")
-    max_context_tokens: int = setting(
-        0, "tokens per sequence (prompt and generated, or a scored candidate with its prompt) below the model's own "
-        "context (TensorRT-LLM's max_seq_len): longer prompts are refused (CONTEXT_LENGTH_EXCEEDED), generation stops "
-        "there; 0: the model's context", flag="max_context_tokens", ge=0)
 
 
 class Engine(Section):
@@ -70,7 +56,7 @@ class Scoring(Section):
 
 
 class WorkerCpuSettings(Section):
-    server: Server = Server()
+    server: WorkerServer = WorkerServer()
     tls: ServerTLS = ServerTLS()
     model: Model = Model()
     engine: Engine = Engine()

@@ -11,28 +11,14 @@ from typing import Literal
 from pydantic import field_validator
 
 from trellis_settings import Section, setting
-from trellis_settings.common import ServerTLS, Telemetry
+from trellis_settings.common import ModelLoading, ServerTLS, Telemetry, WorkerServer
 
 
-class Server(Section):
-    host: str = setting("127.0.0.1", "interface to serve on", flag="host")
-    port: int = setting(50061, "0 picks a free port (printed in the 'serving' log line)", flag="port", ge=0,
-                        le=65535)
-    drain_seconds: float = setting(30.0, "grace period for in-flight work on SIGTERM", flag="drain_seconds", ge=0)
-    worker_id: str = setting("", "the id this worker gives routers (defaults to a random id)", flag="worker_id")
-
-
-class Model(Section):
+class Model(ModelLoading):
     model: str = setting("default", "Hugging Face model directory (or 'default': the bundled SmolLM2-135M-Instruct)",
                          flag="model")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = setting(
         "auto", "auto: the model's own dtype on TensorRT-LLM, bfloat16 on the torch engine", flag="dtype")
-    trust_remote_code: bool = setting(False, "run Python code that the model directory ships (config.json auto_map); "
-                                      "off: a model directory is data, not code", flag="trust_remote_code")
-    max_context_tokens: int = setting(
-        0, "tokens per sequence (prompt and generated, or a scored candidate with its prompt) below the model's own "
-        "context (TensorRT-LLM's max_seq_len): longer prompts are refused (CONTEXT_LENGTH_EXCEEDED), generation stops "
-        "there; 0: the model's context", flag="max_context_tokens", ge=0)
 
 
 class Engine(Section):
@@ -64,7 +50,7 @@ class Scoring(Section):
 
 
 class WorkerGpuSettings(Section):
-    server: Server = Server()
+    server: WorkerServer = WorkerServer()
     tls: ServerTLS = ServerTLS()
     model: Model = Model()
     engine: Engine = Engine()

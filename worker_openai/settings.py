@@ -12,15 +12,7 @@ from __future__ import annotations
 from typing import Literal
 
 from trellis_settings import Section, setting
-from trellis_settings.common import ServerTLS, Telemetry
-
-
-class Server(Section):
-    host: str = setting("127.0.0.1", "interface to serve on", flag="host")
-    port: int = setting(50061, "0 picks a free port (printed in the 'serving' log line)", flag="port", ge=0,
-                        le=65535)
-    drain_seconds: float = setting(30.0, "grace period for in-flight work on SIGTERM", flag="drain_seconds", ge=0)
-    worker_id: str = setting("", "the id this worker gives routers (defaults to a random id)", flag="worker_id")
+from trellis_settings.common import ServerTLS, Telemetry, WorkerServer
 
 
 class Upstream(Section):
@@ -71,7 +63,7 @@ class Scoring(Section):
 
 
 class WorkerOpenaiSettings(Section):
-    server: Server = Server()
+    server: WorkerServer = WorkerServer()
     tls: ServerTLS = ServerTLS()
     upstream: Upstream = Upstream()
     health: Health = Health()
