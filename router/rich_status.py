@@ -11,9 +11,8 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from router.admission import Exhausted
-from trellis_rpc.errors import StatusError, code_number
+from trellis_rpc.errors import DETAILS_KEY, StatusError, code_number
 
-DETAILS_KEY = "grpc-status-details-bin"
 DOMAIN = "trellis.ai"
 
 

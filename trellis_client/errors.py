@@ -7,8 +7,7 @@ from __future__ import annotations
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
-DETAILS_KEY = "grpc-status-details-bin"
-_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+from trellis_rpc.errors import DETAILS_KEY, code_from_number
 
 
 class TrellisError(Exception):
@@ -28,7 +27,7 @@ class TrellisError(Exception):
 
     @classmethod
     def from_parts(cls, code: int, message: str, *, field: str = "", reason: str = "") -> TrellisError:
-        return cls(_BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN), message, field=field, reason=reason)
+        return cls(code_from_number(code), message, field=field, reason=reason)
 
     @classmethod
     def from_rpc_error(cls, err: grpc.RpcError) -> TrellisError:

@@ -48,6 +48,10 @@ def context_exceeded(field: str, message: str) -> StatusError:
     return StatusError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}", field, CONTEXT_LENGTH_EXCEEDED)
 
 
+# The trailer gRPC's rich error model travels in (a serialized google.rpc.Status): written by the router's edge,
+# read by its clients.
+DETAILS_KEY = "grpc-status-details-bin"
+
 _BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
