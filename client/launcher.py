@@ -49,36 +49,37 @@ class Process:
             return ""
 
     def wait_serving(self, timeout: float) -> None:
-        """Poll the health service until SERVING; fail early (with the log) if the process dies."""
-        deadline = time.monotonic() + timeout
+        """Poll the health check (grpc.health.v1, or the gateway's GET /health) until it says serving; fail early
+        (with the log) if the process dies."""
         if self.service == HTTP_HEALTH:
-            return self._wait_http(deadline, timeout)
+            import httpx
+
+            def serving() -> bool:
+                try:
+                    return httpx.get(f"http://{self.address}/health", timeout=1).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            return self._poll(serving, timeout)
         with grpc.insecure_channel(self.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                if self.popen.poll() is not None:
-                    raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{self.log_tail()}")
+
+            def serving() -> bool:
                 try:
                     reply = stub.Check(health_pb2.HealthCheckRequest(service=self.service), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
                 except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{self.name} not serving after {timeout:.0f}s:\n{self.log_tail()}")
-                time.sleep(0.2)
+                    return False
+                return reply.status == health_pb2.HealthCheckResponse.SERVING
 
-    def _wait_http(self, deadline: float, timeout: float) -> None:
-        import httpx
+            self._poll(serving, timeout)
 
+    def _poll(self, serving, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
         while True:
             if self.popen.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"http://{self.address}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+            if serving():
+                return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.name} not serving after {timeout:.0f}s:\n{self.log_tail()}")
             time.sleep(0.2)
