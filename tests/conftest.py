@@ -20,7 +20,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROUTER_MAX_N = 16
 
 # Fixtures that start worker and router processes: a test using any of them is marked `processes`.
-PROCESS_FIXTURES = {"tiny_worker", "tiny_router", "router", "worker_channel", "worker_stub", "client_stack"}
+PROCESS_FIXTURES = {"tiny_worker", "tiny_router", "router", "worker_channel", "worker_stub", "client_stack", "gateway"}
 
 
 # ---- the `processes` marker: `pytest -m "not processes"` runs the in-process half in seconds ------------
@@ -126,3 +126,16 @@ def client_stack(tiny_model, logs) -> dict:
         for proc in (router, worker):
             if proc is not None:
                 proc.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(client_stack, logs) -> Process:
+    """The OpenAI-compatible gateway in front of client_stack's router."""
+    from client.launcher import start_gateway
+
+    proc = start_gateway(client_stack["router"].address, logs, name="gateway")
+    try:
+        proc.wait_serving(timeout=60)
+        yield proc
+    finally:
+        proc.stop()

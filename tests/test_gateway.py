@@ -24,16 +24,6 @@ MESSAGES = [{"role": "user", "content": QUESTION}]
 
 
 @pytest.fixture(scope="module")
-def gateway(client_stack, logs):
-    proc = start_gateway(client_stack["router"].address, logs, name="gateway")
-    try:
-        proc.wait_serving(timeout=60)
-        yield proc
-    finally:
-        proc.stop()
-
-
-@pytest.fixture(scope="module")
 def sdk(gateway) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"http://{gateway.address}/v1", api_key="unused", max_retries=0)
 

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from client.launcher import start_gateway
-
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -19,16 +17,6 @@ def python_blocks() -> list[str]:
     text = README.read_text()
     section = text[text.index("## The API: three ways in"):text.index("## Controllers")]
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
-
-
-@pytest.fixture(scope="module")
-def readme_gateway(client_stack, logs):
-    proc = start_gateway(client_stack["router"].address, logs, name="readme-gateway")
-    try:
-        proc.wait_serving(timeout=60)
-        yield proc
-    finally:
-        proc.stop()
 
 
 def test_readme_has_the_three_python_examples():
@@ -39,10 +27,10 @@ def test_readme_has_the_three_python_examples():
 
 
 @pytest.mark.parametrize("index", [0, 1, 2])
-def test_readme_example_runs(index, client_stack, readme_gateway):
+def test_readme_example_runs(index, client_stack, gateway):
     code = python_blocks()[index]
     code = code.replace("127.0.0.1:50051", client_stack["router"].address)
-    code = code.replace("127.0.0.1:8080", readme_gateway.address)
+    code = code.replace("127.0.0.1:8080", gateway.address)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "readme"})
