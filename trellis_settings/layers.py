@@ -10,6 +10,7 @@ pydantic's; the file is TOML read by the standard library's tomllib.
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import tomllib
 from collections.abc import Mapping
@@ -38,8 +39,9 @@ class Loaded(Generic[M]):
     config: Path | None = None
 
 
+@functools.cache
 def leaves(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    """Every setting of a model: path -> its pydantic FieldInfo."""
+    """Every setting of a model: path -> its pydantic FieldInfo (computed once per model; callers only read it)."""
     out: dict[tuple[str, ...], Any] = {}
     for name, info in model.model_fields.items():
         kind = info.annotation

@@ -42,8 +42,8 @@ def value_at(settings: BaseModel, path: tuple[str, ...]) -> Any:
 
 def configure(parser: argparse.ArgumentParser, model: type[M], process: str,
               argv: list[str] | None = None) -> Configured[M]:
-    paths = {extra(info)["flag"]: path for path, info in leaves(model).items() if extra(info).get("flag")}
     infos = leaves(model)
+    paths = {extra(info)["flag"]: path for path, info in infos.items() if extra(info).get("flag")}
     options: dict[tuple[str, ...], str] = {}
     for action in parser._actions:
         if action.dest in paths:
