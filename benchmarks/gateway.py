@@ -19,17 +19,12 @@ import statistics
 import time
 
 from benchmarks.openai_worker import cpu_line
-from benchmarks.router import LOGS, cpu_seconds, fake_worker
+from benchmarks.router import LOGS, cpu_seconds, fake_worker, pct
 from benchmarks.sse_client import SSEConnection
 from client.launcher import start_gateway, start_router
 from trellis_client import AsyncClient, Delta
 
 MESSAGES = [{"role": "user", "content": "Tell me a story."}]
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 async def grpc_ttft(client: AsyncClient, max_tokens: int) -> float:

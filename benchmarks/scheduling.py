@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from benchmarks.openai_worker import cpu_line
+from benchmarks.router import pct
 from client.eval import answer_number
 from client.launcher import start_router, start_worker
 from trellis_client import AsyncClient, TrellisError
@@ -31,11 +32,6 @@ DATA = Path(__file__).resolve().parent / "data" / "arith.jsonl"
 SEARCH = {"kind": "verifier", "max_step_tokens": 32, "max_steps": 4}
 SHORT = [("native_generation", {}), ("majority_vote", {"n": 4})]
 LONG = [("beam_search", {"beam_width": 4, "expansions": 4, **SEARCH}), ("mcts", {"iterations": 6, **SEARCH})]
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
 async def workload(address: str, seconds: float, rate: float, long_programs: int, seed: int) -> list[dict]:
@@ -80,10 +76,10 @@ def summary(runs: list[dict]) -> dict:
     out = {}
     for kind in ("short", "long"):
         mine = [r for r in runs if r["kind"] == kind and not r["error"]]
-        lat = [r["latency"] for r in mine]
+        lat = [r["latency"] for r in mine] or [float("nan")]
         out[kind] = {"runs": len(mine), "errors": sum(1 for r in runs if r["kind"] == kind and r["error"]),
-                     "mean": statistics.mean(lat) if lat else float("nan"), "p50": pct(lat, 0.5),
-                     "p99": pct(lat, 0.99), "accuracy": sum(r["correct"] for r in mine) / max(1, len(mine))}
+                     "mean": statistics.mean(lat), "p50": pct(lat, 0.5), "p99": pct(lat, 0.99),
+                     "accuracy": sum(r["correct"] for r in mine) / max(1, len(mine))}
     return out
 
 
