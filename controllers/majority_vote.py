@@ -1,6 +1,11 @@
 """MajorityVote (self-consistency): sample n reasoning paths, extract each answer, return the most common.
 
 Wang et al., "Self-Consistency Improves Chain of Thought Reasoning in Language Models", ICLR 2023.
+
+The vote is tallied as samples finish, and once the leader cannot be overtaken (it has more votes than the
+runner-up plus every sample still running) the rest are cancelled: the answer is the one all n would give, and
+their tokens are not spent (certaindex's "stop the decided", in the one case where it cannot change the answer;
+`stop_decided=false` draws all n). Cancelled samples abstain; `details.counted` says how many voted.
 """
 
 from __future__ import annotations
@@ -8,7 +13,7 @@ from __future__ import annotations
 from controllers.answers import EXTRACTOR_PARAMS, Tally, answer_extractor
 from controllers.base import REGISTRY, Controller, Param, Result, register
 from controllers.errors import ControllerError, ParamError
-from controllers.tasks import Branch, Candidate, Generate, Intermediate, Progress, Prompt
+from controllers.tasks import Branch, Candidate, Generate, Intermediate, Progress, Prompt, Trace
 
 
 @register
@@ -18,6 +23,8 @@ class MajorityVote(Controller):
     params = (
         Param("n", "int", 8, "number of samples to vote over", minimum=1),
         *EXTRACTOR_PARAMS,
+        Param("stop_decided", "bool", True, "cancel the samples still running once the vote is decided (the "
+              "answer cannot change; their texts are not returned)"),
         Param("inner", "str", "", "a controller whose answers are voted on, each vote a parallel branch with its "
               "default parameters (e.g. dynasor_cot); empty: plain samples, one worker task of n"),
     )
@@ -34,7 +41,8 @@ class MajorityVote(Controller):
     def _samples(self, prompt: Prompt):
         """(branch, text, finish_reason) of each of the n votes: samples of one task, or inner runs."""
         if not self.inner:
-            task = Generate(prompt, n=self.n, branch="sample")
+            task = Generate(prompt, n=self.n, branch="sample",
+                            stop_when=Decided(self.n, self.extract) if self.stop_decided else None)
             yield [task]
             if not task.ok:
                 raise ControllerError.from_failure(task.failure)
@@ -56,7 +64,8 @@ class MajorityVote(Controller):
         first_text: dict[str, str] = {}
         candidates = []
         for branch, text, finish_reason in samples:
-            answer = self.extract(text)
+            # A sample cancelled because the vote was decided is unfinished: it abstains.
+            answer = self.extract(text) if finish_reason != "cancelled" else ""
             candidates.append(Candidate(branch, text, answer, finish_reason=finish_reason))
             if not answer:
                 continue  # no answer found: abstains rather than voting for ""
@@ -75,5 +84,27 @@ class MajorityVote(Controller):
         return Result(
             answer=winner, text=first_text[winner], candidates=candidates,
             details={"votes": dict(votes.counts), "share": votes.counts[winner] / self.n,
-                     "abstained": self.n - votes.votes},
+                     "abstained": self.n - votes.votes,
+                     "counted": sum(1 for _, _, reason in samples if reason != "cancelled")},
         )
+
+
+class Decided:
+    """Generate.stop_when for a vote over the task's n samples: counts each sample's answer when it finishes,
+    and stops the task once the leader has more votes than the runner-up plus the samples not yet finished."""
+
+    def __init__(self, n: int, extract) -> None:
+        self.n = n
+        self.extract = extract
+        self.votes = Tally()
+        self.finished: set[int] = set()
+
+    def __call__(self, trace: Trace) -> bool:
+        if not trace.finish_reason or trace.index in self.finished:
+            return False
+        self.finished.add(trace.index)
+        answer = self.extract(trace.text)
+        if answer:
+            self.votes.add(answer)
+        running = self.n - len(self.finished)
+        return running > 0 and self.votes.weight(0) > self.votes.weight(1) + running

@@ -126,7 +126,8 @@ class _Driver:
 
     @staticmethod
     def _partial(task: Generate) -> GenerateOutput:
-        samples = [task.traces.get(i, Trace(i)).sample("cancelled") for i in range(task.n)]
+        traces = [task.traces.get(i, Trace(i)) for i in range(task.n)]
+        samples = [trace.sample(trace.finish_reason or "cancelled") for trace in traces]
         return GenerateOutput(samples=samples, prompt_tokens=0,
                               completion_tokens=sum(s.token_count for s in samples))
 

@@ -89,6 +89,7 @@ class TokenDelta:
     token_count: int
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[float]] = field(default_factory=list)
+    finish_reason: str = ""       # set on a sample's last delta, when the runner knows it ("stop" | "length")
 
 
 @dataclass
@@ -100,12 +101,14 @@ class Trace:
     token_count: int = 0
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[float]] = field(default_factory=list)
+    finish_reason: str = ""       # the sample is complete once set: it will produce no more tokens
 
     def add(self, delta: TokenDelta) -> None:
         self.text += delta.text
         self.token_count += delta.token_count
         self.logprobs.extend(delta.logprobs)
         self.top_logprobs.extend(delta.top_logprobs)
+        self.finish_reason = delta.finish_reason or self.finish_reason
 
     def sample(self, finish_reason: str) -> SampleOut:
         return SampleOut(self.index, self.text, finish_reason, self.token_count, sum(self.logprobs),
@@ -150,8 +153,9 @@ class Generate(Settles):
 
     `stop_when(trace)` is called after every delta of every sample; when it returns True the task is
     cancelled on the worker (its KV freed at the next step) and completes with the samples so far,
-    finish_reason "cancelled" and `stopped_early` set. It stops the whole task: give each trace that
-    may be stopped on its own a task of its own (n=1). `traces` shows the samples while they run.
+    `stopped_early` set; the samples that had not finished have finish_reason "cancelled". It stops the whole
+    task: give each trace that may be stopped on its own a task of its own (n=1). `traces` shows the samples
+    while they run.
     """
 
     prompt: Prompt

@@ -222,7 +222,8 @@ class RemoteRunner:
                     index = indexes[d.index]
                     samples[index].add(d)
                     on_token(TokenDelta(index, d.text, len(d.token_ids), [lp.logprob for lp in d.logprobs],
-                                        [[t.logprob for t in lp.top] for lp in d.logprobs]))
+                                        [[t.logprob for t in lp.top] for lp in d.logprobs],
+                                        finish_reason_name(d.finish_reason) if d.finish_reason else ""))
                 elif kind == "generate_result":
                     result = response.generate_result
                     for c in result.completions:

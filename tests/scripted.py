@@ -70,7 +70,8 @@ class ScriptedRunner:
                         lp = [script.logprobs[step]] if script.logprobs else []
                         top = [script.top_logprobs[step]] if script.top_logprobs else []
                         self.tokens_streamed += 1
-                        on_token(TokenDelta(i, pieces[step], 1, lp, top))
+                        last = step == len(pieces) - 1   # a real worker marks a sample's last delta
+                        on_token(TokenDelta(i, pieces[step], 1, lp, top, script.finish_reason if last else ""))
         except asyncio.CancelledError:
             self.cancelled.append(task)
             raise

@@ -18,6 +18,7 @@ from controllers.deepconf import (
     trace_confidence,
 )
 from controllers.dynasor import PROBE, DynasorCoT
+from controllers.majority_vote import MajorityVote
 from controllers.weighted_vote import WeightedMajorityVote
 from tests.scripted import Script, ScriptedRunner, run_controller
 
@@ -503,3 +504,42 @@ def test_defaults_are_valid():
     for cls in (WeightedMajorityVote, BestOfN, BudgetMajorityVote, DeepConfOffline, DeepConfOnline, DynasorCoT):
         controller = cls.from_params({})
         assert controller.param_values() == {p.name: p.default for p in cls.params}
+
+
+# ---- majority vote: stopping once decided ------------------------------------------------------
+
+
+def test_majority_vote_stops_the_samples_still_running_once_the_leader_cannot_be_overtaken():
+    """Three short samples answer 7; with two of five still running, 7 leads 3 to 0 + 2: the vote is decided, the
+    two long samples are cancelled (their tokens not spent) and abstain, and the answer is the full vote's."""
+    texts = ["7", "so 7", "it is 7", words(30) + " 8", words(40) + " 9"]
+    runner = ScriptedRunner(by_index(texts))
+    r = run_controller(MajorityVote.from_params({"n": 5, "extractor": "last_number"}), runner).result
+    assert r.answer == "7" and r.details["votes"] == {"7": 3} and r.details["counted"] == 3
+    assert [c.finish_reason for c in r.candidates] == ["stop", "stop", "stop", "cancelled", "cancelled"]
+    assert runner.cancelled and runner.tokens_streamed < sum(len(t.split()) for t in texts)
+    full = run_controller(MajorityVote.from_params({"n": 5, "extractor": "last_number", "stop_decided": False}),
+                          ScriptedRunner(by_index(texts))).result
+    assert full.answer == r.answer and full.details["votes"] == {"7": 3, "8": 1, "9": 1}
+    assert full.details["counted"] == 5
+
+
+def test_majority_vote_does_not_stop_while_the_samples_left_could_still_change_the_answer():
+    texts = ["7", "8", words(5) + " 7", words(6) + " 8", words(7) + " 8"]
+    runner = ScriptedRunner(by_index(texts))
+    r = run_controller(MajorityVote.from_params({"n": 5, "extractor": "last_number"}), runner).result
+    assert r.answer == "8" and r.details["counted"] == 5 and not runner.cancelled
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_stopping_once_decided_never_changes_the_answer(seed):
+    import random
+    rng = random.Random(seed)
+    n = rng.randint(1, 9)
+    texts = [words(rng.randint(0, 12)) + f" {rng.choice('1234') if rng.random() > 0.1 else 'none'}" for _ in range(n)]
+    params = {"n": n, "extractor": "last_number"}
+    early = run_controller(MajorityVote.from_params(params), ScriptedRunner(by_index(texts))).result
+    full = run_controller(MajorityVote.from_params({**params, "stop_decided": False}),
+                          ScriptedRunner(by_index(texts))).result
+    assert early.answer == full.answer
+    assert all(early.details["votes"][a] <= full.details["votes"][a] for a in early.details["votes"])

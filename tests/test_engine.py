@@ -23,7 +23,7 @@ from torch_engine.engine import TorchEngine
 from torch_engine.model.quant import Int4Weight, Int8Weight, linear, quantize_int4, quantize_int8
 from torch_engine.model_loader import LoadedModel
 from trellis_rpc.sampling import SamplingConfig
-from worker_runtime.engine_api import Delta, Finished, PromptInput
+from worker_runtime.engine_api import Delta, Finished, PromptInput, RunInfo
 
 VOCAB = 400
 
@@ -64,9 +64,10 @@ def prompts(count: int, length: int, seed: int = 1) -> list[list[int]]:
     return [torch.randint(3, VOCAB, (length + 5 * i,), generator=g).tolist() for i in range(count)]
 
 
-async def _collect(engine: TorchEngine, task_id: str, ids: list[int], cfg: SamplingConfig):
+async def _collect(engine: TorchEngine, task_id: str, ids: list[int], cfg: SamplingConfig,
+                   run: RunInfo | None = None):
     deltas, final = [], None
-    async for event in engine.generate(task_id, PromptInput(token_ids=ids), cfg):
+    async for event in engine.generate(task_id, PromptInput(token_ids=ids), cfg, run=run):
         if isinstance(event, Delta):
             deltas.append(event)
         elif isinstance(event, Finished):
@@ -98,8 +99,9 @@ def test_greedy_matches_hf_alone_and_batched(arch, tokenizer):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_chunked_prefill_and_prefix_hits_keep_greedy_output(arch, tokenizer):
-    engine, model = make_engine(arch, tokenizer, max_num_tokens=7, block_size=4)
+@pytest.mark.parametrize("scheduling", ["fcfs", "run_las"])
+def test_chunked_prefill_and_prefix_hits_keep_greedy_output(arch, tokenizer, scheduling):
+    engine, model = make_engine(arch, tokenizer, max_num_tokens=7, block_size=4, scheduling=scheduling)
     try:
         p = prompts(1, 30)[0]
         expected = hf_greedy(model, p, 12)
@@ -118,8 +120,9 @@ def test_chunked_prefill_and_prefix_hits_keep_greedy_output(arch, tokenizer):
         engine.close()
 
 
-def test_n_samples_prefill_once_and_share_blocks(tokenizer):
-    engine, model = make_engine("llama", tokenizer, block_size=8)
+@pytest.mark.parametrize("scheduling", ["fcfs", "run_las"])
+def test_n_samples_prefill_once_and_share_blocks(tokenizer, scheduling):
+    engine, model = make_engine("llama", tokenizer, block_size=8, scheduling=scheduling)
     try:
         p = prompts(1, 64)[0]
         cfg = SamplingConfig(n=16, max_tokens=10, ignore_eos=True, seed=3)
@@ -137,15 +140,40 @@ def test_n_samples_prefill_once_and_share_blocks(tokenizer):
         engine.close()
 
 
-def test_out_of_blocks_queues_and_preempts_instead_of_failing(tokenizer):
+@pytest.mark.parametrize("scheduling", ["fcfs", "run_las"])
+def test_out_of_blocks_queues_and_preempts_instead_of_failing(tokenizer, scheduling):
     # 12 blocks of 4 tokens = 48 token slots; each request needs 20 + 16 = 36 at the end.
-    engine, model = make_engine("llama", tokenizer, block_size=4, kv_cache_tokens=48)
+    engine, model = make_engine("llama", tokenizer, block_size=4, kv_cache_tokens=48, scheduling=scheduling)
     try:
         ps = prompts(3, 20, seed=9)
         cfg = SamplingConfig(temperature=0.0, max_tokens=16, ignore_eos=True)
         expected = [hf_greedy(model, p, 16) for p in ps]
         done = run(engine, [(p, cfg) for p in ps])
         assert [f.completions[0].token_ids for f in done] == expected
+        assert engine.blocks.num_used == 0
+    finally:
+        engine.close()
+
+
+def test_run_las_pausing_and_resuming_rows_keeps_greedy_output(tokenizer):
+    """Three rows a step and six requests (one of three samples) under run_las. The first three belong to runs
+    just below the first service level's 512 tokens: once prefilled they are demoted, paused for the runs behind
+    them, and resumed later; each request still gets exactly the HF greedy continuation."""
+    engine, model = make_engine("llama", tokenizer, max_batch_size=3, block_size=4, scheduling="run_las")
+    try:
+        ps = prompts(6, 12, seed=4)
+        cfgs = [SamplingConfig(temperature=0.0, max_tokens=10, ignore_eos=True, n=3 if i == 4 else 1)
+                for i in range(6)]
+
+        runs = [RunInfo(f"run{i}", tokens=505 if i < 3 else 0) for i in range(6)]
+
+        async def main():
+            return await asyncio.gather(*(_collect(engine, f"t{i}", p, cfg, run)
+                                          for i, (p, cfg, run) in enumerate(zip(ps, cfgs, runs, strict=True))))
+        done = [final for _, final in asyncio.run(main())]
+        for p, cfg, final in zip(ps, cfgs, done, strict=True):
+            assert [c.token_ids for c in final.completions] == [hf_greedy(model, p, 10)] * cfg.n
+        assert engine.stats.pauses > 0, "rows changed hands between running requests"
         assert engine.blocks.num_used == 0
     finally:
         engine.close()

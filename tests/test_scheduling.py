@@ -47,15 +47,26 @@ def test_least_attained_service_across_runs_then_arrival():
     long_run = RunInfo("mcts", tokens=5000, tasks_done=99)
     sched.add(seq("mcts/99", long_run))             # arrived first: a long program's hundredth call
     sched.add(seq("vote/0", RunInfo("vote", tokens=0)))
-    sched.add(seq("chat/0", RunInfo("chat", tokens=40)))
+    sched.add(seq("chat/0", RunInfo("chat", tokens=700)))
     sched.add(seq("vote2/0", RunInfo("vote2", tokens=0)))
     assert admitted_order(sched) == ["vote/0", "vote2/0", "chat/0", "mcts/99"]
 
 
+def test_runs_of_one_service_level_go_in_arrival_order():
+    """Service counts in doubling levels (below 512 tokens, below 1024, ...), so similar short runs do not
+    overtake each other step after step; within a level, arrival decides."""
+    sched = scheduler("run_las")
+    sched.add(seq("a/0", RunInfo("a", tokens=400)))
+    sched.add(seq("b/0", RunInfo("b", tokens=0)))
+    sched.add(seq("c/0", RunInfo("c", tokens=1100)))
+    sched.add(seq("d/0", RunInfo("d", tokens=600)))
+    assert admitted_order(sched) == ["a/0", "b/0", "d/0", "c/0"]
+
+
 def test_service_computed_here_counts_too():
     sched = scheduler("run_las")
-    a, b = RunInfo("a", tokens=100), RunInfo("b", tokens=120)
-    sched.account(seq("a/0", a), 50)             # this worker already computed 50 tokens of run a since
+    a, b = RunInfo("a", tokens=400), RunInfo("b", tokens=500)
+    sched.account(seq("a/0", a), 150)            # this worker already computed 150 tokens of run a since
     sched.add(seq("a/1", a))
     sched.add(seq("b/1", b))
     assert admitted_order(sched) == ["b/1", "a/1"]
@@ -104,6 +115,66 @@ def test_the_n_samples_of_a_task_are_admitted_together_or_not_at_all():
     assert [item.seq for item in plan.items] == [gang]     # all four rows at once, when there is room for four
 
 
+def test_a_fresh_run_takes_a_long_program_s_row_and_the_program_keeps_its_blocks():
+    """Rows are re-decided every step: a long program decoding in the only row is paused (not preempted: its
+    blocks and progress stay) while a fresh short run takes the row, and resumes where it was."""
+    sched = scheduler("run_las", rows=1)
+    long_seq = seq("mcts/99", RunInfo("mcts", tokens=5000))
+    sched.add(long_seq)
+    plan = sched.schedule()
+    long_seq.computed += plan.items[0].tokens
+    blocks = list(long_seq.table.blocks)
+    short = seq("chat/0", RunInfo("chat", tokens=0))
+    sched.add(short)
+    plan = sched.schedule()
+    assert [item.seq for item in plan.items] == [short] and plan.paused == 1
+    assert long_seq.table.blocks == blocks and long_seq.computed == 8 and long_seq in sched.running
+    sched.finish(short)
+    plan = sched.schedule()
+    assert [item.seq for item in plan.items] == [long_seq] and plan.paused == 0
+
+
+def test_a_paused_request_is_starved_for_no_longer_than_the_bound():
+    sched = scheduler("run_las", rows=1, starvation_s=0.2)
+    long_seq = seq("mcts/99", RunInfo("mcts", tokens=5000))
+    sched.add(long_seq)
+    sched.schedule()
+    sched.add(seq("chat/0", RunInfo("chat", tokens=0)))
+    assert [item.seq.request.task_id for item in sched.schedule().items] == ["chat/0"]
+    time.sleep(0.25)
+    assert [item.seq.request.task_id for item in sched.schedule().items] == ["mcts/99"]
+
+
+def test_under_block_pressure_the_lowest_ranked_paused_sequence_gives_its_blocks_back():
+    """4 blocks of 16 tokens: a long program holds 2, a fresh run needs 3; the paused program is preempted (its
+    blocks freed, queued again to recompute) rather than the fresh run waiting."""
+    sched = Scheduler(BlockManager(4, 16), max_num_tokens=512, max_batch_size=1, policy="run_las")
+    long_seq = seq("mcts/99", RunInfo("mcts", tokens=5000), prompt=20)
+    sched.add(long_seq)
+    sched.schedule()
+    long_seq.computed = 20
+    fresh = seq("chat/0", RunInfo("chat", tokens=0), prompt=40)
+    sched.add(fresh)
+    plan = sched.schedule()
+    assert [item.seq for item in plan.items] == [fresh] and plan.preempted == 1
+    assert long_seq in sched.waiting and long_seq.computed == 0 and not long_seq.table.blocks
+
+
 def test_an_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="fcfs, run_las"):
         scheduler("lottery")
+
+
+def test_a_decided_vote_stops_its_other_samples_through_real_processes(client_stack):
+    """The worker marks each sample's last delta, the router passes it on, and majority_vote stops once its leader
+    cannot be overtaken. Greedy samples are all the same text, so three of five decide it."""
+    from trellis_client import Client
+
+    params = {"n": 5, "extractor": "last_number"}
+    sampling = {"temperature": 0, "max_tokens": 8, "ignore_eos": True}   # the tiny model continues "1 2 3" with 3s
+    with Client(client_stack["router"].address) as client:
+        early = client.run("majority_vote", "1 2 3", params=params, sampling=sampling, raw=True)
+        full = client.run("majority_vote", "1 2 3", params={**params, "stop_decided": False}, sampling=sampling,
+                          raw=True)
+    assert early.answer == full.answer == "3"
+    assert full.details["counted"] == 5 and early.details["counted"] == 3

@@ -59,6 +59,7 @@ class EngineStats:
     prefill_tokens: int = 0       # prompt (and recomputed) tokens run through the model
     decode_tokens: int = 0
     preemptions: int = 0
+    pauses: int = 0             # running sequences run_las left out of a step for better-ranked work
 
 
 class TorchEngine:
@@ -314,6 +315,7 @@ class TorchEngine:
     def _step(self) -> None:
         plan = self.scheduler.schedule()
         self.stats.preemptions += plan.preempted
+        self.stats.pauses += plan.paused
         for seq in plan.exhausted:
             seq.finish_reason = "length"
             self.scheduler.finish(seq)

@@ -4,14 +4,19 @@ Each step has a token budget (max_num_tokens). Running sequences go first, oldes
 needs one token, a sequence still prefilling gets the next chunk of its prompt. Waiting sequences
 are admitted while budget, batch size and blocks last, in the order of the scheduling policy:
 - "fcfs" (the default): arrival order;
-- "run_las" (program-aware): by run, not by task. Higher run priority first; then the run
-  that has attained the least service (tokens the router says the run consumed before the task was sent,
-  plus the tokens this worker has computed for the run since), so a long program's hundredth call does not
-  hold back a burst of fresh short runs; then arrival. A task that has waited longer than starvation_s
-  goes first whatever its run, so a long program is never starved. The n samples of a task are one
-  sequence until its prompt is prefilled and then fork together, so they are admitted as a gang, never half.
-When a running sequence needs a block and none is free, the newest running sequence is preempted: its blocks
-are freed and it is queued again to be recomputed (its prefix is probably still in the prefix cache).
+- "run_las" (program-aware): by run, not by task, and re-decided every step over running and waiting work
+  alike. Higher run priority first; then the run that has attained the least service (tokens the router says
+  the run consumed before the task was sent, plus the tokens this worker has computed for the run since), so a
+  long program's hundredth call does not hold back a burst of fresh short runs; then arrival. Rows go down that
+  ranking: a running request that ranks below the ones filling the rows is paused for the step (it keeps its
+  blocks and its place; pausing costs nothing, where preempting recomputes), because on a CPU a step's time
+  grows with its rows, so a row given to a long program is time taken from a short run. A request not served
+  for starvation_s goes first whatever its run, so a long program is never starved. A request's n samples are
+  scheduled together or not at all (gang): its sequence prefills alone and then forks into n, so it is not
+  admitted until there are n rows for it, and its forked samples are paused and resumed together.
+When a running sequence needs a block and none is free, a running sequence is preempted (fcfs: the newest;
+run_las: a paused one, lowest ranked first): its blocks are freed and it is queued again to be recomputed (its
+prefix is probably still in the prefix cache).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch_engine.block_manager import BlockManager
-from torch_engine.sequence import Sequence, Status
+from torch_engine.sequence import Request, Sequence, Status
 
 
 @dataclass
@@ -36,12 +41,24 @@ class Plan:
     items: list[Scheduled] = field(default_factory=list)
     copies: list[tuple[int, int, int]] = field(default_factory=list)  # (src, dst, tokens) block copies
     preempted: int = 0
+    paused: int = 0             # running sequences left out of this step (run_las)
     exhausted: list[Sequence] = field(default_factory=list)  # cannot grow even alone: the cache is full
 
 
 # fcfs stays the default until benchmarks/scheduling.py shows run_las paying (docs/BENCHMARKS.md, issue 20)
 POLICIES = ("fcfs", "run_las")
 RUNS_REMEMBERED = 4096      # runs whose service on this worker is remembered (least recently served dropped first)
+LEVEL_TOKENS = 512          # runs that attained fewer tokens than this share the first service level
+
+
+def service_level(tokens: int) -> int:
+    """Attained service in doubling levels: 0 below LEVEL_TOKENS, then 1, 2, ... each twice the last. Runs of a
+    level go in arrival order; ranking by exact tokens would have similar short runs overtake each other every
+    step (a fresh one has always attained less), sharing the rows until all of them finish late."""
+    level = 0
+    while tokens >= LEVEL_TOKENS << level:
+        level += 1
+    return level
 
 
 class Scheduler:
@@ -69,25 +86,18 @@ class Scheduler:
         if len(self.served) > RUNS_REMEMBERED:
             self.served.popitem(last=False)
 
-    def attained(self, seq: Sequence) -> int:
-        run = seq.request.run
+    def attained(self, request: Request) -> int:
+        run = request.run
         if run is None:     # a task of its own: its service is its own progress
-            return seq.computed
+            return sum(seq.computed for seq in request.sequences)
         return run.tokens + self.served.get(run.run_id, 0)
 
-    def _next_waiting(self) -> Sequence:
-        if self.policy == "fcfs" or len(self.waiting) == 1:
-            return self.waiting[0]
-        now = time.perf_counter()
-
-        def rank(seq: Sequence) -> tuple:
-            request = seq.request
-            if now - request.submitted > self.starvation_s:
-                return (0, 0, 0, request.submitted)
-            priority = request.run.priority if request.run is not None else 0
-            return (1, -priority, self.attained(seq), request.submitted)
-
-        return min(self.waiting, key=rank)
+    def rank(self, request: Request, now: float) -> tuple:
+        """run_las's order: starved first, then priority, then the service level, then arrival."""
+        if now - request.submitted > self.starvation_s:
+            return (0, 0, 0, request.submitted)
+        priority = request.run.priority if request.run is not None else 0
+        return (1, -priority, service_level(self.attained(request)), request.submitted)
 
     def waiting_runs(self) -> int:
         return len({s.request.run.run_id if s.request.run else s.request.task_id for s in self.waiting})
@@ -113,6 +123,9 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def schedule(self) -> Plan:
+        return self._schedule_by_run() if self.policy == "run_las" else self._schedule_in_arrival_order()
+
+    def _schedule_in_arrival_order(self) -> Plan:
         plan = Plan()
         budget = self.max_num_tokens
         for seq in list(self.running):
@@ -135,7 +148,7 @@ class Scheduler:
                 budget -= tokens
         rows = sum(1 for s in self.running)
         while self.waiting and budget > 0:
-            seq = self._next_waiting()
+            seq = self.waiting[0]
             request = seq.request
             reserve_rows = 1 if request.forked else request.cfg.n
             if self.running and rows + reserve_rows > self.max_batch_size:
@@ -160,6 +173,64 @@ class Scheduler:
             budget -= tokens
             rows += reserve_rows
         return plan
+
+    def _schedule_by_run(self) -> Plan:
+        plan = Plan()
+        now = time.perf_counter()
+        requests: dict[int, list[Sequence]] = {}
+        for seq in (*self.running, *self.waiting):
+            requests.setdefault(id(seq.request), []).append(seq)
+        ranked = sorted(requests.values(), key=lambda group: self.rank(group[0].request, now))
+        budget, rows = self.max_num_tokens, 0
+        chosen: set[int] = set()
+        for group in ranked:
+            request = group[0].request
+            need = len(group) if request.forked else request.cfg.n
+            if rows and rows + need > self.max_batch_size:
+                continue    # the whole gang or none of it; a smaller request further down may still fit
+            for seq in group:
+                if budget == 0:
+                    break
+                if seq.status is Status.WAITING and not seq.table.blocks:
+                    hit = self.blocks.match_prefix(seq.table, seq.token_ids)
+                    seq.computed = hit
+                    if not request.forked and seq.index == 0:
+                        request.cached_prompt_tokens = hit
+                tokens = min(seq.pending, budget)
+                if not self._reserve_evicting(seq, tokens, plan, ranked, chosen):
+                    if seq.status is Status.WAITING:
+                        self.blocks.free(seq.table)     # its prefix blocks go back while it waits
+                        seq.computed = 0
+                    if not chosen and len(self.running) <= (seq.status is Status.RUNNING):
+                        plan.exhausted.append(seq)      # alone and still no room: it can never run
+                    budget = 0
+                    break
+                if seq.status is Status.WAITING:
+                    self.waiting.remove(seq)
+                    seq.status = Status.RUNNING
+                    self.running.append(seq)
+                chosen.add(id(seq))
+                plan.items.append(Scheduled(seq, tokens))
+                budget -= tokens
+            if any(id(seq) in chosen for seq in group):
+                    rows += need
+            if budget == 0:
+                break
+        plan.paused = sum(1 for seq in self.running if id(seq) not in chosen)
+        return plan
+
+    def _reserve_evicting(self, seq: Sequence, tokens: int, plan: Plan, ranked: list[list[Sequence]],
+                          chosen: set[int]) -> bool:
+        """Blocks for seq's step; when none are free, running sequences not chosen this step give theirs back,
+        lowest ranked first (they are recomputed when their turn comes)."""
+        victims = [s for group in reversed(ranked) for s in group
+                   if s.status is Status.RUNNING and id(s) not in chosen and s.request is not seq.request]
+        while not self._reserve(seq, tokens, plan):
+            if not victims:
+                return False
+            self._preempt(victims.pop(0))
+            plan.preempted += 1
+        return True
 
     def finish(self, seq: Sequence, keep_blocks: bool = False) -> None:
         if seq in self.running:
