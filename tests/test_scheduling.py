@@ -178,3 +178,17 @@ def test_a_decided_vote_stops_its_other_samples_through_real_processes(client_st
                           raw=True)
     assert early.answer == full.answer == "3"
     assert full.details["counted"] == 5 and early.details["counted"] == 3
+
+
+def test_the_worker_s_metrics_say_its_policy(client_stack):
+    """Queue time is labelled with the scheduling policy, so a dashboard compares policies; paused sequences and
+    waiting runs are gauges."""
+    from tests.test_observability import scrape, total
+    from trellis_client import Client
+
+    with Client(client_stack["router"].address) as client:
+        client.run("native_generation", "hi", sampling={"max_tokens": 2})
+    samples = scrape(client_stack["worker_metrics"])
+    assert total(samples, "trellis_worker_queue_duration_seconds_count", kind="generate", scheduling="fcfs") >= 1
+    names = {name for name, _ in samples}
+    assert {"trellis_worker_paused_sequences", "trellis_worker_waiting_runs"} <= names

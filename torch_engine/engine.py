@@ -134,7 +134,7 @@ class TorchEngine:
         self.info = EngineInfo(
             model_id=model_id, engine=f"torch-{self.device.type}", max_context_tokens=self.max_context,
             max_batch_size=max_batch_size, kv_block_size=block_size, kv_blocks_total=num_blocks,
-            eos_token=self.tokenizer.eos_token or "", keeps_sequences=True,
+            eos_token=self.tokenizer.eos_token or "", keeps_sequences=True, scheduling=self.scheduling,
         )
 
     @property
@@ -224,6 +224,7 @@ class TorchEngine:
             running_sequences=len(self.scheduler.running),
             kv_blocks_used=self.blocks.num_used, kv_blocks_free=self.blocks.num_free,
             kept_sequences=self.kept.holding_blocks(), waiting_runs=self.scheduler.waiting_runs(),
+            paused_sequences=self.scheduler.paused,
         )
 
     def close(self) -> None:

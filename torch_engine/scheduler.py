@@ -76,6 +76,7 @@ class Scheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.served: collections.OrderedDict[str, int] = collections.OrderedDict()   # run_id -> tokens computed here
+        self.paused = 0     # running sequences the last step left out (run_las)
 
     def account(self, seq: Sequence, tokens: int) -> None:
         """tokens of seq's run were computed this step (prefill or decode)."""
@@ -216,7 +217,7 @@ class Scheduler:
                     rows += need
             if budget == 0:
                 break
-        plan.paused = sum(1 for seq in self.running if id(seq) not in chosen)
+        plan.paused = self.paused = sum(1 for seq in self.running if id(seq) not in chosen)
         return plan
 
     def _reserve_evicting(self, seq: Sequence, tokens: int, plan: Plan, ranked: list[list[Sequence]],

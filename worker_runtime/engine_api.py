@@ -101,6 +101,7 @@ class LoadStats:
     kv_blocks_free: int
     kept_sequences: int = 0
     waiting_runs: int = 0      # distinct runs among the waiting tasks (an engine that schedules by run)
+    paused_sequences: int = 0  # running sequences left out of the last step for better-ranked runs
 
 
 @dataclass
@@ -113,6 +114,7 @@ class EngineInfo:
     kv_blocks_total: int = 0
     eos_token: str = ""
     keeps_sequences: bool = False   # continue/fork of kept sequences, and a prefix cache
+    scheduling: str = "fcfs"        # the order it gives waiting work ("run_las": by run), a label on its metrics
 
 
 class Engine(Protocol):

@@ -9,6 +9,7 @@ verifier on the generation model); a worker may have an engine, a scorer or both
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -149,6 +150,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             raise ValueError("a worker needs an engine, a scorer or both")
         self.engine = engine
         self.scorer = scorer
+        if engine is not None:
+            self.telemetry.attributes["scheduling"] = engine.info.scheduling   # metrics compare policies
         self._attached = True
 
     def _check_attached(self) -> None:
@@ -198,11 +201,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         stats = self.engine.load() if self.engine is not None else LoadStats(0, 0, 0, 0)
         if self.scorer is not None:
             scoring = self.scorer.load()
-            stats = LoadStats(
-                queue_depth=stats.queue_depth + scoring.queue_depth,
-                running_sequences=stats.running_sequences + scoring.running_sequences,
-                kv_blocks_used=stats.kv_blocks_used, kv_blocks_free=stats.kv_blocks_free,
-                kept_sequences=stats.kept_sequences)
+            stats = dataclasses.replace(stats, queue_depth=stats.queue_depth + scoring.queue_depth,
+                                        running_sequences=stats.running_sequences + scoring.running_sequences)
         return stats
 
     def _load_pb(self, stats: LoadStats) -> worker_pb2.WorkerResponse:

@@ -149,7 +149,7 @@ class WorkerTelemetry:
                 self._phase(span, "worker.decode", first, end, {
                     "trellis.steps": done.decode_steps, "trellis.batch_size_mean": round(done.decode_batch_mean, 2)})
         _ttft.record(done.ttft_ms / 1000)
-        _queue.record(done.queue_ms / 1000, {"kind": "generate"})
+        _queue.record(done.queue_ms / 1000, {"kind": "generate", **self.attributes})
         if longest > 1:
             # The n samples of a task decode in lockstep, so the longest spans every decode step.
             _tpot.record((done.latency_ms - done.ttft_ms) / 1000 / (longest - 1))
@@ -166,7 +166,7 @@ class WorkerTelemetry:
             submitted = end - int(done.latency_ms * 1e6)
             span.set_attributes({"trellis.candidates": len(done.scores), "trellis.prompt_tokens": done.prompt_tokens})
             self._phase(span, "worker.queue", submitted, submitted + int(done.queue_ms * 1e6))
-        _queue.record(done.queue_ms / 1000, {"kind": "score"})
+        _queue.record(done.queue_ms / 1000, {"kind": "score", **self.attributes})
         _prompt_tokens.add(done.prompt_tokens)
 
     @staticmethod
@@ -182,6 +182,8 @@ class WorkerTelemetry:
 
 _gauge("trellis.worker.queue_depth", "tasks waiting for their first step", lambda w: w.load().queue_depth)
 _gauge("trellis.worker.waiting_runs", "distinct runs among the tasks waiting", lambda w: w.load().waiting_runs)
+_gauge("trellis.worker.paused_sequences", "running sequences left out of the last step for better-ranked runs",
+       lambda w: w.load().paused_sequences)
 _gauge("trellis.worker.running_sequences", "sequences in the running batch", lambda w: w.load().running_sequences)
 _gauge("trellis.worker.kv_blocks_used", "KV cache blocks in use", lambda w: w.load().kv_blocks_used)
 _gauge("trellis.worker.kv_blocks_free", "KV cache blocks free", lambda w: w.load().kv_blocks_free)
