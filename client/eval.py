@@ -78,6 +78,11 @@ class Cell:
         return statistics.mean(o.tokens for o in self.outcomes) if self.outcomes else 0.0
 
     @property
+    def tokens_per_solved(self) -> float:
+        solved = sum(o.correct for o in self.outcomes)
+        return sum(o.tokens for o in self.outcomes) / solved if solved else float("inf")
+
+    @property
     def latency_ms(self) -> float:
         return statistics.median(o.wall_ms for o in self.outcomes) if self.outcomes else 0.0
 
@@ -93,6 +98,28 @@ def load_problems(path: Path, limit: int | None) -> list[dict]:
 
 def controller_params(client: Client, timeout: float) -> dict[str, set[str]]:
     return {c.name: {p.name for p in c.params} for c in client.controllers(deadline=timeout)}
+
+
+def split_spec(spec: str) -> tuple[str, dict]:
+    """"majority_vote?stop_decided=false&extractor=boxed" -> the controller and the parameters it fixes, so one
+    eval compares a controller with itself under other settings (the gateway's model-field syntax)."""
+    name, _, query = spec.partition("?")
+    fixed: dict = {}
+    for pair in filter(None, query.split("&")):
+        key, _, raw = pair.partition("=")
+        fixed[key] = _typed(raw)
+    return name, fixed
+
+
+def _typed(raw: str) -> bool | int | float | str:
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
 
 
 def params_for(controller: str, budget: int, known: set[str]) -> dict | None:
@@ -122,14 +149,16 @@ def evaluate(router: str, args: argparse.Namespace) -> list[Cell]:
     # One client for all the threads (Client is thread-safe); the token is --token, else TRELLIS_TOKEN.
     with Client(router, token=args.token or None) as client:
         known = controller_params(client, args.timeout)
-        for controller in args.controllers:
+        for spec in args.controllers:
+            controller, fixed = split_spec(spec)
             if controller not in known:
                 raise SystemExit(f"unknown controller {controller!r} (router has: {', '.join(sorted(known))})")
             for budget in args.budgets:
                 params = params_for(controller, budget, known[controller])
                 if params is None:
                     continue
-                cell = Cell(controller, budget)
+                params |= fixed
+                cell = Cell(spec, budget)
                 started = time.monotonic()
                 with ThreadPoolExecutor(args.concurrency) as pool:
                     cell.outcomes = list(pool.map(
@@ -137,8 +166,8 @@ def evaluate(router: str, args: argparse.Namespace) -> list[Cell]:
                         problems, [args] * len(problems), [args.seed + i for i in range(len(problems))]))
                 cell.wall_s = time.monotonic() - started
                 cells.append(cell)
-                print(f"{controller:>24} N={budget:<3} accuracy {cell.accuracy:6.1%}  tokens/problem "
-                      f"{cell.tokens:7.1f}  latency p50 {cell.latency_ms / 1000:6.2f} s  wall {cell.wall_s:6.1f} s"
+                print(f"{spec:>24} N={budget:<3} accuracy {cell.accuracy:6.1%}  tokens/problem "
+                      f"{cell.tokens:7.1f}  tokens/solved {cell.tokens_per_solved:7.1f}  latency p50 {cell.latency_ms / 1000:6.2f} s  wall {cell.wall_s:6.1f} s"
                       + (f"  errors {cell.errors}" if cell.errors else ""), flush=True)
     return cells
 
@@ -182,7 +211,8 @@ def start_local(args: argparse.Namespace):
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="accuracy / tokens / time of controllers on the shipped arithmetic set")
     p.add_argument("--controllers", default="native_generation,majority_vote",
-                   type=lambda s: [c for c in s.split(",") if c])
+                   type=lambda s: [c for c in s.split(",") if c],
+                   help="comma-separated; a controller may fix parameters, e.g. majority_vote?stop_decided=false")
     p.add_argument("--budgets", default="1,4,16", type=lambda s: [int(b) for b in s.split(",")],
                    help="sample budgets N")
     p.add_argument("--limit", type=int, default=0, help="first this many problems (0: all)")

@@ -6,7 +6,7 @@ import json
 
 from benchmarks.eval_data import DATASET_KINDS, generate
 from client import cli
-from client.eval import DATASET, answer_number, load_problems
+from client.eval import DATASET, answer_number, load_problems, split_spec
 
 
 def test_the_shipped_dataset_is_what_the_seeded_generator_writes():
@@ -23,6 +23,12 @@ def test_answer_number_prefers_boxed_then_the_last_number():
     assert answer_number("It is 1,234.0 apples") == "1234"
     assert answer_number("first 3 then 8.") == "8"
     assert answer_number("no number") == ""
+
+
+def test_a_controller_spec_fixes_typed_parameters():
+    assert split_spec("majority_vote") == ("majority_vote", {})
+    assert split_spec("majority_vote?stop_decided=false&extractor=boxed&threshold=0.9&n=3") == (
+        "majority_vote", {"stop_decided": False, "extractor": "boxed", "threshold": 0.9, "n": 3})
 
 
 def test_eval_reports_every_cell_through_router_and_worker(tiny_router, tmp_path):
