@@ -12,6 +12,7 @@ failure means, or raises ControllerError to fail the run with a status.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Generator
 from dataclasses import dataclass, field
@@ -44,6 +45,49 @@ def _number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
+# What a parameter of each type must arrive as, in the terms of google.protobuf.Value (RunRequest.params is a
+# Struct), and the field protobufjs users write it in: protobufjs defines Struct and Value with camelCase field
+# names even under keepCase, so `{n: {number_value: 8}}` is an unknown key it drops, and an empty Value arrives.
+_EXPECTED = {"int": "a number", "float": "a number", "str": "a string", "bool": "a bool"}
+_VALUE_FIELD = {"int": "numberValue, not number_value", "float": "numberValue, not number_value",
+                "str": "stringValue, not string_value", "bool": "boolValue, not bool_value"}
+
+
+def _plain(value: Any) -> Any:
+    """Wire numbers are doubles: shown as the client wrote them, [8, 2.5] rather than [8.0, 2.5]."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    text = json.dumps(_plain(value), default=str, ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _arrived(value: Any, expected: str) -> str:
+    """A parameter's value as it arrived on the wire. The router turns RunRequest.params into Python values
+    (router/convert.py): number_value a float, string_value a str, bool_value a bool, list_value a list,
+    struct_value a dict, null_value and a Value with no kind set None."""
+    if value is None:
+        return f"no value (a null or empty google.protobuf.Value; protobufjs users: {_VALUE_FIELD[expected]})"
+    if isinstance(value, bool):
+        return f"a bool ({'true' if value else 'false'})"
+    if isinstance(value, int | float):
+        return f"a number ({_number(value) if abs(value) < 1e15 else f'{value:g}'})"
+    if isinstance(value, str):
+        return f"a string ({_shown(value)})"
+    if isinstance(value, list | tuple):
+        return f"a list ({_shown(list(value))})"
+    if isinstance(value, dict):
+        return f"a struct ({_shown(value)})"
+    return f"a {type(value).__name__}"  # not from the wire: a Python caller of from_params
+
+
 @dataclass(frozen=True)
 class Param:
     name: str
@@ -62,7 +106,9 @@ class Param:
         if self.type == "int" and isinstance(value, float) and value.is_integer():
             value = int(value)  # protobuf Struct carries every number as a double
         if (isinstance(value, bool) and self.type != "bool") or not isinstance(value, _TYPES[self.type]):
-            raise ParamError(field, f"must be of type {self.type}, got {type(value).__name__}")
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            expected = "a whole number" if self.type == "int" and number else _EXPECTED[self.type]
+            raise ParamError(field, f"expected {expected}, got {_arrived(value, self.type)}")
         if self.type == "float" and not math.isfinite(value):
             # NaN compares false with every bound and infinity passes a one-sided one (mcts exploration): both
             # reach the wire in a Struct's binary encoding, and neither means anything as a parameter.

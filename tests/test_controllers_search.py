@@ -134,7 +134,7 @@ def test_read_step(sample, expected):
 
 @pytest.mark.parametrize("cls,params,field,words", [
     (BeamSearch, {"beam_width": 0}, "params.beam_width", ">= 1"),
-    (BeamSearch, {"expansions": 2.5}, "params.expansions", "type int"),
+    (BeamSearch, {"expansions": 2.5}, "params.expansions", "expected a whole number, got a number (2.5)"),
     (BeamSearch, {"kind": "vibes"}, "params.kind", "process, outcome, verifier"),
     (BeamSearch, {"aggregate": "mean"}, "params.aggregate", "last, min, product"),
     (BeamSearch, {"step_separator": ""}, "params.step_separator", "must not be empty"),
@@ -144,7 +144,7 @@ def test_read_step(sample, expected):
     (BeamSearch, {"beams": 4}, "params.beams", "unknown parameter"),
     (BestFirstSearch, {"max_expansions": 0}, "params.max_expansions", ">= 1"),
     (MCTS, {"exploration": -1.0}, "params.exploration", ">= 0"),
-    (MCTS, {"iterations": True}, "params.iterations", "type int"),
+    (MCTS, {"iterations": True}, "params.iterations", "expected a number, got a bool (true)"),
     (TreeOfThoughts, {"depth": 0}, "params.depth", ">= 1"),
     (TreeOfThoughts, {"kind": "majority"}, "params.kind", "must be one of"),
 ])
