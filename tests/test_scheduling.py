@@ -192,3 +192,17 @@ def test_the_worker_s_metrics_say_its_policy(client_stack):
     assert total(samples, "trellis_worker_queue_duration_seconds_count", kind="generate", scheduling="fcfs") >= 1
     names = {name for name, _ in samples}
     assert {"trellis_worker_paused_sequences", "trellis_worker_waiting_runs"} <= names
+
+
+def test_one_number_per_request_keeps_the_run_order_for_engines_that_take_a_priority():
+    """TensorRT-LLM schedules by a request priority in [0, 1]: classes stay apart, and within a class a run with
+    less attained service is higher; a task without a run gets TensorRT-LLM's default 0.5."""
+    from worker_runtime.run_order import bounded_priority
+
+    order = [RunInfo("hi-long", priority=1, tokens=10**9), RunInfo("fresh", tokens=0), RunInfo("mid", tokens=5000),
+             RunInfo("long", tokens=10**9), RunInfo("lo-fresh", priority=-1, tokens=0)]
+    values = [bounded_priority(run) for run in order]
+    assert values == sorted(values, reverse=True) and len(set(values)) == len(values)
+    assert all(0.0 <= v <= 1.0 for v in values + [bounded_priority(RunInfo("x", priority=99)),
+                                                   bounded_priority(RunInfo("x", priority=-99))])
+    assert bounded_priority(None) == 0.5

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from torch_engine.block_manager import BlockManager
 from torch_engine.sequence import Request, Sequence, Status
+from worker_runtime.run_order import service_level
 
 
 @dataclass
@@ -48,17 +49,6 @@ class Plan:
 # fcfs stays the default until benchmarks/scheduling.py shows run_las paying (docs/BENCHMARKS.md, issue 20)
 POLICIES = ("fcfs", "run_las")
 RUNS_REMEMBERED = 4096      # runs whose service on this worker is remembered (least recently served dropped first)
-LEVEL_TOKENS = 512          # runs that attained fewer tokens than this share the first service level
-
-
-def service_level(tokens: int) -> int:
-    """Attained service in doubling levels: 0 below LEVEL_TOKENS, then 1, 2, ... each twice the last. Runs of a
-    level go in arrival order; ranking by exact tokens would have similar short runs overtake each other every
-    step (a fresh one has always attained less), sharing the rows until all of them finish late."""
-    level = 0
-    while tokens >= LEVEL_TOKENS << level:
-        level += 1
-    return level
 
 
 class Scheduler:

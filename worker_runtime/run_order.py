@@ -1,0 +1,34 @@
+"""The order program-aware scheduling gives runs, in terms every engine can use (issue 20).
+
+Priority class first (RunRequest.priority, higher first), then the run's attained service in doubling
+levels, lower first, then arrival. Levels rather than exact tokens: ranking by exact tokens would have similar
+short runs overtake each other every step (a fresh one has always attained less), sharing the rows until all of
+them finish late; within a level, arrival decides, as in a multi-level feedback queue.
+"""
+
+from __future__ import annotations
+
+from worker_runtime.engine_api import RunInfo
+
+LEVEL_TOKENS = 512          # runs that attained fewer tokens than this share the first service level
+PRIORITY_CLASSES = 4        # priorities beyond +-4 rank as +-4 where an engine has a bounded priority scale
+
+
+def service_level(tokens: int) -> int:
+    """0 below LEVEL_TOKENS, then 1, 2, ... each level twice as wide as the last."""
+    level = 0
+    while tokens >= LEVEL_TOKENS << level:
+        level += 1
+    return level
+
+
+def bounded_priority(run: RunInfo | None, levels: int = 16) -> float:
+    """The run's place in [0, 1], higher first, for an engine whose scheduler takes one number per request
+    (TensorRT-LLM's `priority`, 0.5 by default): priority classes are bands of width 1/(2 * PRIORITY_CLASSES + 1)
+    around 0.5, and within its band a run that attained less service sits higher."""
+    if run is None:
+        return 0.5
+    band = 1.0 / (2 * PRIORITY_CLASSES + 1)
+    cls = max(-PRIORITY_CLASSES, min(PRIORITY_CLASSES, run.priority))
+    within = 1.0 - min(service_level(run.tokens), levels - 1) / levels      # (0, 1], fresh runs at 1
+    return round(0.5 + cls * band + (within - 0.5) * band * 0.98, 6)
