@@ -3,9 +3,15 @@
 Decoding one token at a time breaks multi-byte characters split across byte-level tokens and
 loses spacing that depends on neighbours; so each step decodes a short window (from prefix_offset)
 and emits only the new, complete suffix.
+
+At the end of a sequence (flush) the bytes of a character it cut short are not emitted: they would decode to
+U+FFFD, a character the model never wrote (worker_runtime.text_end has the rule; the token ids keep the bytes).
+So the pieces always add up to the sequence's final text, and a U+FFFD in it is one the model produced.
 """
 
 from __future__ import annotations
+
+from worker_runtime.text_end import trim_cut_character
 
 
 class IncrementalDetokenizer:
@@ -29,8 +35,9 @@ class IncrementalDetokenizer:
         return ""
 
     def flush(self) -> str:
-        """At the end of a sequence: whatever is held back, even if it is not valid UTF-8."""
+        """At the end of a sequence: what is held back, less the bytes of a character the sequence cut short."""
+        held = self._ids[self._read:]
         before = self._decode(self._ids[self._prefix:self._read])
         after = self._decode(self._ids[self._prefix:])
         self._prefix = self._read = len(self._ids)
-        return after[len(before):] if len(after) > len(before) else ""
+        return trim_cut_character(after[len(before):], self._tok, held) if len(after) > len(before) else ""

@@ -11,6 +11,10 @@ which block reuse makes cheap). Load reports come from the executor's iteration 
 
 Stop strings are passed to TensorRT-LLM (so generation stops on the GPU) and also matched here on the
 streamed text, so a client never sees the start of a stop string that the final text drops.
+
+TensorRT-LLM's own incremental detokenizer (TLLM_INCREMENTAL_DETOKENIZATION_BACKEND=TRTLLM, or any stream_interval
+from TLLM_STREAM_INTERVAL_THRESHOLD up) flushes a character the sequence cut short as U+FFFD; the end of each
+sample's text goes through worker_runtime.text_end like every worker's, with the bytes of its token ids.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from worker_runtime.engine_api import (
 )
 from worker_runtime.prompts import check_token_ids, encode_prompt
 from worker_runtime.stop_strings import StopStringMatcher
+from worker_runtime.text_end import trailing_replacements, trim_cut_character
 
 log = structlog.get_logger(__name__)
 
@@ -107,7 +112,7 @@ class TrtLlmEngine:
         except ValueError as err:  # TensorRT-LLM's own checks on the request
             raise invalid("sampling", str(err)) from err
         self._running[task_id] = output
-        samples = [_Sample(cfg, self._token_text) for _ in range(cfg.n)]
+        samples = [_Sample(cfg, self._token_text, self.tokenizer) for _ in range(cfg.n)]
         first_token = 0.0
         try:
             async for step in output:
@@ -182,9 +187,10 @@ class _Sample:
     one sequence at a time, and a sequence the current response did not touch still shows its previous
     diff."""
 
-    def __init__(self, cfg: SamplingConfig, token_text) -> None:
+    def __init__(self, cfg: SamplingConfig, token_text, tokenizer=None) -> None:
         self.cfg = cfg
         self.token_text = token_text
+        self.tokenizer = tokenizer
         self.stops = StopStringMatcher(cfg.stop)
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
@@ -203,20 +209,19 @@ class _Sample:
         lps = self._logprobs(entries, new_ids)
         self.logprobs += lps
         full = completion.text
-        text = self.stops.feed(full[self.seen_text:])
-        self.seen_text = max(self.seen_text, len(full))
+        # Mid-stream, a trailing U+FFFD is left unread: a detokenizer may still turn it into the character.
+        end = len(full) if completion.finish_reason else len(full) - trailing_replacements(full)
+        text = self.stops.feed(full[self.seen_text:end]) if end > self.seen_text else ""
+        self.seen_text = max(self.seen_text, end)
         if completion.finish_reason:
             if completion.finish_reason == "timeout":
                 raise deadline_exceeded("TensorRT-LLM timed the request out")
             self.finish_reason = _TRTLLM_FINISH.get(completion.finish_reason, "stop")
             if isinstance(completion.stop_reason, str) and not self.stops.matched:
                 # TensorRT-LLM cut the text at a stop string we had only begun to see: its text is final.
-                self.stops.matched = completion.stop_reason
-                self.stops.text = full
-                text += full[self.stops.sent:]
-                self.stops.sent = len(full)
+                text += self.stops.stopped_at(completion.stop_reason, full)
             elif not self.stops.matched:
-                text += self.stops.flush()
+                text += self.stops.flush(self._end_of_text)
             else:
                 self.finish_reason = "stop"
             if completion.cumulative_logprob is not None:
@@ -225,6 +230,9 @@ class _Sample:
             return None
         return Delta(completion.index, text, new_ids, lps if self.cfg.logprobs is not None else [],
                      self.finish_reason)
+
+    def _end_of_text(self, text: str) -> str:
+        return trim_cut_character(text, self.tokenizer, self.token_ids)
 
     def _logprobs(self, entries, new_ids: list[int]) -> list[TokenLogprob]:
         """TensorRT-LLM gives per token {token_id: Logprob(logprob, rank)}: the top K by rank plus the

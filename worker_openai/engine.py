@@ -33,6 +33,17 @@ from worker_runtime.engine_api import (
     TokenLogprob,
 )
 from worker_runtime.stop_strings import StopStringMatcher
+from worker_runtime.text_end import trim_cut_character
+
+
+def _end_of_upstream_text(text: str) -> str:
+    """The end of a sample's text: a server that decodes whole sequences (or flushes its detokenizer) renders a
+    character it cut at the limit, or before a stop token, as a trailing U+FFFD. The worker has only that text,
+    not the bytes (an upstream streams no token bytes), so a trailing run of U+FFFD at the end of a sequence is
+    dropped: a model writing U+FFFD as its very last character is far rarer than a cut, and a client concatenating
+    deltas or parsing JSON must not get a character the model never produced. Mid-stream the run is only held
+    back (StopStringMatcher), and released as it is when more text follows: the model really wrote that."""
+    return trim_cut_character(text)
 
 
 @dataclass
@@ -189,7 +200,7 @@ class OpenAIEngine:
                         if matcher.matched:
                             piece.finish_reason, piece.stop_reason = "stop", matcher.matched
                         elif piece.finish_reason:
-                            piece.text += matcher.flush()
+                            piece.text += matcher.flush(_end_of_upstream_text)
                         if piece.text or piece.token_ids or piece.finish_reason:
                             sample.add(piece)
                             task.events.put_nowait(("delta", sample.index, piece))
