@@ -28,7 +28,7 @@ from trellis_rpc.sampling import SamplingConfig
 from trellis_rpc.v1 import common_pb2, router_pb2_grpc
 from worker_gpu.cli import parse_args
 from worker_gpu.trtllm_sampling import Support, trtllm_kwargs
-from worker_runtime.engine_api import Delta, Finished, PromptInput, ScoreInput
+from worker_runtime.engine_api import Delta, Finished, PromptInput, RunInfo, ScoreInput
 
 FAKES = Path(__file__).parent / "fakes"
 
@@ -89,10 +89,10 @@ def trtllm(tiny_model):
         sys.path.remove(str(FAKES))
 
 
-def collect(engine, prompt: PromptInput, cfg: SamplingConfig, task_id: str = "t"):
+def collect(engine, prompt: PromptInput, cfg: SamplingConfig, task_id: str = "t", run: RunInfo | None = None):
     async def go():
         deltas, done = [], None
-        async for event in engine.generate(task_id, prompt, cfg):
+        async for event in engine.generate(task_id, prompt, cfg, run=run):
             if isinstance(event, Delta):
                 deltas.append(event)
             else:
@@ -118,6 +118,20 @@ def test_streamed_deltas_add_up_to_each_sample(trtllm):
     # A seeded task draws the same samples again.
     _, again = collect(engine, PromptInput(text="the tide and the"), cfg, task_id="t2")
     assert [c.token_ids for c in again.completions] == [c.token_ids for c in done.completions]
+
+
+def test_the_run_order_reaches_tensorrt_llm_as_its_request_priority(trtllm):
+    """TensorRT-LLM's scheduler orders waiting requests by `priority` in [0, 1]; the adapter passes the run's place
+    in the run order (priority class, then least attained service), and 0.5, its default, for a task without a run."""
+    engine, _ = trtllm
+    cfg = SamplingConfig(temperature=0.0, max_tokens=2)
+    calls = engine.llm.generate_calls
+    collect(engine, PromptInput(text="a"), cfg, task_id="p0")
+    collect(engine, PromptInput(text="a"), cfg, task_id="p1", run=RunInfo("fresh", tokens=0))
+    collect(engine, PromptInput(text="a"), cfg, task_id="p2", run=RunInfo("long", tokens=50_000))
+    collect(engine, PromptInput(text="a"), cfg, task_id="p3", run=RunInfo("urgent", priority=2, tokens=50_000))
+    none, fresh, long, urgent = (call["priority"] for call in calls[-4:])
+    assert none == 0.5 and urgent > fresh > long
 
 
 def test_stop_string_never_streams(trtllm):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import time
 from collections.abc import AsyncIterator
@@ -44,6 +45,7 @@ from worker_runtime.engine_api import (
     TopLogprob,
 )
 from worker_runtime.prompts import check_token_ids, encode_prompt
+from worker_runtime.run_order import bounded_priority
 from worker_runtime.stop_strings import StopStringMatcher
 from worker_runtime.text_end import trailing_replacements, trim_cut_character
 
@@ -74,6 +76,9 @@ class TrtLlmEngine:
         self.llm = llm
         self.SamplingParams = sampling_params_cls
         self.support = Support.of(version)
+        # A request priority in [0, 1] orders TensorRT-LLM's waiting queue: the run order (priority class, then
+        # least attained service) as one number (worker_runtime.run_order). Older LLM APIs have no such argument.
+        self._priority = "priority" in inspect.signature(llm.generate_async).parameters
         self.tokenizer = llm.tokenizer.tokenizer if hasattr(llm.tokenizer, "tokenizer") else llm.tokenizer
         self.vocab = len(self.tokenizer)
         self.max_context = getattr(llm.args, "max_seq_len", None) or model_context(model_dir) or 0
@@ -108,7 +113,8 @@ class TrtLlmEngine:
         params = self.SamplingParams(**trtllm_kwargs(cfg, self.support))
         submitted = time.perf_counter()
         try:
-            output = self.llm.generate_async(ids, sampling_params=params, streaming=True)
+            extra = {"priority": bounded_priority(run)} if self._priority else {}
+            output = self.llm.generate_async(ids, sampling_params=params, streaming=True, **extra)
         except ValueError as err:  # TensorRT-LLM's own checks on the request
             raise invalid("sampling", str(err)) from err
         self._running[task_id] = output
