@@ -47,11 +47,12 @@ def prompt_key(request: worker_pb2.WorkerRequest) -> str:
 
 async def dispatch(pool: WorkerPool, request: worker_pb2.WorkerRequest, model: str, capability: int,
                    wait_s: float, worker_id: str = "", picked: Callable[[WorkerConnection], None] | None = None,
-                   avoid: Collection[str] = ()) -> AsyncIterator[worker_pb2.WorkerResponse]:
+                   avoid: Collection[str] = (), home: str = "") -> AsyncIterator[worker_pb2.WorkerResponse]:
     """Send one task to a worker of the pool (to worker_id, if given; `picked` hears which; passing over the
-    workers in avoid while there is another); yield its responses; a worker error raises StatusError."""
+    workers in avoid while there is another; home: the address of the run's last worker, which the routing
+    policy prefers); yield its responses; a worker error raises StatusError."""
     worker = await pool.pick(model, capability, wait_s=wait_s, worker_id=worker_id, prompt_key=prompt_key(request),
-                             avoid=avoid)
+                             avoid=avoid, home=home)
     if picked is not None:
         picked(worker)
     # The span names the last worker tried; a migration's event says why the one before was given up.
@@ -130,6 +131,7 @@ class RemoteRunner:
         self.task_prefix = f"{run_id}.{uuid.uuid4().hex[:8]}"
         # Workers that ran a task asked to keep its sequences: told to release them when the run ends.
         self.kept_on: dict[str, WorkerConnection] = {}
+        self.home = ""      # the address of the worker that took the run's last generate task
 
     def _next_task(self) -> int:
         number, limit = next(self._ids), self.limits.max_tasks
@@ -208,12 +210,14 @@ class RemoteRunner:
 
         def picked(worker: WorkerConnection) -> None:
             used.append(worker)
+            self.home = worker.address
             if keeps:
                 self._kept_on(worker)
 
         try:
             async for response in dispatch(self.pool, request, self.model, common_pb2.CAPABILITY_GENERATE,
-                                           self._wait_s(), worker_id=holder, picked=picked, avoid=failed):
+                                           self._wait_s(), worker_id=holder, picked=picked, avoid=failed,
+                                           home=self.home):
                 kind = response.WhichOneof("kind")
                 if kind == "delta":
                     if self.usage.first_token is None:

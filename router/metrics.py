@@ -32,7 +32,8 @@ prompt_tokens = ObservedCounter(_meter, "trellis.router.prompt_tokens", unit="{t
 completion_tokens = ObservedCounter(_meter, "trellis.router.completion_tokens", unit="{token}")
 routing_decisions = ObservedCounter(
     _meter, "trellis.router.routing.decisions", ("policy", "prefix_hit"),
-    description="workers picked, by policy (kv-balance: the kv policy fell back to load) and prefix_hit")
+    description="workers picked, by policy (kv-balance: the kv policy fell back to load; run: the run's last worker) "
+                "and prefix_hit")
 migrations = ObservedCounter(_meter, "trellis.router.migrations",
                              description="unfinished samples resumed on another worker")
 

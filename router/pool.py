@@ -79,7 +79,7 @@ class WorkerPool:
 
     async def pick(self, model: str = "", capability: int = common_pb2.CAPABILITY_GENERATE,
                    wait_s: float = 0.0, worker_id: str = "", prompt_key: str = "",
-                   avoid: Collection[str] = ()) -> WorkerConnection:
+                   avoid: Collection[str] = (), home: str = "") -> WorkerConnection:
         """A worker for the task (the one named worker_id, if given; else by the routing policy, which
         weighs how much of prompt_key each worker holds against its load); waits up to wait_s for one
         to connect, then UNAVAILABLE with the reasons. avoid: worker ids that just failed this task (a
@@ -93,7 +93,7 @@ class WorkerPool:
             if avoid:
                 candidates = [w for w in candidates if w.info.worker_id not in avoid] or candidates
             if candidates:
-                decision = self.routing.choose(candidates, hashes)
+                decision = self.routing.choose(candidates, hashes, home)
                 self.routing.record(decision.worker, hashes)
                 metrics.routing_decisions.add(1, "pinned" if worker_id else decision.policy,
                                               decision.overlap_blocks > 0)

@@ -5,6 +5,9 @@
   probably does not hold (the router remembers which prompt prefixes it sent where), decode_blocks
   the KV blocks the worker reports in use plus one per task this router has in flight there. When load is badly
   imbalanced (SGLang's guard: max - min > 64 and max > 1.5 * min) the least loaded wins regardless.
+  A run's next task goes back to the worker that ran its last one (its `home`: it holds the run's prompt and
+  steps in its prefix cache, which the text-prefix index may not see, e.g. token-id prompts) unless that worker
+  is overloaded: more load than twice the least loaded candidate's plus RUN_AFFINITY_SLACK.
 - "least_loaded": fewest tasks in flight plus reported queue and running sequences.
 - "round_robin": in turn.
 
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 CHARS_PER_BLOCK = 64
+RUN_AFFINITY_SLACK = 4      # tasks a run's home worker may be behind the least loaded and still be chosen
 POLICIES = ("kv", "least_loaded", "round_robin")
 
 
@@ -95,12 +99,17 @@ class RoutingPolicy:
     def load(worker: RoutableWorker) -> int:
         return worker.outstanding + worker.reported_load[0]
 
-    def choose(self, candidates: list[RoutableWorker], hashes: Sequence[bytes] = ()) -> Decision:
+    def choose(self, candidates: list[RoutableWorker], hashes: Sequence[bytes] = (), home: str = "") -> Decision:
+        """home: the address of the worker that ran the run's last task ("" for a run's first)."""
         # Rotate first so that ties spread instead of piling onto the first worker.
         start = next(self._turn) % len(candidates)
         rotated = candidates[start:] + candidates[:start]
         if self.policy == "round_robin":
             return Decision(rotated[0], self.policy)
+        if home and self.policy == "kv":
+            held = next((w for w in rotated if w.address == home), None)
+            if held is not None and self.load(held) <= 2 * min(map(self.load, rotated)) + RUN_AFFINITY_SLACK:
+                return Decision(held, "run")
         if self.policy == "least_loaded" or not hashes:
             return Decision(min(rotated, key=self.load), self.policy)
         if self._imbalanced(rotated):

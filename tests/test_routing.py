@@ -70,6 +70,22 @@ def test_kv_policy_balances_when_load_is_badly_skewed():
     assert decision.worker is idle and decision.policy == "kv-balance"
 
 
+def test_a_run_s_next_task_goes_home_unless_home_is_overloaded():
+    """A short prompt has no prefix blocks to weigh, so without a home the least loaded would win; the worker that
+    ran the run's last task keeps it while its load is within twice the least loaded's plus a slack of 4."""
+    router = RoutingPolicy("kv")
+    home, idle = FakeWorker("a", outstanding=3), FakeWorker("b")
+    assert router.choose([home, idle]).worker is idle
+    decision = router.choose([home, idle], home="a")
+    assert decision.worker is home and decision.policy == "run"
+    home.outstanding = 5
+    assert router.choose([home, idle], home="a").worker is idle
+    idle.outstanding = 2      # 5 <= 2 * 2 + 4
+    assert router.choose([home, idle], home="a").worker is home
+    assert router.choose([home, idle], home="gone").worker is idle
+    assert RoutingPolicy("least_loaded").choose([home, idle], home="a").worker is idle   # kv policy only
+
+
 def test_forgetting_a_worker_drops_what_it_held():
     router = RoutingPolicy("kv")
     a, b = FakeWorker("a"), FakeWorker("b")
@@ -138,3 +154,26 @@ def test_requests_sharing_a_prefix_land_where_their_kv_is(two_workers, logs, pol
         assert len(set(workers)) == 2, workers
         # Each worker prefills the shared prefix once: the first request on each misses.
         assert sum(c == 0 for c in cached) >= 2, cached
+
+
+@pytest.mark.processes
+def test_a_run_s_tasks_stay_on_its_worker(two_workers, logs):
+    """budget_majority_vote with parallel=1 sends its samples one task after another; the prompt is too short for
+    prefix blocks, so only the run's home keeps them on one worker (the router's decisions say "run")."""
+    from client.launcher import free_port
+    from tests.test_observability import scrape, total
+    from trellis_client import Client
+
+    metrics = free_port()
+    router = start_router([w.address for w in two_workers], logs, name="router-run-home",
+                          extra=["--metrics-port", str(metrics)])
+    try:
+        router.wait_serving(timeout=60)
+        with Client(router.address) as client:
+            client.run("budget_majority_vote", "Hi", params={"n": 4, "parallel": 1, "criterion": "decided"},
+                       sampling={"max_tokens": 2, "temperature": 1.0, "seed": 3}, raw=True)
+        samples = scrape(metrics)
+    finally:
+        router.stop()
+    picked = total(samples, "trellis_router_routing_decisions_total")
+    assert picked >= 3 and total(samples, "trellis_router_routing_decisions_total", policy="run") == picked - 1
