@@ -66,7 +66,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chat-only", action="store_true",
                    help="the upstream has no /completions (e.g. a hosted chat model): text prompts are refused")
     p.add_argument("--max-concurrency", type=int,
-                   help="upstream requests in flight (one per sample); beyond, tasks get RESOURCE_EXHAUSTED")
+                   help="upstream requests in flight (one per sample); beyond, tasks wait (--max-queued) or get "
+                        "RESOURCE_EXHAUSTED")
+    p.add_argument("--max-queued", type=int,
+                   help="tasks that may wait for upstream slots (all n of a task's at once); beyond, "
+                        "RESOURCE_EXHAUSTED (0: a task that does not fit is refused at once)")
+    p.add_argument("--scheduling", choices=["fcfs", "run_las"],
+                   help="the order waiting tasks start in: fcfs (arrival) or run_las (by run: priority, then least "
+                        "attained service, with a 10 s anti-starvation bound)")
     p.add_argument("--max-context-tokens", type=int, help="the model's context, advertised (0: unknown)")
     p.add_argument("--max-n", type=int, help="largest n one generate task may ask for")
     p.add_argument("--no-verifier", action="store_true",
@@ -100,6 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.tls = tls.server_tls(args, p)
     if args.max_concurrency < 1:
         p.error("--max-concurrency: must be >= 1")
+    if args.max_queued < 0:
+        p.error("--max-queued: must be >= 0")
     if args.reward_api and not args.reward_url:
         args.reward_url = str(httpx.URL(args.base_url).join("/classify"))
     if not args.health_url:
@@ -168,7 +177,8 @@ async def serve(args: argparse.Namespace, worker_id: str) -> None:
         else:
             engine = OpenAIEngine(upstream, kind, model, tokenizer=tokenizer, chat_only=args.chat_only,
                                   max_concurrency=args.max_concurrency, max_context_tokens=args.max_context_tokens,
-                                  served_model_id=args.served_model_id)
+                                  served_model_id=args.served_model_id, scheduling=args.scheduling,
+                                  max_queued=args.max_queued)
             if not args.no_verifier and kind.max_logprobs is not None:
                 scorer = VerifierScorer(engine, args.max_candidates)
         service.attach(engine, scorer)

@@ -4,11 +4,19 @@ n samples are n concurrent requests with n=1 (each seeded with derive_seed(seed,
 seeded), so every sample streams, finishes and is cancelled on its own, and --max-concurrency counts what the
 upstream really carries. Cancelling a task cancels its requests' asyncio tasks, which closes their HTTP
 responses: the upstream sees the client go away and aborts.
+
+A task whose samples do not fit the free slots is refused with RESOURCE_EXHAUSTED, unless --max-queued lets it wait:
+then it waits for all n slots at once (gang: never part of them), and when slots free up the waiting tasks start in
+the --scheduling order, strictly from the head (a task that would fit does not overtake the head that does not):
+fcfs is arrival; run_las is worker_runtime.run_order's order of runs (higher priority, then the lower service level
+of the tokens the run had consumed when the task was sent, then arrival), and a task waiting longer than
+STARVATION_S goes first whatever its run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -32,6 +40,7 @@ from worker_runtime.engine_api import (
     SequenceSource,
     TokenLogprob,
 )
+from worker_runtime.run_order import service_level
 from worker_runtime.stop_strings import StopStringMatcher
 from worker_runtime.text_end import trim_cut_character
 
@@ -65,6 +74,20 @@ class _Sample:
         self.stop_reason = piece.stop_reason or self.stop_reason
 
 
+STARVATION_S = 10.0   # a task waiting longer than this starts first under run_las (as torch_engine's scheduler)
+
+
+@dataclass
+class _Waiting:
+    """A task waiting for its n slots; `granted` resolves once they are taken for it."""
+    task_id: str
+    n: int
+    run: RunInfo | None
+    arrived: float            # time.monotonic(): queue time and the starvation bound
+    order: int                # arrival order (ties of the clock broken)
+    granted: asyncio.Future
+
+
 @dataclass
 class _Task:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -75,7 +98,10 @@ class _Task:
 class OpenAIEngine:
     def __init__(self, upstream: Upstream, kind: UpstreamKind, model: str, *, tokenizer=None,
                  chat_only: bool = False, max_concurrency: int = 64, max_context_tokens: int = 0,
-                 served_model_id: str = "") -> None:
+                 served_model_id: str = "", scheduling: str = "fcfs", max_queued: int = 0,
+                 starvation_s: float = STARVATION_S) -> None:
+        if scheduling not in ("fcfs", "run_las"):
+            raise ValueError(f"scheduling: one of fcfs, run_las, got {scheduling!r}")
         self.upstream = upstream
         self.kind = kind
         self.model = model
@@ -84,11 +110,17 @@ class OpenAIEngine:
         self.max_concurrency = max_concurrency
         self.kept = KeptPrompts()
         self.in_flight = 0
+        self.scheduling = scheduling
+        self.max_queued = max_queued
+        self.starvation_s = starvation_s
+        self._waiting: dict[str, _Waiting] = {}
+        self._arrivals = itertools.count()
         self._tasks: dict[str, _Task] = {}
         self.info = EngineInfo(
             model_id=served_model_id or model, engine=f"openai-compatible ({kind.name})",
             max_context_tokens=max_context_tokens, max_batch_size=max_concurrency,
-            eos_token=getattr(tokenizer, "eos_token", "") or "", keeps_sequences=True)
+            eos_token=getattr(tokenizer, "eos_token", "") or "", keeps_sequences=True,
+            scheduling=scheduling)
 
     # ---- the Engine protocol ---------------------------------------------------------------------------
 
@@ -99,11 +131,19 @@ class OpenAIEngine:
         started = time.monotonic()
         base = self._prompt(prompt, source)
         bodies = [self._body(base, sampling, i) for i in range(sampling.n)]   # refuses before anything is sent
-        if self.in_flight + sampling.n > self.max_concurrency:
-            raise resource_exhausted(f"this worker has {self.in_flight} of its {self.max_concurrency} upstream "
-                                     f"requests in flight; the task needs {sampling.n}")
-        if source is not None and not source.fork:
-            self.kept.use_up(source.handle)   # only now: a refused continuation leaves its sequence kept
+        waited = await self._slots(task_id, sampling.n, run)
+        if waited is None:     # cancelled while waiting: it took no slots and sent nothing
+            now = time.monotonic()
+            samples = [_Sample(i) for i in range(sampling.n)]
+            yield self._finished(task_id, _Task(first_token_at=now), base, samples, started, None,
+                                 queue_ms=(now - started) * 1000.0)
+            return
+        try:
+            if source is not None and not source.fork:
+                self.kept.use_up(source.handle)   # only now: a refused continuation leaves its sequence kept
+        except BaseException:
+            self._return_slots(sampling.n)
+            raise
         headers: dict[str, str] = {}
         propagate.inject(headers)   # traceparent: the upstream's own spans join the run's trace
         span = trace.get_current_span()
@@ -112,7 +152,6 @@ class OpenAIEngine:
         task = _Task()
         self._tasks[task_id] = task
         samples = [_Sample(i) for i in range(sampling.n)]
-        self.in_flight += sampling.n
         for sample, body in zip(samples, bodies, strict=True):
             request = asyncio.create_task(self._request(task, sample, body, headers, sampling.stop))
             request.add_done_callback(lambda r, s=sample: self._request_ended(task, s, r))
@@ -133,9 +172,14 @@ class OpenAIEngine:
             self._tasks.pop(task_id, None)
             for request in task.requests:
                 request.cancel()
-        yield self._finished(task_id, task, base, samples, started, keep_ttl_s)
+        yield self._finished(task_id, task, base, samples, started, keep_ttl_s, queue_ms=waited * 1000.0)
 
     def cancel(self, task_id: str) -> None:
+        waiting = self._waiting.pop(task_id, None)
+        if waiting is not None:
+            if not waiting.granted.done():
+                waiting.granted.set_result(False)
+            self._dispatch()
         task = self._tasks.get(task_id)
         if task is not None:
             for request in task.requests:
@@ -145,8 +189,62 @@ class OpenAIEngine:
         self.kept.release(task_prefix)
 
     def load(self) -> LoadStats:
-        return LoadStats(queue_depth=0, running_sequences=self.in_flight, kv_blocks_used=0, kv_blocks_free=0,
-                         kept_sequences=len(self.kept))
+        runs = {w.run.run_id if w.run is not None else w.task_id for w in self._waiting.values()}
+        return LoadStats(queue_depth=len(self._waiting), running_sequences=self.in_flight, kv_blocks_used=0,
+                         kv_blocks_free=0, kept_sequences=len(self.kept), waiting_runs=len(runs))
+
+    # ---- the upstream slots, and the tasks waiting for them ----------------------------------------------
+
+    async def _slots(self, task_id: str, n: int, run: RunInfo | None) -> float | None:
+        """Take n slots for the task, waiting for them if --max-queued allows: the seconds waited, or None when
+        the task was cancelled (engine.cancel) while waiting. Cancelling the caller leaves the queue too."""
+        if not self._waiting and self.in_flight + n <= self.max_concurrency:
+            self.in_flight += n
+            return 0.0
+        if self.max_queued <= 0 or n > self.max_concurrency:
+            raise resource_exhausted(f"this worker has {self.in_flight} of its {self.max_concurrency} upstream "
+                                     f"requests in flight; the task needs {n}")
+        if len(self._waiting) >= self.max_queued:
+            raise resource_exhausted(f"this worker's upstream slots and queue are full: {self.in_flight} of its "
+                                     f"{self.max_concurrency} requests in flight, {len(self._waiting)} of its "
+                                     f"{self.max_queued} tasks waiting; the task needs {n}")
+        arrived = time.monotonic()
+        waiting = _Waiting(task_id, n, run, arrived, next(self._arrivals), asyncio.get_running_loop().create_future())
+        self._waiting[task_id] = waiting
+        self._dispatch()
+        try:
+            granted = await waiting.granted
+        except BaseException:   # the consumer went away: leave the queue, or give back slots granted meanwhile
+            if self._waiting.pop(task_id, None) is None and waiting.granted.done() \
+                    and not waiting.granted.cancelled() and waiting.granted.result():
+                self.in_flight -= n
+            self._dispatch()
+            raise
+        return time.monotonic() - arrived if granted else None
+
+    def _dispatch(self) -> None:
+        """Start waiting tasks from the head of the order while the head's n slots are free."""
+        while self._waiting:
+            now = time.monotonic()
+            head = min(self._waiting.values(), key=lambda w: self._rank(w, now))
+            if self.in_flight + head.n > self.max_concurrency:
+                return
+            del self._waiting[head.task_id]
+            self.in_flight += head.n
+            head.granted.set_result(True)
+
+    def _rank(self, waiting: _Waiting, now: float) -> tuple:
+        if self.scheduling != "run_las":
+            return (waiting.order,)
+        if now - waiting.arrived > self.starvation_s:
+            return (0, 0, 0, waiting.order)
+        run = waiting.run
+        priority = run.priority if run is not None else 0
+        return (1, -priority, service_level(run.tokens if run is not None else 0), waiting.order)
+
+    def _return_slots(self, n: int) -> None:
+        self.in_flight -= n
+        self._dispatch()
 
     # ---- one task --------------------------------------------------------------------------------------
 
@@ -215,7 +313,7 @@ class OpenAIEngine:
 
     def _request_ended(self, task: _Task, sample: _Sample, request: asyncio.Task) -> None:
         """A done callback, so a request cancelled before it ever ran still returns its slot and reports."""
-        self.in_flight -= 1
+        self._return_slots(1)
         if request.cancelled():
             sample.finish_reason = sample.finish_reason or "cancelled"
         task.events.put_nowait(("done", sample.index, None))
@@ -229,7 +327,7 @@ class OpenAIEngine:
         sample.cached_prompt_tokens = int(details.get("cached_tokens") or 0)
 
     def _finished(self, task_id: str, task: _Task, base: UpstreamPrompt, samples: list[_Sample], started: float,
-                  keep_ttl_s: float | None) -> Finished:
+                  keep_ttl_s: float | None, queue_ms: float = 0.0) -> Finished:
         now = time.monotonic()
         handles = []
         if keep_ttl_s is not None:
@@ -244,7 +342,7 @@ class OpenAIEngine:
                          for s in samples],
             prompt_tokens=max((s.prompt_tokens for s in samples), default=0),
             cached_prompt_tokens=max((s.cached_prompt_tokens for s in samples), default=0),
-            queue_ms=0.0,
+            queue_ms=queue_ms,
             ttft_ms=((task.first_token_at or now) - started) * 1000.0,
             latency_ms=(now - started) * 1000.0,
             handles=handles,

@@ -45,8 +45,15 @@ class Engine(Section):
                              "ids are its ids", flag="tokenizer")
     chat_only: bool = setting(False, "the upstream has no /completions (e.g. a hosted chat model): text prompts are "
                               "refused", flag="chat_only")
-    max_concurrency: int = setting(64, "upstream requests in flight (one per sample); beyond, tasks get "
-                                   "RESOURCE_EXHAUSTED", flag="max_concurrency", ge=1)
+    max_concurrency: int = setting(64, "upstream requests in flight (one per sample); beyond, tasks wait "
+                                   "(--max-queued) or get RESOURCE_EXHAUSTED", flag="max_concurrency", ge=1)
+    max_queued: int = setting(0, "tasks that may wait for upstream slots (a task waits for all n of its slots at "
+                              "once); beyond, RESOURCE_EXHAUSTED (0: none wait, a task that does not fit is refused "
+                              "at once)", flag="max_queued", ge=0)
+    scheduling: Literal["fcfs", "run_las"] = setting(
+        "fcfs", "the order waiting tasks start in: fcfs (arrival) or run_las (by run: priority, then the run that "
+        "had attained the least service when the task was sent, with a 10 s anti-starvation bound)",
+        flag="scheduling")
     max_context_tokens: int = setting(0, "the model's context, advertised (0: unknown)", flag="max_context_tokens",
                                       ge=0)
     max_n: int = setting(64, "largest n one generate task may ask for", flag="max_n", ge=1)
