@@ -3,6 +3,7 @@ Dynasor and the searches), a tally of (weighted) votes, and scoring samples with
 
 from __future__ import annotations
 
+import math
 from collections.abc import Generator
 from typing import Any
 
@@ -113,3 +114,11 @@ def score_texts(controller: Controller, prompt: Prompt, texts: list[str]) -> Gen
         raise ControllerError("INTERNAL", f"the scorer returned {len(task.output.scores)} scores for "
                                           f"{len(texts)} candidates")
     return list(task.output.scores)
+
+
+def beta_majority_probability(v1: int, v2: int) -> float:
+    """P(p1 > p2) under a uniform prior: the mass of Beta(v1 + 1, v2 + 1) above 1/2. For integer shapes
+    a, b that is P(Binomial(a + b - 1, 1/2) <= a - 1), a finite sum."""
+    a, b = v1 + 1, v2 + 1
+    trials = a + b - 1
+    return sum(math.comb(trials, j) for j in range(a)) / 2**trials

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -122,10 +122,23 @@ class Param:
         return float(value) if self.type == "float" else value
 
 
+@dataclass(frozen=True)
+class Reallocation:
+    """What the service offers a controller that can spend less (certaindex): while `under_load()` says capacity is
+    short, a run already this certain of its answer may stop spending, so the capacity goes to runs still
+    undecided. The router offers it only when configured to (`--reallocate certaindex`), because stopping on
+    certainty can change an answer; stopping where it cannot (a vote that can no longer be overtaken) needs no
+    offer."""
+
+    under_load: Callable[[], bool]
+    certainty: float = 0.95
+
+
 class Controller:
     name: ClassVar[str]
     description: ClassVar[str]
     params: ClassVar[tuple[Param, ...]] = ()
+    reallocation: Reallocation | None = None     # set by the router on the run's controller, when it offers one
 
     def __init__(self, **params: Any) -> None:
         for key, value in params.items():

@@ -17,21 +17,12 @@ Whatever is still running when the vote is settled is cancelled, so the workers 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
-from controllers.answers import EXTRACTOR_PARAMS, Tally, answer_extractor
+from controllers.answers import EXTRACTOR_PARAMS, Tally, answer_extractor, beta_majority_probability
 from controllers.base import Controller, Param, Result, register
 from controllers.errors import ControllerError
 from controllers.tasks import Cancel, Candidate, Generate, Intermediate, Progress, Prompt, TaskFailure, Trace, WaitAny
-
-
-def beta_majority_probability(v1: int, v2: int) -> float:
-    """P(p1 > p2) under a uniform prior: the mass of Beta(v1 + 1, v2 + 1) above 1/2. For integer shapes
-    a, b that is P(Binomial(a + b - 1, 1/2) <= a - 1), a finite sum."""
-    a, b = v1 + 1, v2 + 1
-    trials = a + b - 1
-    return sum(math.comb(trials, j) for j in range(a)) / 2**trials
 
 
 class TokenBudget:

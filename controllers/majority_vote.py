@@ -6,12 +6,16 @@ The vote is tallied as samples finish, and once the leader cannot be overtaken (
 runner-up plus every sample still running) the rest are cancelled: the answer is the one all n would give, and
 their tokens are not spent (certaindex's "stop the decided", in the one case where it cannot change the answer;
 `stop_decided=false` draws all n). Cancelled samples abstain; `details.counted` says how many voted.
+
+Where the router offers reallocation (`--reallocate certaindex`) and reports it is short of capacity, the vote
+also stops once Adaptive-Consistency's Beta criterion puts the leader ahead with the router's certainty (at least
+two votes); that can change the answer, so it is the operator's choice. `details.stopped` says why it stopped.
 """
 
 from __future__ import annotations
 
-from controllers.answers import EXTRACTOR_PARAMS, Tally, answer_extractor
-from controllers.base import REGISTRY, Controller, Param, Result, register
+from controllers.answers import EXTRACTOR_PARAMS, Tally, answer_extractor, beta_majority_probability
+from controllers.base import REGISTRY, Controller, Param, Reallocation, Result, register
 from controllers.errors import ControllerError, ParamError
 from controllers.tasks import Branch, Candidate, Generate, Intermediate, Progress, Prompt, Trace
 
@@ -32,6 +36,7 @@ class MajorityVote(Controller):
     def __init__(self, **params) -> None:
         super().__init__(**params)
         self.extract = answer_extractor(self.extractor, self.pattern)
+        self.decided: Decided | None = None
         if self.inner:
             if self.inner not in REGISTRY or self.inner == self.name:
                 known = ", ".join(n for n in REGISTRY if n != self.name)
@@ -41,8 +46,8 @@ class MajorityVote(Controller):
     def _samples(self, prompt: Prompt):
         """(branch, text, finish_reason) of each of the n votes: samples of one task, or inner runs."""
         if not self.inner:
-            task = Generate(prompt, n=self.n, branch="sample",
-                            stop_when=Decided(self.n, self.extract) if self.stop_decided else None)
+            self.decided = Decided(self.n, self.extract, self.reallocation) if self.stop_decided else None
+            task = Generate(prompt, n=self.n, branch="sample", stop_when=self.decided)
             yield [task]
             if not task.ok:
                 raise ControllerError.from_failure(task.failure)
@@ -85,19 +90,24 @@ class MajorityVote(Controller):
             answer=winner, text=first_text[winner], candidates=candidates,
             details={"votes": dict(votes.counts), "share": votes.counts[winner] / self.n,
                      "abstained": self.n - votes.votes,
-                     "counted": sum(1 for _, _, reason in samples if reason != "cancelled")},
+                     "counted": sum(1 for _, _, reason in samples if reason != "cancelled"),
+                     "stopped": self.decided.reason if self.decided is not None else ""},
         )
 
 
 class Decided:
     """Generate.stop_when for a vote over the task's n samples: counts each sample's answer when it finishes,
-    and stops the task once the leader has more votes than the runner-up plus the samples not yet finished."""
+    and stops the task once the leader has more votes than the runner-up plus the samples not yet finished
+    (reason "decided"), or, with a reallocation offer and the service under load, once the leader is ahead with
+    the offered certainty (reason "certain")."""
 
-    def __init__(self, n: int, extract) -> None:
+    def __init__(self, n: int, extract, reallocation: Reallocation | None = None) -> None:
         self.n = n
         self.extract = extract
+        self.reallocation = reallocation
         self.votes = Tally()
         self.finished: set[int] = set()
+        self.reason = ""
 
     def __call__(self, trace: Trace) -> bool:
         if not trace.finish_reason or trace.index in self.finished:
@@ -107,4 +117,10 @@ class Decided:
         if answer:
             self.votes.add(answer)
         running = self.n - len(self.finished)
-        return running > 0 and self.votes.weight(0) > self.votes.weight(1) + running
+        lead, second = int(self.votes.weight(0)), int(self.votes.weight(1))
+        if running and lead > second + running:
+            self.reason = "decided"
+        elif (running and self.reallocation is not None and lead >= 2 and self.reallocation.under_load()
+              and beta_majority_probability(lead, second) >= self.reallocation.certainty):
+            self.reason = "certain"
+        return bool(self.reason)

@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-migrations", type=int)
     p.add_argument("--routing", choices=POLICIES)
     p.add_argument("--overlap-weight", type=float)
+    p.add_argument("--reallocate", choices=("off", "certaindex"))
+    p.add_argument("--certainty", type=float)
     p.add_argument("--auth-file", type=Path)
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--max-prompt-chars", type=int)
@@ -116,7 +118,8 @@ async def serve(args: argparse.Namespace) -> None:
                     max_run_s=args.max_run_seconds, max_tasks_per_run=args.max_tasks_per_run)
     admission = Admission(args.max_running_runs, args.max_queued_runs, args.max_runs_per_client)
     service = RouterService(pool, limits, admission, args.auth, worker_wait_s=args.worker_wait_seconds,
-                            max_migrations=args.max_migrations)
+                            max_migrations=args.max_migrations,
+                            certainty=args.certainty if args.reallocate == "certaindex" else 0.0)
     served = await start_server(
         args.host, args.port, lambda server: router_pb2_grpc.add_RouterServicer_to_server(service, server),
         (router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,), tls=args.tls,

@@ -123,3 +123,7 @@ class WorkerPool:
 
     def models(self) -> list[str]:
         return sorted({w.info.model_id for w in self.workers if w.ready and w.info})
+
+    def queued(self) -> int:
+        """Tasks waiting at the workers (their last load reports): work the workers cannot start yet."""
+        return sum(w.load.queue_depth for w in self.workers if w.ready and w.load is not None)

@@ -16,7 +16,16 @@ from dataclasses import dataclass
 import structlog
 from opentelemetry import trace
 
-from controllers import REGISTRY, Controller, ControllerError, ParamError, Prompt, Result, controller_class
+from controllers import (
+    REGISTRY,
+    Controller,
+    ControllerError,
+    ParamError,
+    Prompt,
+    Reallocation,
+    Result,
+    controller_class,
+)
 from controllers.runtime import drive
 from router import metrics
 from router.admission import Admission, Ticket
@@ -52,12 +61,13 @@ class PreparedRun:
 
 class Runs:
     def __init__(self, pool: WorkerPool, limits: Limits, admission: Admission, worker_wait_s: float,
-                 max_migrations: int) -> None:
+                 max_migrations: int, reallocation: Reallocation | None = None) -> None:
         self.pool = pool
         self.limits = limits
         self.admission = admission
         self.worker_wait_s = worker_wait_s
         self.max_migrations = max_migrations
+        self.reallocation = reallocation     # offered to every run's controller (certaindex), when configured
 
     def prepare(self, request: router_pb2.RunRequest, prefix: str = "",
                 client: ClientPolicy | None = None) -> PreparedRun:
@@ -79,6 +89,7 @@ class Runs:
             self.limits.check_amounts(request.prompt, request.sampling, prefix, client)
             controller = cls.from_params(struct_to_dict(request.params), limits={"n": self.limits.max_n_for(client)},
                                          prefix=f"{prefix}params")
+            controller.reallocation = self.reallocation
         except ParamError as err:
             field = err.field if err.field.startswith(prefix) else prefix + err.field
             raise invalid(field, err.message) from err

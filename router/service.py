@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import grpc
 from opentelemetry import trace
 
-from controllers import REGISTRY
+from controllers import REGISTRY, Reallocation
 from router import metrics
 from router.admission import Admission
 from router.auth import Authenticator, ClientPolicy, identify
@@ -35,14 +35,21 @@ _tracer = tracer(__name__)
 
 class RouterService(router_pb2_grpc.RouterServicer):
     def __init__(self, pool: WorkerPool, limits: Limits | None = None, admission: Admission | None = None,
-                 auth: Authenticator | None = None, worker_wait_s: float = 2.0, max_migrations: int = 2) -> None:
+                 auth: Authenticator | None = None, worker_wait_s: float = 2.0, max_migrations: int = 2,
+                 certainty: float = 0.0) -> None:
+        """certainty > 0: offer controllers reallocation (certaindex) at that certainty while the router is short of
+        capacity (runs wait for admission or tasks wait at workers)."""
         self.pool = pool
         metrics.watch(self)
         self.limits = limits or Limits()
         self.admission = admission or Admission()
         self.auth = auth
         self.worker_wait_s = worker_wait_s
-        self.runs = Runs(pool, self.limits, self.admission, worker_wait_s, max_migrations)
+        offer = Reallocation(self.under_load, certainty) if certainty > 0 else None
+        self.runs = Runs(pool, self.limits, self.admission, worker_wait_s, max_migrations, offer)
+
+    def under_load(self) -> bool:
+        return self.admission.queued > 0 or self.pool.queued() > 0
 
     def caller(self, context: grpc.aio.ServicerContext) -> ClientPolicy:
         return identify(context, self.auth)

@@ -37,6 +37,15 @@ class Routing(Section):
                                   "mid-stream", flag="max_migrations", ge=0)
 
 
+class Reallocation(Section):
+    reallocate: Literal["off", "certaindex"] = setting(
+        "off", "certaindex: while runs wait for admission or tasks wait at workers, votes stop once their leader is "
+        "ahead with the given certainty, freeing capacity for undecided runs (can change answers; a vote that can "
+        "no longer be overtaken stops whatever this says)", flag="reallocate")
+    certainty: float = setting(0.95, "certaindex: how sure a vote must be of its leader (Adaptive-Consistency's Beta "
+                               "criterion)", flag="certainty", ge=0.5, le=1.0)
+
+
 class Admission(Section):
     max_running_runs: int = setting(256, "runs worked on at once; more wait in a priority queue (0: no limit)",
                                     flag="max_running_runs", ge=0, reload=True)
@@ -72,6 +81,7 @@ class RouterSettings(Section):
     discovery: Discovery = Discovery()
     worker_tls: WorkerTLS = WorkerTLS()
     routing: Routing = Routing()
+    reallocation: Reallocation = Reallocation()
     admission: Admission = Admission()
     limits: Limits = Limits()
     auth: Auth = Auth()

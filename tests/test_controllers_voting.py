@@ -543,3 +543,35 @@ def test_stopping_once_decided_never_changes_the_answer(seed):
                           ScriptedRunner(by_index(texts))).result
     assert early.answer == full.answer
     assert all(early.details["votes"][a] <= full.details["votes"][a] for a in early.details["votes"])
+
+
+def test_under_load_a_reallocation_offer_stops_a_vote_once_it_is_certain_enough():
+    """certaindex: with the router offering reallocation and short of capacity, three agreeing votes of eight are
+    enough at certainty 0.9 (Beta criterion 15/16); without load, or without the offer, the vote goes on until
+    the leader cannot be overtaken."""
+    from controllers import Reallocation
+
+    texts = ["7", "so 7", "it is 7", words(8) + " 7", words(30) + " 8", words(40) + " 9", words(41) + " 8",
+             words(42) + " 8"]
+    params = {"n": 8, "extractor": "last_number"}
+
+    def vote(offer):
+        controller = MajorityVote.from_params(params)
+        controller.reallocation = offer
+        runner = ScriptedRunner(by_index(texts))
+        return run_controller(controller, runner).result, runner
+
+    loaded, runner = vote(Reallocation(lambda: True, certainty=0.9))
+    assert loaded.answer == "7" and loaded.details["counted"] == 3 and loaded.details["stopped"] == "certain"
+    idle, _ = vote(Reallocation(lambda: False, certainty=0.9))
+    plain, full_runner = vote(None)
+    for r in (idle, plain):      # 7 leads 4 to 1 with two samples left: the exact stop
+        assert r.answer == "7" and r.details["counted"] == 6 and r.details["stopped"] == "decided"
+    assert runner.tokens_streamed < full_runner.tokens_streamed / 2
+
+
+def test_a_vote_that_can_no_longer_be_overtaken_says_so():
+    texts = ["7", "7", "7", words(30) + " 8"]
+    r = run_controller(MajorityVote.from_params({"n": 4, "extractor": "last_number"}),
+                       ScriptedRunner(by_index(texts))).result
+    assert r.details["stopped"] == "decided" and r.details["counted"] == 3

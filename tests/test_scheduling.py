@@ -206,3 +206,40 @@ def test_one_number_per_request_keeps_the_run_order_for_engines_that_take_a_prio
     assert all(0.0 <= v <= 1.0 for v in values + [bounded_priority(RunInfo("x", priority=99)),
                                                    bounded_priority(RunInfo("x", priority=-99))])
     assert bounded_priority(None) == 0.5
+
+
+def test_the_router_offers_reallocation_only_when_configured_and_says_when_it_is_short():
+    """--reallocate certaindex: every run's controller gets the offer, whose under_load() is true while runs wait for
+    admission (or tasks wait at workers); off, the default: no offer, so only the exact stop applies."""
+    from router.admission import Admission
+    from router.cli import parse_args
+    from router.pool import WorkerPool
+    from router.service import RouterService
+    from tests.helpers import chat
+    from trellis_rpc.v1 import router_pb2
+
+    args = parse_args(["--workers", "127.0.0.1:1", "--reallocate", "certaindex", "--certainty", "0.9"])
+    assert (args.reallocate, args.certainty) == ("certaindex", 0.9)
+    assert parse_args(["--workers", "127.0.0.1:1"]).reallocate == "off"
+
+    request = router_pb2.RunRequest(controller="majority_vote", prompt=chat("2+2?"))
+    assert RouterService(WorkerPool([])).runs.prepare(request).controller.reallocation is None
+    service = RouterService(WorkerPool([]), admission=Admission(max_running=1), certainty=0.9)
+    first = service.runs.prepare(request)
+    offer = first.controller.reallocation
+    assert offer is not None and offer.certainty == 0.9 and not offer.under_load()
+    service.runs.prepare(request)                # waits for admission: the router is short of capacity
+    assert offer.under_load()
+
+
+def test_the_engine_says_when_it_serves_a_better_ranked_run_than_a_score_task_s():
+    sched = scheduler("run_las", rows=4)
+    short = seq("chat/0", RunInfo("chat", tokens=0))
+    sched.add(short)
+    sched.schedule()
+    assert sched.outranks(RunInfo("mcts", tokens=5000))
+    assert not sched.outranks(RunInfo("other", tokens=100))                 # the same level
+    assert not sched.outranks(RunInfo("urgent", priority=1, tokens=10**6))  # a better class
+    sched.finish(short)
+    sched.schedule()
+    assert not sched.outranks(RunInfo("mcts", tokens=5000))                 # nothing served

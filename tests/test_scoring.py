@@ -382,3 +382,43 @@ def test_an_operator_context_cap_bounds_what_a_scorer_takes(orm_dir):
     with pytest.raises(StatusError) as info:
         capped.score_now(request)
     assert (info.value.field, info.value.reason) == ("candidates[1]", "CONTEXT_LENGTH_EXCEEDED")
+
+
+def test_a_gated_scorer_holds_a_worse_ranked_run_s_task_until_the_gate_opens_or_the_bound(orm_dir):
+    """run_las on a CPU worker: the verifier shares the engine's cores, so a score task of a run ranked below what
+    the engine serves waits (the gate), for at most starvation_s from its arrival; a cancelled one is dropped."""
+    import threading
+    import time
+
+    from torch_engine.scoring import scorer_for
+    from worker_runtime.engine_api import PromptInput, RunInfo, ScoreInput
+
+    scorer = scorer_for(loaded_reward_model(orm_dir))
+    request = ScoreInput(PromptInput(text=QUESTION), list(CANDIDATES), "outcome", run=RunInfo("long", tokens=9000))
+    closed = threading.Event()
+    seen: list[RunInfo | None] = []
+
+    def gate(run):
+        seen.append(run)
+        return not closed.is_set()
+
+    scorer.gate = gate
+    try:
+        async def opened_after(delay: float) -> float:
+            started = time.perf_counter()
+            asyncio.get_running_loop().call_later(delay, closed.set)
+            await scorer.score("held", request)
+            return time.perf_counter() - started
+
+        assert asyncio.run(opened_after(0.3)) >= 0.3 and seen[0] == request.run
+        closed.clear()
+        scorer.starvation_s = 0.2
+
+        async def bounded() -> float:
+            started = time.perf_counter()
+            await scorer.score("starved", request)
+            return time.perf_counter() - started
+
+        assert 0.2 <= asyncio.run(bounded()) < 5.0     # the gate never opened: the bound let it through
+    finally:
+        scorer.close()

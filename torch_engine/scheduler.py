@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from torch_engine.block_manager import BlockManager
 from torch_engine.sequence import Request, Sequence, Status
+from worker_runtime.engine_api import RunInfo
 from worker_runtime.run_order import service_level
 
 
@@ -67,6 +68,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.served: collections.OrderedDict[str, int] = collections.OrderedDict()   # run_id -> tokens computed here
         self.paused = 0     # running sequences the last step left out (run_las)
+        # (-priority, service level) of the best-ranked request the last step ran (run_las): read by the scoring
+        # thread, which holds back a score task of a worse-ranked run while this engine serves a better one.
+        self.serving: tuple[int, int] | None = None
 
     def account(self, seq: Sequence, tokens: int) -> None:
         """tokens of seq's run were computed this step (prefill or decode)."""
@@ -208,7 +212,21 @@ class Scheduler:
             if budget == 0:
                 break
         plan.paused = self.paused = sum(1 for seq in self.running if id(seq) not in chosen)
+        self.serving = min((self.class_and_level(item.seq.request) for item in plan.items), default=None)
         return plan
+
+    def class_and_level(self, request: Request) -> tuple[int, int]:
+        priority = request.run.priority if request.run is not None else 0
+        return (-priority, service_level(self.attained(request)))
+
+    def outranks(self, run: RunInfo | None) -> bool:
+        """Whether the last step served a run ranked above `run` (a better priority class or a lower service
+        level): a scorer sharing this worker's cores waits rather than slow that run down."""
+        serving = self.serving
+        if serving is None:
+            return False
+        priority = run.priority if run is not None else 0
+        return serving < (-priority, service_level(run.tokens if run is not None else 0))
 
     def _reserve_evicting(self, seq: Sequence, tokens: int, plan: Plan, ranked: list[list[Sequence]],
                           chosen: set[int]) -> bool:

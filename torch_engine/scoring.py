@@ -49,6 +49,7 @@ from worker_runtime.engine_api import (
     CandidateScoreOut,
     LoadStats,
     PromptInput,
+    RunInfo,
     ScoreInput,
     ScoreOut,
     ScorerInfo,
@@ -128,6 +129,10 @@ class TorchScorer:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
         self._threads = threads
+        # gate(run): true while the worker's engine serves better-ranked runs than `run` (run_las); a score task
+        # then waits, at most starvation_s from its arrival, rather than take the cores from them.
+        self.gate: Callable[[RunInfo | None], bool] | None = None
+        self.starvation_s = 10.0
         self._inbox: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._running = 0
         self._stopped = threading.Event()
@@ -186,6 +191,7 @@ class TorchScorer:
                 job = self._inbox.get(timeout=0.1)
             except queue.Empty:
                 continue
+            self._hold(job)
             if job.cancelled:
                 continue
             started = time.perf_counter()
@@ -208,6 +214,11 @@ class TorchScorer:
             except queue.Empty:
                 break
             job.settle(None, unavailable("the worker is shutting down"))
+
+    def _hold(self, job: _Job) -> None:
+        while (self.gate is not None and not job.cancelled and not self._stopped.is_set()
+               and time.perf_counter() - job.submitted < self.starvation_s and self.gate(job.request.run)):
+            time.sleep(0.005)
 
     def score_now(self, request: ScoreInput) -> tuple[list[CandidateScoreOut], int]:
         """Score synchronously on the calling thread: (scores in candidate order, tokens run)."""

@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
                     scorer = scorer_for(loaded, **score_options)
                 except ValueError as err:
                     log.warning("no verifier", reason=str(err))
+            if scorer is not None and args.scheduling == "run_las":
+                scorer.gate = engine.scheduler.outranks   # the verifier shares the engine's cores and its run order
             service.attach(engine, scorer)
             call(served.set_serving(True))
             log.info("serving", port=served.port, model_id=loaded.model_id, worker_id=service.worker_id,

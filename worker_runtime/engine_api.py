@@ -152,6 +152,7 @@ class ScoreInput:
     candidates: list[str]
     kind: str                                     # one of SCORE_KINDS
     step_separator: str = DEFAULT_STEP_SEPARATOR  # process: where one reasoning step ends
+    run: RunInfo | None = None                    # the run the task belongs to (a scorer may order by it)
 
 
 @dataclass

@@ -129,6 +129,12 @@ def _send_error(out: asyncio.Queue, task_id: str, err: StatusError) -> StatusErr
     return err
 
 
+def run_info(req: worker_pb2.WorkerRequest) -> RunInfo | None:
+    """The task's run (RunContext on the wire), for engines and scorers that schedule by run."""
+    if not req.HasField("run"):
+        return None
+    return RunInfo(req.run.run_id, req.run.priority, req.run.tokens, req.run.tasks_done)
+
 class WorkerService(worker_pb2_grpc.WorkerServicer):
     """Serves an engine and/or a scorer once `attach` is called; UNAVAILABLE before that (model loading)."""
 
@@ -330,9 +336,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             timeout = req.timeout_ms / 1000.0 if req.timeout_ms > 0 else None
             prompt = prompt_input(gen.prompt) if gen.prompt.WhichOneof("kind") else PromptInput(text="")
             async with asyncio.timeout(timeout):
-                run = RunInfo(req.run.run_id, req.run.priority, req.run.tokens, req.run.tasks_done) \
-                    if req.HasField("run") else None
-                async for event in engine.generate(task_id, prompt, sampling, source, keep_ttl_s, run):
+                async for event in engine.generate(task_id, prompt, sampling, source, keep_ttl_s, run_info(req)):
                     if isinstance(event, Delta):
                         if gen.stream:
                             out.put_nowait(worker_pb2.WorkerResponse(task_id=task_id, delta=worker_pb2.TokenDelta(
@@ -382,6 +386,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         task_id = req.task_id
         try:
             request = self._score_input(req.score.request)
+            request.run = run_info(req)
             timeout = req.timeout_ms / 1000.0 if req.timeout_ms > 0 else None
             async with asyncio.timeout(timeout):
                 done = await self.scorer.score(task_id, request)
