@@ -111,6 +111,7 @@ def reloader(args: argparse.Namespace, service: RouterService, admission: Admiss
 async def serve(args: argparse.Namespace) -> None:
     pool = WorkerPool([], routing=RoutingPolicy(args.routing, args.overlap_weight), tls=args.worker_tls)
     discovery = Discovery(pool, args.worker_list, args.discovery_interval)
+    pool.sources = discovery.sources      # named in the message of a task no worker can take
     await discovery.refresh()
     pool.start()
     discovery.start()

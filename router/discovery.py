@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -26,8 +28,8 @@ def _dns(name: str, port: str) -> set[str]:
 
 
 def _file(path: str) -> set[str]:
-    lines = Path(path).read_text().replace(",", "\n").splitlines()
-    return {line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")}
+    lines = [line for line in Path(path).read_text().splitlines() if not line.lstrip().startswith("#")]
+    return {entry.strip() for line in lines for entry in line.split(",") if entry.strip()}
 
 
 def resolve(spec: str) -> set[str]:
@@ -46,28 +48,73 @@ def is_dynamic(spec: str) -> bool:
     return spec.startswith(("dns:", "file:"))
 
 
+@dataclass(frozen=True)
+class Lookup:
+    """What one --workers entry gave the last time it was looked up (replaced whole, never mutated: the
+    lookups run in an executor thread while the event loop reads them for error messages)."""
+
+    found: frozenset[str]        # the addresses in use: the last answer, kept when a lookup fails
+    looked_at: float             # time.monotonic() of the last lookup, failed or not
+    answered: bool = False       # whether any lookup of it ever succeeded
+    error: str = ""              # why the last lookup failed ("" : it did not)
+
+
+def _reason(err: Exception) -> str:
+    """An OSError's reason without its errno prefix (the path or name is already in the spec)."""
+    return err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+
+
+def _workers(n: int) -> str:
+    return "none" if n == 0 else "1 worker" if n == 1 else f"{n} workers"
+
+
+def describe(spec: str, lookup: Lookup | None, now: float | None = None) -> str:
+    """One source as a user reads it: what it gave, when it was last looked at, and whether that failed.
+    "static 10.0.0.5:50061"; "file:/etc/trellis/workers lists none (read 1.0 s ago)";
+    "dns:worker.svc:50061 failed 3.2 s ago (Name or service not known), using its last answer (2 workers)"."""
+    if not is_dynamic(spec):
+        return f"static {spec}"
+    if lookup is None:
+        return f"{spec} not looked up yet"
+    age = f"{max(0.0, (time.monotonic() if now is None else now) - lookup.looked_at):.1f} s ago"
+    n = len(lookup.found)
+    if lookup.error:
+        kept = f"using its last answer ({_workers(n)})" if lookup.answered else "no answer yet"
+        return f"{spec} failed {age} ({lookup.error}), {kept}"
+    if spec.startswith("file:"):
+        return f"{spec} lists {'none' if n == 0 else n} (read {age})"
+    return f"{spec} resolves to {_workers(n)} (looked up {age})"
+
+
 class Discovery:
     def __init__(self, pool, specs: list[str], interval_s: float = 5.0) -> None:
         self.pool = pool
         self.specs = specs
         self.interval_s = interval_s
-        self._last: dict[str, set[str]] = {}
+        self._last: dict[str, Lookup] = {}
         self._task: asyncio.Task | None = None
 
     def resolve_all(self) -> set[str]:
-        addresses: set[str] = set()
         for gone in set(self._last) - set(self.specs):    # an entry a settings reload removed
             del self._last[gone]
         for spec in self.specs:
+            before = self._last.get(spec)
             try:
-                found = resolve(spec)
+                lookup = Lookup(frozenset(resolve(spec)), time.monotonic(), answered=True)
             except (OSError, ValueError) as err:
                 log.warning("worker discovery failed", source=spec, error=str(err))
-                found = self._last.get(spec, set())
-            if found != self._last.get(spec):
-                log.info("workers discovered", source=spec, addresses=sorted(found))
-            self._last[spec] = found
-        return addresses.union(*self._last.values())
+                lookup = Lookup(before.found if before else frozenset(), time.monotonic(),
+                                answered=bool(before and before.answered), error=_reason(err))
+            if before is None or lookup.found != before.found:
+                log.info("workers discovered", source=spec, addresses=sorted(lookup.found))
+            self._last[spec] = lookup
+        return set().union(*(lookup.found for lookup in self._last.values()))
+
+    def sources(self) -> list[str]:
+        """Each --workers entry in words: what it last gave, how long ago, and whether its lookup failed."""
+        now = time.monotonic()
+        last = dict(self._last)
+        return [describe(spec, last.get(spec), now) for spec in list(self.specs)]
 
     async def refresh(self) -> None:
         addresses = await asyncio.get_running_loop().run_in_executor(None, self.resolve_all)

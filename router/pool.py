@@ -8,7 +8,8 @@ load; least-loaded and round-robin on request. Discovery (router/discovery.py) a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection
+import time
+from collections.abc import Callable, Collection
 
 import grpc
 
@@ -18,6 +19,32 @@ from router.worker_connection import WorkerConnection
 from trellis_rpc.errors import StatusError
 from trellis_rpc.tls import ClientTLS
 from trellis_rpc.v1 import common_pb2
+
+# Workers named one by one in a "no worker can ..." message; the rest are counted.
+MAX_NAMED = 8
+
+_VERBS = {
+    common_pb2.CAPABILITY_GENERATE: "generate",
+    common_pb2.CAPABILITY_SCORE_OUTCOME: "score outcomes",
+    common_pb2.CAPABILITY_SCORE_PROCESS: "score process steps",
+    common_pb2.CAPABILITY_SCORE_VERIFIER: "verify",
+    common_pb2.CAPABILITY_KEEP_SEQUENCES: "keep sequences",
+    common_pb2.CAPABILITY_PREFIX_CACHE: "cache prefixes",
+}
+
+# What a task asks for (the rest are features of generate): what a worker "can" in the message.
+_TASKS = {common_pb2.CAPABILITY_GENERATE, common_pb2.CAPABILITY_SCORE_OUTCOME, common_pb2.CAPABILITY_SCORE_PROCESS,
+          common_pb2.CAPABILITY_SCORE_VERIFIER}
+
+
+def can(capability: int) -> str:
+    """A capability as a verb: "no worker can score outcomes"."""
+    if capability in _VERBS:
+        return _VERBS[capability]
+    try:
+        return common_pb2.Capability.Name(capability).removeprefix("CAPABILITY_").lower().replace("_", " ")
+    except ValueError:
+        return f"serve capability {capability}"
 
 
 class NoWorker(StatusError):
@@ -35,6 +62,9 @@ class WorkerPool:
         self.workers += [WorkerConnection(f"in-process:{s.worker_id}", self._any_ready, service=s,
                                           on_drop=self.routing.forget) for s in services or []]
 
+        # Discovery.sources once a Discovery feeds this pool (router/cli.py): where the workers come from, in
+        # words, for the message of a task no worker can take
+        self.sources: Callable[[], list[str]] | None = None
         self._started = False
         self._retiring: set[asyncio.Task] = set()
 
@@ -100,26 +130,57 @@ class WorkerPool:
                 return decision.worker
             left = deadline - loop.time()
             if left <= 0:
-                why = self._why_none(model, capability)
-                if worker_id:
-                    why = f"worker {worker_id!r}, which holds the sequence to continue, is not connected; {why}"
-                raise NoWorker(grpc.StatusCode.UNAVAILABLE, why)
+                raise NoWorker(grpc.StatusCode.UNAVAILABLE, self._why_none(model, capability, worker_id))
             self._any_ready.clear()
             try:
                 await asyncio.wait_for(self._any_ready.wait(), timeout=min(left, 0.25))
             except TimeoutError:
                 pass
 
-    def _why_none(self, model: str, capability: int) -> str:
-        cap = common_pb2.Capability.Name(capability)
-        what = f"{cap}" + (f" for model {model!r}" if model else "")
-        if not self.workers:
-            return f"no worker configured ({what})"
-        states = "; ".join(
-            f"{w.address}: " + ("ejected after failing tasks" if w.breaker.open else
-                                f"serves {w.info.model_id}" if w.ready and w.info else w.last_error)
-            for w in self.workers)
-        return f"no reachable worker offers {what} ({states})"
+    def _why_none(self, model: str, capability: int, worker_id: str = "") -> str:
+        """One sentence a user can act on: what the task needed, where the router looks for workers and what
+        it found there, how many are connected, and why each known worker cannot take the task."""
+        if worker_id:
+            state = "cannot take it" if any(w.ready and w.info and w.info.worker_id == worker_id
+                                             for w in self.workers) else "is not connected"
+            lead = f"worker {worker_id!r}, which holds the sequence to continue, {state}"
+        else:
+            lead = f"no worker can {can(capability)}" + (f" for model {model!r}" if model else "")
+        parts = self.sources() if self.sources is not None else []
+        connected = sum(w.ready for w in self.workers)
+        parts.append(f"{connected} of {len(self.workers)} connected" if self.workers else "0 connected")
+        if not self.workers and self.sources is None:
+            parts = ["no worker configured"]
+        reasons = [f"{w.address} {self._why_not(w, model, capability, worker_id)}" for w in self.workers[:MAX_NAMED]]
+        if len(self.workers) > MAX_NAMED:
+            reasons.append(f"and {len(self.workers) - MAX_NAMED} more")
+        return f"{lead}: " + "; ".join(parts + reasons)
+
+    @staticmethod
+    def _why_not(w: WorkerConnection, model: str, capability: int, worker_id: str) -> str:
+        """Why this worker cannot take the task (the first reason that applies)."""
+        if w.retiring:
+            n = w.outstanding
+            return f"is draining: discovery no longer lists it ({n} task{'' if n == 1 else 's'} still running there)"
+        if not w.ready or w.info is None:
+            error = w.last_error
+            if error == "not connected yet":
+                return "is not connected yet"
+            if "failed to connect to all addresses" in error:   # gRPC's wording; the cause comes last
+                error = "cannot connect: " + error.rsplit(": ", 1)[-1]
+            return f"is not connected ({error if len(error) <= 200 else error[:200] + '...'})"
+        if w.breaker.open:
+            left = w.breaker.retry_at - time.monotonic()
+            retry = f"health check in {left:.1f} s" if left > 0 else "back once its health check passes"
+            return f"was ejected by the breaker after {w.breaker.threshold} failed tasks in a row ({retry})"
+        if model and w.info.model_id != model:
+            return f"serves model {w.info.model_id!r}"
+        if capability not in w.info.capabilities:
+            offers = ", ".join(can(c) for c in w.info.capabilities if c in _TASKS) or "nothing"
+            return f"cannot {can(capability)} (it can {offers})"
+        if worker_id and w.info.worker_id != worker_id:
+            return f"is worker {w.info.worker_id!r}"
+        return "could take it now"
 
     def models(self) -> list[str]:
         return sorted({w.info.model_id for w in self.workers if w.ready and w.info})
