@@ -276,6 +276,28 @@ def test_the_engine_cut_at_every_length(engine, script, tokenizer):
         assert done.completions[0].token_ids == (script.cycle * 2)[:k]      # the ids keep the cut bytes
 
 
+def test_a_continued_sequence_completes_the_character_its_source_cut(engine, script, tokenizer):
+    """A task cut inside the emoji keeps its sequence; a continuation (no text appended) starts from its end, so
+    the first task's text and the continuation's add up to the whole text, with no U+FFFD at the seam."""
+    from worker_runtime.engine_api import SequenceSource
+
+    chain = script.cycle * 2
+    for k in range(1, len(script.cycle)):
+        async def go(k=k):
+            first = second = None
+            async for event in engine.generate(f"keep{k}", PromptInput(text="Q"), SamplingConfig(
+                    temperature=0.0, max_tokens=k), keep_ttl_s=30.0):
+                first = event if isinstance(event, Finished) else first
+            async for event in engine.generate(f"cont{k}", PromptInput(text=""), SamplingConfig(
+                    temperature=0.0, max_tokens=4), source=SequenceSource(first.handles[0])):
+                second = event if isinstance(event, Finished) else second
+            return first.completions[0], second.completions[0]
+        first, second = asyncio.run(go())
+        assert second.token_ids == chain[k:k + 4]
+        joined = first.text + second.text
+        assert joined == whole_characters(tokenizer, CYCLE_TEXT * 2, chain[:k + 4]) and FFFD not in joined, (k, joined)
+
+
 def test_the_engine_at_a_stop_token_and_a_stop_string(engine, script):
     # A stop token right after the first half of the emoji: the half goes (its token ids stay).
     cfg = SamplingConfig(temperature=0.0, max_tokens=40, stop_token_ids=(script.cycle[4],))

@@ -23,7 +23,7 @@ import structlog
 import torch
 
 from torch_engine.block_manager import BlockManager
-from torch_engine.detokenizer import IncrementalDetokenizer
+from torch_engine.detokenizer import CONTEXT_TOKENS, IncrementalDetokenizer
 from torch_engine.kept import KeptSequences
 from torch_engine.model import KVCache, PagedDecoder, decoder_from_hf
 from torch_engine.model.compiled_decode import CompiledDecode, should_compile
@@ -290,6 +290,8 @@ class TorchEngine:
         if not source.fork:
             self.kept.use_up(source.handle)
         seq.token_ids = tokens
+        request.context = tokens[-CONTEXT_TOKENS:]
+        seq.detok = IncrementalDetokenizer(self.tokenizer, request.context)
         seq.num_prompt = len(tokens)
         request.prompt_ids = tokens
         request.cached_prompt_tokens = seq.computed
@@ -368,7 +370,8 @@ class TorchEngine:
         family = [seq]
         for index in range(1, request.cfg.n):
             child = Sequence(request=request, index=index, token_ids=list(seq.token_ids), num_prompt=seq.num_prompt,
-                             detok=IncrementalDetokenizer(self.tokenizer), stops=StopStringMatcher(request.cfg.stop),
+                             detok=IncrementalDetokenizer(self.tokenizer, request.context),
+                             stops=StopStringMatcher(request.cfg.stop),
                              generator=request.generator(index), status=Status.RUNNING, computed=seq.computed,
                              table=self.blocks.fork(seq.table))
             request.sequences.append(child)

@@ -40,6 +40,7 @@ class Request:
     done: bool = False
     source: SequenceSource | None = None
     appended: list[int] = field(default_factory=list)   # tokens to add to the source sequence
+    context: list[int] = field(default_factory=list)    # the end of the source sequence, for the detokenizers
     keep_ttl_s: float | None = None
     handles: dict[int, str] = field(default_factory=dict)
     prefill_batch_size: int = 0
