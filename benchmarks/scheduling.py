@@ -1,6 +1,7 @@
 """Program-aware scheduling against first come, first served, on a saturated CPU worker (issue 20).
 
     .venv/bin/python -m benchmarks.scheduling [--seconds 30] [--rate 1] [--long 3] [--max-batch-size 16] [--repeats 3]
+    .venv/bin/python -m benchmarks.scheduling --rates 0.5,1,1.5 --p99-target 10     # runs/s at a fixed p99
 
 One real router and one real CPU worker (the bundled SmolLM2-135M-Instruct unless --model), started once per
 policy (`--scheduling fcfs`, then `run_las`) with the same seeded workload: short runs arriving at a steady
@@ -73,11 +74,13 @@ async def workload(address: str, seconds: float, rate: float, long_programs: int
 
 
 def summary(runs: list[dict]) -> dict:
+    """Per kind (short, long) and per controller: runs, errors, mean / p50 / p99 latency, accuracy."""
     out = {}
-    for kind in ("short", "long"):
-        mine = [r for r in runs if r["kind"] == kind and not r["error"]]
+    for kind in ("short", "long", *sorted({r["controller"] for r in runs})):
+        mine = [r for r in runs if kind in (r["kind"], r["controller"]) and not r["error"]]
         lat = [r["latency"] for r in mine] or [float("nan")]
-        out[kind] = {"runs": len(mine), "errors": sum(1 for r in runs if r["kind"] == kind and r["error"]),
+        out[kind] = {"runs": len(mine), "errors": sum(1 for r in runs if kind in (r["kind"], r["controller"])
+                                                      and r["error"]),
                      "mean": statistics.mean(lat), "p50": pct(lat, 0.5), "p99": pct(lat, 0.99),
                      "accuracy": sum(r["correct"] for r in mine) / max(1, len(mine))}
     return out
@@ -98,6 +101,31 @@ def run_policy(policy: str, args: argparse.Namespace, logs: Path, repeat: int) -
                 proc.stop()
 
 
+def sweep(args: argparse.Namespace, logs: Path, policies: list[str]) -> None:
+    """Runs/s at a fixed p99: each policy at each short-run rate; the highest rate whose short runs' p99 stays
+    within --p99-target, and the runs finished per second there (short and long together)."""
+    rates = [float(r) for r in args.rates.split(",")]
+    table: dict[tuple[str, float], tuple[dict, int]] = {}
+    for rate in rates:
+        for policy in policies:
+            runs = run_policy(policy, argparse.Namespace(**{**vars(args), "rate": rate}), logs, int(rate * 100))
+            table[policy, rate] = summary(runs), sum(1 for r in runs if not r["error"])
+            s = table[policy, rate][0]
+            print(f"rate {rate}/s {policy}: short p99 {s['short']['p99']:.2f} s, long mean {s['long']['mean']:.2f} s",
+                  flush=True)
+    window = args.seconds
+    print("\n| short runs/s offered | " + " | ".join(f"{p}: short p99, runs/s" for p in policies) + " |")
+    print("|---|" + "---|" * len(policies))
+    for rate in rates:
+        cells = [f"{table[p, rate][0]['short']['p99']:.2f} s, {table[p, rate][1] / window:.2f}" for p in policies]
+        print(f"| {rate} | " + " | ".join(cells) + " |")
+    for policy in policies:
+        ok = [rate for rate in rates if table[policy, rate][0]["short"]["p99"] <= args.p99_target]
+        best = max(ok) if ok else None
+        print(f"{policy}: highest rate with short p99 <= {args.p99_target} s: "
+              + (f"{best}/s ({table[policy, best][1] / window:.2f} runs/s finished)" if best else "none"))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
@@ -110,10 +138,16 @@ def main() -> None:
     p.add_argument("--max-batch-size", type=int, default=16,
                    help="the worker's rows per step: beyond, tasks wait, and the policy decides which goes next")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--rates", default="", help="sweep these short-run rates (e.g. 0.5,1,1.5) instead of repeating "
+                   "one: runs/s at a fixed p99")
+    p.add_argument("--p99-target", type=float, default=10.0, help="the sweep's short-run p99 latency target (s)")
     args = p.parse_args()
     print(cpu_line(), flush=True)
     logs = Path(tempfile.mkdtemp(prefix="trellis-bench-sched-"))
     policies = args.policies.split(",")
+    if args.rates:
+        sweep(args, logs, policies)
+        return
     rounds: list[dict[str, dict]] = []
     answers: list[dict[str, dict[int, str]]] = []
     for repeat in range(args.repeats):
@@ -136,6 +170,17 @@ def main() -> None:
             sh, lo = s["short"], s["long"]
             print(f"| {repeat} | {policy} | {sh['runs']} | {sh['mean']:.2f} s | {sh['p99']:.2f} s | {lo['runs']} "
                   f"| {lo['mean']:.2f} s | {lo['p99']:.2f} s | {sh['accuracy']:.0%} / {lo['accuracy']:.0%} |")
+    controllers = sorted(k for k in rounds[0][policies[0]] if k not in ("short", "long"))
+    print("\nPer controller, medians over the repeats (mean / p99 latency):\n")
+    print("| controller | " + " | ".join(policies) + " |")
+    print("|---|" + "---|" * len(policies))
+    for name in controllers:
+        cells = []
+        for policy in policies:
+            means = [r[policy][name]["mean"] for r in rounds if name in r[policy]]
+            p99s = [r[policy][name]["p99"] for r in rounds if name in r[policy]]
+            cells.append(f"{statistics.median(means):.2f} s / {statistics.median(p99s):.2f} s")
+        print(f"| {name} | " + " | ".join(cells) + " |")
     if {"fcfs", "run_las"} <= set(policies):
         short = [r["run_las"]["short"]["p99"] / r["fcfs"]["short"]["p99"] for r in rounds]
         long = [r["run_las"]["long"]["mean"] / r["fcfs"]["long"]["mean"] for r in rounds]

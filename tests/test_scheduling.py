@@ -243,3 +243,24 @@ def test_the_engine_says_when_it_serves_a_better_ranked_run_than_a_score_task_s(
     sched.finish(short)
     sched.schedule()
     assert not sched.outranks(RunInfo("mcts", tokens=5000))                 # nothing served
+
+
+def test_a_prefill_ranked_below_a_decoding_run_advances_in_small_chunks():
+    """A step's time grows with its tokens: while a better-ranked run decodes, a long program's prefill gets
+    BELOW_RANK_PREFILL tokens a step, not the whole step budget; alone, it is the step's best and takes it all."""
+    from torch_engine.scheduler import BELOW_RANK_PREFILL
+
+    sched = Scheduler(BlockManager(256, 16), max_num_tokens=512, max_batch_size=8, policy="run_las")
+    short = seq("chat/0", RunInfo("chat", tokens=0))
+    sched.add(short)
+    sched.schedule()
+    short.computed = 8
+    short.token_ids.append(5)                 # it sampled its first token: it decodes now
+    long_seq = seq("mcts/9", RunInfo("mcts", tokens=5000), prompt=300)
+    sched.add(long_seq)
+    plan = sched.schedule()
+    assert {item.seq.request.task_id: item.tokens for item in plan.items} == {"chat/0": 1, "mcts/9": BELOW_RANK_PREFILL}
+    long_seq.computed += BELOW_RANK_PREFILL
+    sched.finish(short)
+    plan = sched.schedule()
+    assert [(item.seq, item.tokens) for item in plan.items] == [(long_seq, 300 - BELOW_RANK_PREFILL)]

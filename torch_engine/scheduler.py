@@ -50,6 +50,10 @@ class Plan:
 # fcfs stays the default until benchmarks/scheduling.py shows run_las paying (docs/BENCHMARKS.md, issue 20)
 POLICIES = ("fcfs", "run_las")
 RUNS_REMEMBERED = 4096      # runs whose service on this worker is remembered (least recently served dropped first)
+# run_las: prompt tokens per step for requests ranked below the best-ranked one in the step. A step's time grows
+# with its tokens, so a long program's 500-token prefill in the same step would make a short run's decode step
+# ten times slower; chunked this small, the prefill still advances every step without holding the short run back.
+BELOW_RANK_PREFILL = 64
 
 
 class Scheduler:
@@ -177,12 +181,16 @@ class Scheduler:
             requests.setdefault(id(seq.request), []).append(seq)
         ranked = sorted(requests.values(), key=lambda group: self.rank(group[0].request, now))
         budget, rows = self.max_num_tokens, 0
+        below = BELOW_RANK_PREFILL
+        top: tuple[int, int] | None = None
         chosen: set[int] = set()
         for group in ranked:
             request = group[0].request
             need = len(group) if request.forked else request.cfg.n
             if rows and rows + need > self.max_batch_size:
                 continue    # the whole gang or none of it; a smaller request further down may still fit
+            key = self.class_and_level(request)
+            top = key if top is None else top
             for seq in group:
                 if budget == 0:
                     break
@@ -192,6 +200,14 @@ class Scheduler:
                     if not request.forked and seq.index == 0:
                         request.cached_prompt_tokens = hit
                 tokens = min(seq.pending, budget)
+                if key > top and tokens > 1:      # a prefill ranked below the step's best
+                    tokens = min(tokens, below)
+                    below -= tokens
+                    if tokens == 0:
+                        if seq.status is Status.WAITING:
+                            self.blocks.free(seq.table)     # its prefix blocks go back while it waits
+                            seq.computed = 0
+                        break
                 if not self._reserve_evicting(seq, tokens, plan, ranked, chosen):
                     if seq.status is Status.WAITING:
                         self.blocks.free(seq.table)     # its prefix blocks go back while it waits
@@ -208,7 +224,7 @@ class Scheduler:
                 plan.items.append(Scheduled(seq, tokens))
                 budget -= tokens
             if any(id(seq) in chosen for seq in group):
-                    rows += need
+                rows += need
             if budget == 0:
                 break
         plan.paused = self.paused = sum(1 for seq in self.running if id(seq) not in chosen)
