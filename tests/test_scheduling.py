@@ -264,3 +264,52 @@ def test_a_prefill_ranked_below_a_decoding_run_advances_in_small_chunks():
     sched.finish(short)
     plan = sched.schedule()
     assert [(item.seq, item.tokens) for item in plan.items] == [(long_seq, 300 - BELOW_RANK_PREFILL)]
+
+
+@pytest.mark.processes
+def test_under_load_a_router_offering_certaindex_stops_a_vote_once_certain(tiny_model, logs):
+    """A worker with room for 4 rows and three votes of 8 samples at once: tasks wait at the worker, so the router
+    is short of capacity, and a vote whose first four samples agree stops there (Beta criterion 31/32 >= 0.95),
+    before the exact stop at five. Greedy samples all give the same answer."""
+    import concurrent.futures
+
+    from client.launcher import start_router, start_worker
+    from trellis_client import Client
+
+    worker = start_worker(str(tiny_model), logs, name="certaindex-worker",
+                          extra=["--threads", "1", "--max-batch-size", "8"])
+    router = None
+    try:
+        worker.wait_serving(timeout=120)
+        router = start_router([worker.address], logs, name="certaindex-router",
+                              extra=["--reallocate", "certaindex", "--certainty", "0.95"])
+        router.wait_serving(timeout=60)
+        with Client(router.address) as client:
+            def vote(_):
+                return client.run("majority_vote", "1 2 3", params={"n": 8, "extractor": "last_number"}, raw=True,
+                                  sampling={"temperature": 0, "max_tokens": 24, "ignore_eos": True})
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                results = list(pool.map(vote, range(4)))
+    finally:
+        for proc in (router, worker):
+            if proc is not None:
+                proc.stop()
+    assert all(r.answer == "3" for r in results)
+    assert any(r.details["stopped"] == "certain" and r.details["counted"] == 4 for r in results), \
+        [r.details for r in results]
+
+
+def test_long_programs_of_similar_size_do_not_throttle_each_other():
+    """The prefill cap and the verifier's hold shield a run only from runs a class below it or two service levels
+    (4x the tokens) above it: two long programs one level apart share the step as fcfs would let them."""
+    sched = Scheduler(BlockManager(256, 16), max_num_tokens=512, max_batch_size=8, policy="run_las")
+    first = seq("mcts/1", RunInfo("mcts", tokens=1100))            # level 2
+    sched.add(first)
+    sched.schedule()
+    first.computed = 8
+    first.token_ids.append(5)
+    other = seq("beam/1", RunInfo("beam", tokens=3000), prompt=300)   # level 3
+    sched.add(other)
+    plan = sched.schedule()
+    assert {item.seq.request.task_id: item.tokens for item in plan.items} == {"mcts/1": 1, "beam/1": 300}
+    assert not sched.outranks(RunInfo("beam", tokens=3000)) and sched.outranks(RunInfo("huge", tokens=5000))

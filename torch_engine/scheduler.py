@@ -5,15 +5,18 @@ needs one token, a sequence still prefilling gets the next chunk of its prompt. 
 are admitted while budget, batch size and blocks last, in the order of the scheduling policy:
 - "fcfs" (the default): arrival order;
 - "run_las" (program-aware): by run, not by task, and re-decided every step over running and waiting work
-  alike. Higher run priority first; then the run that has attained the least service (tokens the router says
-  the run consumed before the task was sent, plus the tokens this worker has computed for the run since), so a
-  long program's hundredth call does not hold back a burst of fresh short runs; then arrival. Rows go down that
-  ranking: a running request that ranks below the ones filling the rows is paused for the step (it keeps its
-  blocks and its place; pausing costs nothing, where preempting recomputes), because on a CPU a step's time
-  grows with its rows, so a row given to a long program is time taken from a short run. A request not served
-  for starvation_s goes first whatever its run, so a long program is never starved. A request's n samples are
-  scheduled together or not at all (gang): its sequence prefills alone and then forks into n, so it is not
-  admitted until there are n rows for it, and its forked samples are paused and resumed together.
+  alike, in the run order of worker_runtime/run_order.py: higher run priority first; then the lower service
+  level of what the run has attained (tokens the router says the run consumed before the task was sent, plus
+  the tokens this worker has computed for the run since), so a long program's hundredth call does not hold back
+  a burst of fresh short runs; then arrival. A task older than starvation_s goes first whatever its run, so a
+  long program is never starved. Rows go down that ranking: a running request ranked below the ones filling the
+  rows is paused for the step (it keeps its blocks and its place; pausing costs nothing, where preempting
+  recomputes), because on a CPU a step's time grows with its rows and tokens. For the same reason a prefill
+  well below the step's best (a lower priority class, or two service levels up) gets BELOW_RANK_PREFILL tokens
+  a step. A request's n samples are scheduled
+  together or not at all (gang): its sequence prefills alone and then forks into n, so it is not admitted until
+  there are n rows for it, and its forked samples are paused and resumed together. `outranks` tells the
+  worker's verifier, which shares the cores, when to hold a worse-ranked run's score task.
 When a running sequence needs a block and none is free, a running sequence is preempted (fcfs: the newest;
 run_las: a paused one, lowest ranked first): its blocks are freed and it is queued again to be recomputed (its
 prefix is probably still in the prefix cache).
@@ -47,13 +50,21 @@ class Plan:
     exhausted: list[Sequence] = field(default_factory=list)  # cannot grow even alone: the cache is full
 
 
-# fcfs stays the default until benchmarks/scheduling.py shows run_las paying (docs/BENCHMARKS.md, issue 20)
+# fcfs stays the default: run_las buys short runs latency with long programs' (docs/BENCHMARKS.md, issue 20)
 POLICIES = ("fcfs", "run_las")
 RUNS_REMEMBERED = 4096      # runs whose service on this worker is remembered (least recently served dropped first)
 # run_las: prompt tokens per step for requests ranked below the best-ranked one in the step. A step's time grows
 # with its tokens, so a long program's 500-token prefill in the same step would make a short run's decode step
 # ten times slower; chunked this small, the prefill still advances every step without holding the short run back.
 BELOW_RANK_PREFILL = 64
+# The prefill cap and the verifier's hold protect a run only from runs a priority class below it or this many
+# service levels above it (4x the attained tokens): long programs of similar size must not throttle each other.
+PROTECTED_LEVELS = 2
+
+
+def protects(better: tuple[int, int], other: tuple[int, int]) -> bool:
+    """Whether work ranked (-priority, level) `better` is shielded from work ranked `other`."""
+    return other[0] > better[0] or (other[0] == better[0] and other[1] >= better[1] + PROTECTED_LEVELS)
 
 
 class Scheduler:
@@ -200,7 +211,7 @@ class Scheduler:
                     if not request.forked and seq.index == 0:
                         request.cached_prompt_tokens = hit
                 tokens = min(seq.pending, budget)
-                if key > top and tokens > 1:      # a prefill ranked below the step's best
+                if tokens > 1 and protects(top, key):      # a prefill well below the step's best
                     tokens = min(tokens, below)
                     below -= tokens
                     if tokens == 0:
@@ -236,13 +247,13 @@ class Scheduler:
         return (-priority, service_level(self.attained(request)))
 
     def outranks(self, run: RunInfo | None) -> bool:
-        """Whether the last step served a run ranked above `run` (a better priority class or a lower service
-        level): a scorer sharing this worker's cores waits rather than slow that run down."""
+        """Whether the last step served a run well above `run` (a better priority class, or PROTECTED_LEVELS
+        service levels lower): a scorer sharing this worker's cores waits rather than slow that run down."""
         serving = self.serving
         if serving is None:
             return False
         priority = run.priority if run is not None else 0
-        return serving < (-priority, service_level(run.tokens if run is not None else 0))
+        return protects(serving, (-priority, service_level(run.tokens if run is not None else 0)))
 
     def _reserve_evicting(self, seq: Sequence, tokens: int, plan: Plan, ranked: list[list[Sequence]],
                           chosen: set[int]) -> bool:

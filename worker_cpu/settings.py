@@ -41,9 +41,9 @@ class Engine(Section):
     threads: int = setting(0, "torch threads (0: torch's default)", flag="threads", ge=0)
     max_n: int = setting(64, "largest n one generate task may ask for", flag="max_n", ge=1)
     scheduling: Literal["fcfs", "run_las"] = setting(
-        "fcfs", "the order waiting tasks start in: fcfs (arrival) or run_las (by run: priority, then the run that "
-        "has attained the least service, with an anti-starvation bound; not yet measured to pay, see "
-        "docs/BENCHMARKS.md)", flag="scheduling")
+        "fcfs", "fcfs: tasks start in arrival order; run_las: each step's rows go by run (priority, then the run "
+        "that has attained the least service, with a 10 s anti-starvation bound), and the verifier follows the "
+        "same order: short runs finish sooner, long programs later (docs/BENCHMARKS.md)", flag="scheduling")
 
 
 class Scoring(Section):
