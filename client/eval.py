@@ -167,7 +167,8 @@ def evaluate(router: str, args: argparse.Namespace) -> list[Cell]:
                 cell.wall_s = time.monotonic() - started
                 cells.append(cell)
                 print(f"{spec:>24} N={budget:<3} accuracy {cell.accuracy:6.1%}  tokens/problem "
-                      f"{cell.tokens:7.1f}  tokens/solved {cell.tokens_per_solved:7.1f}  latency p50 {cell.latency_ms / 1000:6.2f} s  wall {cell.wall_s:6.1f} s"
+                      f"{cell.tokens:7.1f}  tokens/solved {cell.tokens_per_solved:7.1f}  "
+                      f"latency p50 {cell.latency_ms / 1000:6.2f} s  wall {cell.wall_s:6.1f} s"
                       + (f"  errors {cell.errors}" if cell.errors else ""), flush=True)
     return cells
 

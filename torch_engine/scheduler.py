@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from torch_engine.block_manager import BlockManager
 from torch_engine.sequence import Request, Sequence, Status
 from worker_runtime.engine_api import RunInfo
-from worker_runtime.run_order import service_level
+from worker_runtime.run_order import run_rank, service_level
 
 
 @dataclass
@@ -104,10 +104,8 @@ class Scheduler:
 
     def rank(self, request: Request, now: float) -> tuple:
         """run_las's order: starved first, then priority, then the service level, then arrival."""
-        if now - request.submitted > self.starvation_s:
-            return (0, 0, 0, request.submitted)
-        priority = request.run.priority if request.run is not None else 0
-        return (1, -priority, service_level(self.attained(request)), request.submitted)
+        return run_rank(request.run, now - request.submitted, request.submitted, self.starvation_s,
+                        self.attained(request))
 
     def waiting_runs(self) -> int:
         return len({s.request.run.run_id if s.request.run else s.request.task_id for s in self.waiting})

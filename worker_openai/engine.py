@@ -40,7 +40,7 @@ from worker_runtime.engine_api import (
     SequenceSource,
     TokenLogprob,
 )
-from worker_runtime.run_order import service_level
+from worker_runtime.run_order import run_rank
 from worker_runtime.stop_strings import StopStringMatcher
 from worker_runtime.text_end import trim_cut_character
 
@@ -236,11 +236,7 @@ class OpenAIEngine:
     def _rank(self, waiting: _Waiting, now: float) -> tuple:
         if self.scheduling != "run_las":
             return (waiting.order,)
-        if now - waiting.arrived > self.starvation_s:
-            return (0, 0, 0, waiting.order)
-        run = waiting.run
-        priority = run.priority if run is not None else 0
-        return (1, -priority, service_level(run.tokens if run is not None else 0), waiting.order)
+        return run_rank(waiting.run, now - waiting.arrived, waiting.order, self.starvation_s)
 
     def _return_slots(self, n: int) -> None:
         self.in_flight -= n

@@ -22,6 +22,17 @@ def service_level(tokens: int) -> int:
     return level
 
 
+def run_rank(run: RunInfo | None, waited_s: float, arrival: float, starvation_s: float,
+             attained: int | None = None) -> tuple:
+    """The run order as a sort key: a task waiting longer than starvation_s first (by arrival), then priority
+    class, then the service level of `attained` tokens (default: the run's own count), then arrival."""
+    if waited_s > starvation_s:
+        return (0, 0, 0, arrival)
+    priority = run.priority if run is not None else 0
+    tokens = attained if attained is not None else (run.tokens if run is not None else 0)
+    return (1, -priority, service_level(tokens), arrival)
+
+
 def bounded_priority(run: RunInfo | None, levels: int = 16) -> float:
     """The run's place in [0, 1], higher first, for an engine whose scheduler takes one number per request
     (TensorRT-LLM's `priority`, 0.5 by default): priority classes are bands of width 1/(2 * PRIORITY_CLASSES + 1)
