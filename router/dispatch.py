@@ -185,6 +185,7 @@ class RemoteRunner:
     async def _generate_traced(self, request: worker_pb2.WorkerRequest, holder: str, samples: list[SampleSoFar],
                                on_token: TokenSink) -> GenerateOutput:
         task_n = len(samples)
+        finished = False
         try:
             try:
                 failed: set[str] = set()   # workers that failed this task: its migrations go elsewhere
@@ -197,9 +198,14 @@ class RemoteRunner:
                 result = await migrate(
                     request, samples, err, lambda resumed, i: self._stream(resumed, "", samples, [i], on_token, failed),
                     self._timeout_ms, self.max_migrations, self._count_migration)
+            finished = True
             return self._output(result)
         except StatusError as err:
             raise TaskFailed(TaskFailure(err.code.name, err.message, err.field, err.reason)) from err
+        finally:
+            if not finished:
+                # Stopped early by its controller (stop_when), cancelled or failed: what it streamed was spent.
+                self.usage.completion_tokens += sum(len(s.token_ids) for s in samples)
 
     async def _stream(self, request: worker_pb2.WorkerRequest, holder: str, samples: list[SampleSoFar],
                       indexes: list[int], on_token: TokenSink, failed: set[str]) -> common_pb2.GenerateResult:

@@ -178,6 +178,8 @@ def test_a_decided_vote_stops_its_other_samples_through_real_processes(client_st
                           raw=True)
     assert early.answer == full.answer == "3"
     assert full.details["counted"] == 5 and early.details["counted"] == 3
+    # A task its controller stopped still spent what it streamed.
+    assert 0 < early.usage.completion_tokens <= full.usage.completion_tokens == 40
 
 
 def test_the_worker_s_metrics_say_its_policy(client_stack):
