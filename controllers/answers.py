@@ -78,6 +78,14 @@ class Tally:
     def votes(self) -> int:
         return sum(self.counts.values())
 
+    def decided(self, remaining: int) -> bool:
+        """Whether the leader stays ahead whatever `remaining` more votes (of weight 1 each) say."""
+        return self.weight(0) > self.weight(1) + remaining
+
+    def beta_certainty(self) -> float:
+        """Adaptive-Consistency's Beta criterion on the two leading weights: P(the leader is the majority)."""
+        return beta_majority_probability(int(self.weight(0)), int(self.weight(1)))
+
     def share(self) -> float:
         """The leader's part of all the weight (the consensus of DeepConf, the share of majority vote)."""
         total = self.total

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from controllers.answers import EXTRACTOR_PARAMS, Tally, answer_extractor, beta_majority_probability
+from controllers.answers import EXTRACTOR_PARAMS, Tally, answer_extractor
 from controllers.base import Controller, Param, Result, register
 from controllers.errors import ControllerError
 from controllers.tasks import Cancel, Candidate, Generate, Intermediate, Progress, Prompt, TaskFailure, Trace, WaitAny
@@ -126,10 +126,9 @@ class BudgetMajorityVote(Controller):
         """Why the vote needs no more samples ("decided", "beta"), or "" while it does."""
         if not remaining or not tally:
             return ""  # nothing left to wait for, or nothing to decide yet
-        leader, runner_up = tally.weight(0), tally.weight(1)
-        if leader > runner_up + remaining:
+        if tally.decided(remaining):
             return "decided"
-        if self.criterion == "beta" and beta_majority_probability(int(leader), int(runner_up)) > self.threshold:
+        if self.criterion == "beta" and tally.beta_certainty() > self.threshold:
             return "beta"
         return ""
 

@@ -14,7 +14,7 @@ two votes); that can change the answer, so it is the operator's choice. `details
 
 from __future__ import annotations
 
-from controllers.answers import EXTRACTOR_PARAMS, Tally, answer_extractor, beta_majority_probability
+from controllers.answers import EXTRACTOR_PARAMS, Tally, answer_extractor
 from controllers.base import REGISTRY, Controller, Param, Reallocation, Result, register
 from controllers.errors import ControllerError, ParamError
 from controllers.tasks import Branch, Candidate, Generate, Intermediate, Progress, Prompt, Trace
@@ -117,10 +117,9 @@ class Decided:
         if answer:
             self.votes.add(answer)
         running = self.n - len(self.finished)
-        lead, second = int(self.votes.weight(0)), int(self.votes.weight(1))
-        if running and lead > second + running:
+        if running and self.votes.decided(running):
             self.reason = "decided"
-        elif (running and self.reallocation is not None and lead >= 2 and self.reallocation.under_load()
-              and beta_majority_probability(lead, second) >= self.reallocation.certainty):
+        elif (running and self.reallocation is not None and self.votes.weight(0) >= 2
+              and self.reallocation.under_load() and self.votes.beta_certainty() >= self.reallocation.certainty):
             self.reason = "certain"
         return bool(self.reason)

@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 
 from controllers import CONTEXT_LENGTH_EXCEEDED, ControllerError, Intermediate, Message, ParamError, Prompt, TaskFailure
+from controllers.answers import beta_majority_probability
 from controllers.best_of_n import BestOfN
-from controllers.budget_vote import BudgetMajorityVote, beta_majority_probability
+from controllers.budget_vote import BudgetMajorityVote
 from controllers.deepconf import (
     DeepConfOffline,
     DeepConfOnline,
