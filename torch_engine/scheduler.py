@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from torch_engine.block_manager import BlockManager
 from torch_engine.sequence import Request, Sequence, Status
 from worker_runtime.engine_api import RunInfo
-from worker_runtime.run_order import run_rank, service_level
+from worker_runtime.run_order import run_class, run_rank
 
 
 @dataclass
@@ -241,17 +241,13 @@ class Scheduler:
         return plan
 
     def class_and_level(self, request: Request) -> tuple[int, int]:
-        priority = request.run.priority if request.run is not None else 0
-        return (-priority, service_level(self.attained(request)))
+        return run_class(request.run, self.attained(request))
 
     def outranks(self, run: RunInfo | None) -> bool:
         """Whether the last step served a run well above `run` (a better priority class, or PROTECTED_LEVELS
         service levels lower): a scorer sharing this worker's cores waits rather than slow that run down."""
-        serving = self.serving
-        if serving is None:
-            return False
-        priority = run.priority if run is not None else 0
-        return protects(serving, (-priority, service_level(run.tokens if run is not None else 0)))
+        serving = self.serving      # read once: the engine thread replaces it every step
+        return serving is not None and protects(serving, run_class(run))
 
     def _reserve_evicting(self, seq: Sequence, tokens: int, plan: Plan, ranked: list[list[Sequence]],
                           chosen: set[int]) -> bool:

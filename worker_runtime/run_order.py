@@ -22,15 +22,20 @@ def service_level(tokens: int) -> int:
     return level
 
 
+def run_class(run: RunInfo | None, attained: int | None = None) -> tuple[int, int]:
+    """(-priority, service level of `attained` tokens, default the run's own count): lower goes first."""
+    priority = run.priority if run is not None else 0
+    tokens = attained if attained is not None else (run.tokens if run is not None else 0)
+    return (-priority, service_level(tokens))
+
+
 def run_rank(run: RunInfo | None, waited_s: float, arrival: float, starvation_s: float,
              attained: int | None = None) -> tuple:
     """The run order as a sort key: a task waiting longer than starvation_s first (by arrival), then priority
     class, then the service level of `attained` tokens (default: the run's own count), then arrival."""
     if waited_s > starvation_s:
         return (0, 0, 0, arrival)
-    priority = run.priority if run is not None else 0
-    tokens = attained if attained is not None else (run.tokens if run is not None else 0)
-    return (1, -priority, service_level(tokens), arrival)
+    return (1, *run_class(run, attained), arrival)
 
 
 def bounded_priority(run: RunInfo | None, levels: int = 16) -> float:
